@@ -1,0 +1,264 @@
+//! Roles, the `members` document, and the rules every receiving peer applies
+//! to incoming changes.
+//!
+//! The members document is plain Automerge JSON:
+//! `{"space": {"name", "creator"}, "devices": {"<device>": {"role", "name", "added_by"}}}`.
+//! The creator named in the space grant is the first owner; after that only
+//! owners may change `members`, and only owners and editors may change any
+//! other document.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use automerge::{AutoCommit, Change};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::actor::device_of;
+use crate::doc::{delete_at, put_json, to_json};
+use crate::error::{Error, Result};
+use crate::ids::{DeviceId, DocId};
+
+/// What a member may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Invite, revoke, change roles, and write.
+    Owner,
+    /// Read and write documents.
+    Editor,
+    /// Read only.
+    Viewer,
+}
+
+impl Role {
+    /// May change documents other than `members`.
+    pub fn can_write(self) -> bool {
+        matches!(self, Role::Owner | Role::Editor)
+    }
+
+    /// May change `members`.
+    pub fn can_admin(self) -> bool {
+        self == Role::Owner
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Editor => "editor",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "owner" => Ok(Role::Owner),
+            "editor" => Ok(Role::Editor),
+            "viewer" => Ok(Role::Viewer),
+            other => Err(Error::InvalidId {
+                kind: "role",
+                reason: format!("{other:?} is not owner, editor or viewer"),
+            }),
+        }
+    }
+}
+
+/// One device's entry in `members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its role.
+    pub role: Role,
+    /// The name the device gave itself.
+    pub name: String,
+    /// Who added it (none for the creator).
+    pub added_by: Option<DeviceId>,
+}
+
+/// The membership of a space as one peer currently sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roster {
+    /// The space's creator: an owner even before `members` is known.
+    pub creator: DeviceId,
+    /// Devices by id.
+    pub members: BTreeMap<DeviceId, Member>,
+}
+
+impl Roster {
+    /// Reads the roster from a members document.
+    pub fn read(creator: DeviceId, doc: &AutoCommit) -> Self {
+        let mut members = BTreeMap::new();
+        if let Some(devs) = to_json(doc).get("devices").and_then(|d| d.as_object()) {
+            for (id, m) in devs {
+                let (Ok(id), Some(role)) = (
+                    id.parse::<DeviceId>(),
+                    m.get("role")
+                        .and_then(|r| r.as_str())
+                        .and_then(|r| r.parse::<Role>().ok()),
+                ) else {
+                    continue;
+                };
+                let name = m.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
+                let added_by = m
+                    .get("added_by")
+                    .and_then(|a| a.as_str())
+                    .and_then(|a| a.parse().ok());
+                members.insert(id, Member { role, name, added_by });
+            }
+        }
+        Self { creator, members }
+    }
+
+    /// The role of `device`, if it is a member. The creator is an owner
+    /// until `members` says otherwise.
+    pub fn role_of(&self, device: &DeviceId) -> Option<Role> {
+        match self.members.get(device) {
+            Some(m) => Some(m.role),
+            None if *device == self.creator && !self.members.contains_key(device) => {
+                Some(Role::Owner)
+            }
+            None => None,
+        }
+    }
+
+    /// Whether `author` may write a change to `doc`.
+    pub fn check(&self, doc: &DocId, author: &DeviceId) -> Result<()> {
+        let role = self
+            .role_of(author)
+            .ok_or_else(|| Error::Unauthorized(format!("{} is not a member", author.short())))?;
+        let ok = if doc.is_members() {
+            role.can_admin()
+        } else {
+            role.can_write()
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized(format!(
+                "{} is {role} and may not change {doc}",
+                author.short()
+            )))
+        }
+    }
+
+    /// Checks the author of every change; the first refusal wins.
+    pub fn check_changes(&self, doc: &DocId, changes: &[Change]) -> Result<()> {
+        for c in changes {
+            let author = device_of(c.actor_id())?;
+            self.check(doc, &author)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the space header and the creator's own entry into a fresh
+/// members document.
+pub fn init_members(doc: &mut AutoCommit, space_name: &str, creator: &DeviceId, device_name: &str) -> Result<()> {
+    put_json(doc, "/space", &json!({"name": space_name, "creator": creator.to_string()}))?;
+    set_member(doc, creator, Role::Owner, device_name, None)
+}
+
+/// Adds a device or changes its entry.
+pub fn set_member(
+    doc: &mut AutoCommit,
+    device: &DeviceId,
+    role: Role,
+    name: &str,
+    added_by: Option<&DeviceId>,
+) -> Result<()> {
+    let mut v = json!({"role": role.as_str(), "name": name});
+    if let Some(a) = added_by {
+        v["added_by"] = json!(a.to_string());
+    }
+    put_json(doc, &format!("/devices/{device}"), &v)
+}
+
+/// Removes a device.
+pub fn remove_member(doc: &mut AutoCommit, device: &DeviceId) -> Result<()> {
+    delete_at(doc, &format!("/devices/{device}"))
+}
+
+/// Applies remote changes to the members document, accepting a change only
+/// when its author is an owner in the state the earlier accepted changes
+/// produced. Loops until no more changes can be accepted, so a batch that
+/// adds an owner and then carries that owner's changes is taken whole.
+/// Returns the refused changes.
+pub fn apply_members_changes(
+    doc: &mut AutoCommit,
+    creator: &DeviceId,
+    mut pending: Vec<Change>,
+) -> Result<Vec<Change>> {
+    loop {
+        let roster = Roster::read(creator.clone(), doc);
+        let (ok, rest): (Vec<Change>, Vec<Change>) = pending.into_iter().partition(|c| {
+            device_of(c.actor_id())
+                .map(|d| roster.check(&DocId::members(), &d).is_ok())
+                .unwrap_or(false)
+        });
+        pending = rest;
+        if ok.is_empty() {
+            return Ok(pending);
+        }
+        doc.apply_changes(ok)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actor::actor_for;
+
+    fn dev(b: u8) -> DeviceId {
+        DeviceId::from_bytes(vec![b; 38]).unwrap()
+    }
+
+    #[test]
+    fn roles_gate_writes() {
+        let (a, b, c, x) = (dev(1), dev(2), dev(3), dev(4));
+        let mut d = AutoCommit::new().with_actor(actor_for(&a, [0; 8]));
+        init_members(&mut d, "notes", &a, "laptop").unwrap();
+        set_member(&mut d, &b, Role::Editor, "desk", Some(&a)).unwrap();
+        set_member(&mut d, &c, Role::Viewer, "phone", Some(&a)).unwrap();
+        let r = Roster::read(a.clone(), &d);
+        let todo: DocId = "todo".parse().unwrap();
+        assert!(r.check(&todo, &a).is_ok());
+        assert!(r.check(&todo, &b).is_ok());
+        assert!(r.check(&todo, &c).is_err());
+        assert!(r.check(&todo, &x).is_err());
+        assert!(r.check(&DocId::members(), &a).is_ok());
+        assert!(r.check(&DocId::members(), &b).is_err());
+        assert_eq!(r.members[&b].added_by, Some(a.clone()));
+        // demoting the creator takes effect
+        set_member(&mut d, &a, Role::Viewer, "laptop", None).unwrap();
+        assert!(Roster::read(a.clone(), &d).check(&todo, &a).is_err());
+    }
+
+    #[test]
+    fn members_changes_from_non_owners_are_refused() {
+        let (a, b) = (dev(1), dev(2));
+        let mut owner = AutoCommit::new().with_actor(actor_for(&a, [0; 8]));
+        init_members(&mut owner, "notes", &a, "laptop").unwrap();
+        set_member(&mut owner, &b, Role::Editor, "desk", Some(&a)).unwrap();
+        // b (an editor) tries to make itself owner
+        let mut forged = owner.fork().with_actor(actor_for(&b, [1; 8]));
+        set_member(&mut forged, &b, Role::Owner, "desk", None).unwrap();
+        let heads = owner.get_heads();
+        let evil = forged.get_changes(&heads);
+        let all = owner.get_changes(&[]);
+        let mut fresh = AutoCommit::new();
+        let mut batch = evil.clone();
+        batch.extend(all); // order must not matter
+        let refused = apply_members_changes(&mut fresh, &a, batch).unwrap();
+        assert_eq!(refused.len(), evil.len());
+        assert_eq!(Roster::read(a.clone(), &fresh).role_of(&b), Some(Role::Editor));
+    }
+}
