@@ -1,1 +1,248 @@
+//! shoal's node runtime.
+//!
+//! A node is two tasks: the network actor ([`net`]) that owns the libp2p
+//! swarm, and the sync engine ([`engine`]) that owns spaces, documents,
+//! per-peer sync state and the [`store`]. [`Node`] is a cheap, cloneable
+//! handle whose methods send commands with `oneshot` replies. The local
+//! HTTP API ([`api`]) is a thin layer over the same handle.
+//!
+//! Shutdown: [`Node::shutdown`] stops the engine (after a final store
+//! flush), which stops the network actor; dropping every handle does the same.
 
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod home;
+pub mod net;
+pub mod store;
+
+use std::sync::Arc;
+
+use libp2p::{Multiaddr, PeerId};
+use serde_json::Value as Json;
+use shoal_protocol::keys::SpaceGrant;
+use shoal_protocol::{DeviceId, DocId, Role};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+pub use config::{ConfigFile, NodeConfig};
+pub use engine::{Event, MemberInfo, Origin, SpaceInfo};
+pub use error::{Error, Result};
+pub use home::Home;
+pub use net::{NetInfo, PeerInfo};
+
+use engine::{Command, Engine};
+use net::NetHandle;
+
+/// Handle to a running node.
+#[derive(Clone, Debug)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<Event>,
+    net: NetHandle,
+    device: DeviceId,
+    name: String,
+    _lock: home::HomeLock,
+}
+
+impl Node {
+    /// Starts a node on an initialised `home` with `config`: takes the home's
+    /// lock, opens the store, starts listening, and spawns the actors.
+    pub async fn start(home: &Home, config: NodeConfig) -> Result<Node> {
+        let lock = home.lock()?;
+        let key = home.keypair()?;
+        let db = home.db_path();
+        let store = tokio::task::spawn_blocking(move || store::Store::open(&db))
+            .await
+            .map_err(|e| Error::Network(format!("store open task: {e}")))??;
+        let peer_id = key.public().to_peer_id();
+        let (net, net_events) = net::spawn(key, &config).await?;
+        let (events, _) = broadcast::channel(engine::EVENT_CAPACITY);
+        let engine = Engine::load(
+            peer_id,
+            config.name.clone(),
+            store,
+            net.clone(),
+            events.clone(),
+            config.anti_entropy,
+            config.redial,
+        )?;
+        let (tx, rx) = mpsc::channel(engine::COMMAND_CAPACITY);
+        tokio::spawn(engine.run(rx, net_events));
+        Ok(Node {
+            inner: Arc::new(Inner {
+                commands: tx,
+                events,
+                net,
+                device: DeviceId::from_bytes(peer_id.to_bytes())?,
+                name: config.name,
+                _lock: lock,
+            }),
+        })
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .commands
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> &DeviceId {
+        &self.inner.device
+    }
+
+    /// This device's libp2p peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.net.peer_id()
+    }
+
+    /// This device's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Subscribes to the node's events.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Listen addresses and connected peers.
+    pub async fn net_info(&self) -> Result<NetInfo> {
+        self.inner.net.info().await
+    }
+
+    /// Listen addresses, each ending in `/p2p/<id>`.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        Ok(self.net_info().await?.listen_addrs)
+    }
+
+    /// Dials a peer.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<()> {
+        self.inner.net.dial(addr).await
+    }
+
+    /// Creates a space with this device as its owner.
+    pub async fn create_space(&self, name: &str) -> Result<SpaceInfo> {
+        let name = name.to_string();
+        self.ask(|r| Command::CreateSpace(name, r)).await
+    }
+
+    /// The spaces this node is in.
+    pub async fn spaces(&self) -> Result<Vec<SpaceInfo>> {
+        self.ask(Command::Spaces).await
+    }
+
+    /// Adds a device to a space (or changes its role). Owners only; the
+    /// invite flow calls this once the joiner has proven its code.
+    pub async fn add_member(
+        &self,
+        space: &str,
+        device: &DeviceId,
+        role: Role,
+        name: &str,
+    ) -> Result<()> {
+        let (space, device, name) = (space.to_string(), device.clone(), name.to_string());
+        self.ask(|reply| Command::AddMember {
+            space,
+            device,
+            role,
+            name,
+            reply,
+        })
+        .await
+    }
+
+    /// The members of a space.
+    pub async fn members(&self, space: &str) -> Result<Vec<MemberInfo>> {
+        let space = space.to_string();
+        self.ask(|r| Command::Members(space, r)).await
+    }
+
+    /// The grant (id, name, creator, keys) a new member needs. Owners only;
+    /// the invite flow seals it to the joiner. Secret: never log it.
+    pub async fn export_grant(&self, space: &str) -> Result<SpaceGrant> {
+        let space = space.to_string();
+        self.ask(|r| Command::ExportGrant(space, r)).await
+    }
+
+    /// Joins a space from a grant; members are learnt from peers.
+    pub async fn import_grant(&self, grant: SpaceGrant) -> Result<SpaceInfo> {
+        self.ask(|r| Command::ImportGrant(Box::new(grant), r)).await
+    }
+
+    /// Puts a JSON value at a JSON-pointer path; returns the new heads once
+    /// the change is durable.
+    pub async fn put(
+        &self,
+        space: &str,
+        doc: &DocId,
+        path: &str,
+        value: Json,
+    ) -> Result<Vec<String>> {
+        let (space, doc, path) = (space.to_string(), doc.clone(), path.to_string());
+        self.ask(|reply| Command::Put {
+            space,
+            doc,
+            path,
+            value,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes the value at a JSON-pointer path.
+    pub async fn delete(&self, space: &str, doc: &DocId, path: &str) -> Result<Vec<String>> {
+        let (space, doc, path) = (space.to_string(), doc.clone(), path.to_string());
+        self.ask(|reply| Command::Delete {
+            space,
+            doc,
+            path,
+            reply,
+        })
+        .await
+    }
+
+    /// A document as JSON.
+    pub async fn get(&self, space: &str, doc: &DocId) -> Result<Json> {
+        let (space, doc) = (space.to_string(), doc.clone());
+        self.ask(|r| Command::Get(space, doc, r)).await
+    }
+
+    /// A document's heads (hex).
+    pub async fn heads(&self, space: &str, doc: &DocId) -> Result<Vec<String>> {
+        let (space, doc) = (space.to_string(), doc.clone());
+        self.ask(|r| Command::Heads(space, doc, r)).await
+    }
+
+    /// The documents of a space (not `members`).
+    pub async fn docs(&self, space: &str) -> Result<Vec<String>> {
+        let space = space.to_string();
+        self.ask(|r| Command::Docs(space, r)).await
+    }
+
+    /// Stops the node after flushing the store.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inner
+            .commands
+            .send(Command::Shutdown(tx))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        // Give the network actor its turn to close.
+        self.inner.net.shutdown().await;
+    }
+}

@@ -63,7 +63,10 @@ pub fn parse_pointer(path: &str) -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     let Some(rest) = path.strip_prefix('/') else {
-        return Err(bad(path, "a JSON pointer starts with '/' (or is empty for the root)"));
+        return Err(bad(
+            path,
+            "a JSON pointer starts with '/' (or is empty for the root)",
+        ));
     };
     Ok(rest
         .split('/')
@@ -274,7 +277,10 @@ mod tests {
         );
         put_json(&mut d, "/items/0", &json!("buy oat milk")).unwrap();
         delete_at(&mut d, "/deep").unwrap();
-        assert_eq!(to_json(&d), json!({"items": ["buy oat milk", {"a": [1, 2.5, true, null]}]}));
+        assert_eq!(
+            to_json(&d),
+            json!({"items": ["buy oat milk", {"a": [1, 2.5, true, null]}]})
+        );
         put_json(&mut d, "", &json!({"only": 1})).unwrap();
         assert_eq!(to_json(&d), json!({"only": 1}));
     }

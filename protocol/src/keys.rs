@@ -86,7 +86,10 @@ impl fmt::Debug for SpaceGrant {
             .field("space", &self.space)
             .field("name", &self.name)
             .field("creator", &self.creator)
-            .field("epochs", &self.keys.iter().map(|(e, _)| *e).collect::<Vec<_>>())
+            .field(
+                "epochs",
+                &self.keys.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -99,7 +102,10 @@ mod tests {
     fn debug_never_shows_key_bytes() {
         let k = SpaceKey::from_bytes([0xAB; 32]);
         let s = format!("{k:?}");
-        assert!(!s.contains("171") && !s.to_lowercase().contains("ab"), "{s}");
+        assert!(
+            !s.contains("171") && !s.to_lowercase().contains("ab"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -107,12 +107,23 @@ impl Roster {
                 ) else {
                     continue;
                 };
-                let name = m.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
+                let name = m
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or("")
+                    .to_string();
                 let added_by = m
                     .get("added_by")
                     .and_then(|a| a.as_str())
                     .and_then(|a| a.parse().ok());
-                members.insert(id, Member { role, name, added_by });
+                members.insert(
+                    id,
+                    Member {
+                        role,
+                        name,
+                        added_by,
+                    },
+                );
             }
         }
         Self { creator, members }
@@ -162,8 +173,17 @@ impl Roster {
 
 /// Writes the space header and the creator's own entry into a fresh
 /// members document.
-pub fn init_members(doc: &mut AutoCommit, space_name: &str, creator: &DeviceId, device_name: &str) -> Result<()> {
-    put_json(doc, "/space", &json!({"name": space_name, "creator": creator.to_string()}))?;
+pub fn init_members(
+    doc: &mut AutoCommit,
+    space_name: &str,
+    creator: &DeviceId,
+    device_name: &str,
+) -> Result<()> {
+    put_json(
+        doc,
+        "/space",
+        &json!({"name": space_name, "creator": creator.to_string()}),
+    )?;
     set_member(doc, creator, Role::Owner, device_name, None)
 }
 
@@ -259,6 +279,9 @@ mod tests {
         batch.extend(all); // order must not matter
         let refused = apply_members_changes(&mut fresh, &a, batch).unwrap();
         assert_eq!(refused.len(), evil.len());
-        assert_eq!(Roster::read(a.clone(), &fresh).role_of(&b), Some(Role::Editor));
+        assert_eq!(
+            Roster::read(a.clone(), &fresh).role_of(&b),
+            Some(Role::Editor)
+        );
     }
 }

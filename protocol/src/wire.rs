@@ -141,7 +141,10 @@ mod tests {
             message: Some(vec![1, 2, 3]),
         };
         let b = encode(&m);
-        assert_eq!(decode::<SyncRequest>("sync", &b, MAX_SYNC_BYTES).unwrap(), m);
+        assert_eq!(
+            decode::<SyncRequest>("sync", &b, MAX_SYNC_BYTES).unwrap(),
+            m
+        );
         assert!(matches!(
             decode::<SyncRequest>("sync", &b, 2),
             Err(Error::TooLarge { .. })

@@ -1,0 +1,241 @@
+//! The local HTTP API (axum), on loopback only, guarded by the bearer token
+//! in the home folder (compared in constant time). The CLI is its client.
+//! [`serve`] runs it until the given shutdown future completes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shoal_protocol::{DeviceId, DocId, Role};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::error::Error;
+use crate::Node;
+
+#[derive(Clone)]
+struct AppState {
+    node: Node,
+    token: Arc<String>,
+}
+
+/// An error as the API returns it: a status code and `{"error": ...}`.
+pub struct ApiError(StatusCode, String);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::UnknownSpace(_) | Error::UnknownDoc { .. } => StatusCode::NOT_FOUND,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::BadRequest(_) | Error::Protocol(_) => StatusCode::BAD_REQUEST,
+            Error::SpaceExists(_) => StatusCode::CONFLICT,
+            Error::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+impl From<shoal_protocol::Error> for ApiError {
+    fn from(e: shoal_protocol::Error) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Builds the router (exposed for tests that drive it directly).
+pub fn router(node: Node, token: String) -> Router {
+    let state = AppState {
+        node,
+        token: Arc::new(token),
+    };
+    Router::new()
+        .route("/v1/id", get(id))
+        .route("/v1/peers", get(peers))
+        .route("/v1/spaces", get(spaces).post(create_space))
+        .route("/v1/spaces/{space}", get(space))
+        .route("/v1/spaces/{space}/members", get(members).post(add_member))
+        .route("/v1/spaces/{space}/docs", get(docs))
+        .route(
+            "/v1/spaces/{space}/docs/{doc}",
+            get(get_doc).put(put_doc).delete(delete_doc),
+        )
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+/// Serves the API on `addr` (must be loopback) until `shutdown` completes.
+pub async fn serve(
+    node: Node,
+    token: String,
+    addr: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> crate::Result<(SocketAddr, JoinHandle<()>)> {
+    if !addr.ip().is_loopback() {
+        return Err(Error::BadRequest(format!(
+            "the API binds loopback only, not {addr}"
+        )));
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io("bind api", addr.to_string(), e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("bind api", addr.to_string(), e))?;
+    let app = router(node, token);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "api server failed");
+        }
+    });
+    Ok((local, task))
+}
+
+async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(st.token.as_bytes())) {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API token".into(),
+        )
+        .into_response()
+    }
+}
+
+fn doc_id(s: &str) -> Result<DocId, ApiError> {
+    s.parse().map_err(ApiError::from)
+}
+
+async fn id(State(st): State<AppState>) -> ApiResult<Value> {
+    let info = st.node.net_info().await?;
+    Ok(Json(json!({
+        "device_id": st.node.device_id().to_string(),
+        "name": st.node.name(),
+        "listen_addrs": info.listen_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+    })))
+}
+
+async fn peers(State(st): State<AppState>) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.net_info().await?.peers)))
+}
+
+async fn spaces(State(st): State<AppState>) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.spaces().await?)))
+}
+
+#[derive(Deserialize)]
+struct CreateSpace {
+    name: String,
+}
+
+async fn create_space(
+    State(st): State<AppState>,
+    Json(b): Json<CreateSpace>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(json!(st.node.create_space(&b.name).await?)),
+    ))
+}
+
+async fn space(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
+    let all = st.node.spaces().await?;
+    let s = all
+        .into_iter()
+        .find(|s| s.name == space || s.id == space)
+        .ok_or(Error::UnknownSpace(space))?;
+    Ok(Json(json!(s)))
+}
+
+async fn members(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.members(&space).await?)))
+}
+
+#[derive(Deserialize)]
+struct AddMember {
+    device: String,
+    role: String,
+    #[serde(default)]
+    name: String,
+}
+
+async fn add_member(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+    Json(b): Json<AddMember>,
+) -> ApiResult<Value> {
+    let device: DeviceId = b.device.parse()?;
+    let role: Role = b.role.parse()?;
+    st.node.add_member(&space, &device, role, &b.name).await?;
+    Ok(Json(json!({"device": device.to_string(), "role": role})))
+}
+
+async fn docs(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.docs(&space).await?)))
+}
+
+async fn get_doc(
+    State(st): State<AppState>,
+    Path((space, doc)): Path<(String, String)>,
+) -> ApiResult<Value> {
+    Ok(Json(st.node.get(&space, &doc_id(&doc)?).await?))
+}
+
+#[derive(Deserialize)]
+struct PutBody {
+    #[serde(default)]
+    path: String,
+    value: Value,
+}
+
+async fn put_doc(
+    State(st): State<AppState>,
+    Path((space, doc)): Path<(String, String)>,
+    Json(b): Json<PutBody>,
+) -> ApiResult<Value> {
+    let heads = st
+        .node
+        .put(&space, &doc_id(&doc)?, &b.path, b.value)
+        .await?;
+    Ok(Json(json!({"heads": heads})))
+}
+
+#[derive(Deserialize)]
+struct DeleteBody {
+    path: String,
+}
+
+async fn delete_doc(
+    State(st): State<AppState>,
+    Path((space, doc)): Path<(String, String)>,
+    Json(b): Json<DeleteBody>,
+) -> ApiResult<Value> {
+    let heads = st.node.delete(&space, &doc_id(&doc)?, &b.path).await?;
+    Ok(Json(json!({"heads": heads})))
+}

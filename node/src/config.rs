@@ -1,0 +1,222 @@
+//! Node configuration: `config.toml` in the home, with serde defaults, a
+//! validating build step, and a `for_tests()` preset.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Default TCP and UDP (QUIC) port.
+pub const DEFAULT_PORT: u16 = 4747;
+
+/// What `config.toml` holds. Every field has a default, so an empty file is
+/// a valid config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigFile {
+    /// This device's human name.
+    pub name: String,
+    /// Port for the default TCP and QUIC listeners.
+    pub port: u16,
+    /// Listen addresses; empty means TCP and QUIC on all interfaces at `port`.
+    pub listen: Vec<String>,
+    /// Peers to dial at start.
+    pub peers: Vec<String>,
+    /// Bootstrap nodes (multiaddrs ending in /p2p/<id>). Empty by default:
+    /// shoal ships no public addresses.
+    pub bootstrap: Vec<String>,
+    /// LAN discovery.
+    pub mdns: bool,
+    /// Local API address; must be loopback. Port 0 picks a free one.
+    pub api: String,
+    /// Seconds between heads summaries (anti-entropy).
+    pub anti_entropy_secs: u64,
+    /// Seconds between redials of known members that are offline.
+    pub redial_secs: u64,
+}
+
+impl Default for ConfigFile {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            port: DEFAULT_PORT,
+            listen: Vec::new(),
+            peers: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: true,
+            api: "127.0.0.1:0".into(),
+            anti_entropy_secs: 10,
+            redial_secs: 30,
+        }
+    }
+}
+
+impl ConfigFile {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes the config file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string_pretty(self).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(path, text).map_err(|e| Error::io("write", path, e))
+    }
+
+    /// Validates and turns the file into a runtime config.
+    pub fn build(&self, path: &Path) -> Result<NodeConfig> {
+        let bad = |reason: String| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let addrs = |list: &[String], what: &str| -> Result<Vec<Multiaddr>> {
+            list.iter()
+                .map(|s| {
+                    s.parse::<Multiaddr>()
+                        .map_err(|e| bad(format!("{what} entry {s:?}: {e}")))
+                })
+                .collect()
+        };
+        let listen = if self.listen.is_empty() {
+            default_listen(self.port)
+        } else {
+            addrs(&self.listen, "listen")?
+        };
+        let bootstrap = addrs(&self.bootstrap, "bootstrap")?;
+        for b in &bootstrap {
+            if !matches!(b.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                return Err(bad(format!(
+                    "bootstrap entry {b} must end in /p2p/<peer id>"
+                )));
+            }
+        }
+        let api: SocketAddr = self
+            .api
+            .parse()
+            .map_err(|e| bad(format!("api {:?}: {e}", self.api)))?;
+        if !api.ip().is_loopback() {
+            return Err(bad(format!("api {api} must be a loopback address")));
+        }
+        Ok(NodeConfig {
+            name: self.name.clone(),
+            listen,
+            peers: addrs(&self.peers, "peers")?,
+            bootstrap,
+            mdns: self.mdns,
+            kad_server: true,
+            api,
+            anti_entropy: Duration::from_secs(self.anti_entropy_secs.max(1)),
+            redial: Duration::from_secs(self.redial_secs.max(1)),
+            idle_timeout: Duration::from_secs(3600),
+            gossip_heartbeat: Duration::from_millis(1000),
+        })
+    }
+}
+
+/// TCP and QUIC on all interfaces.
+pub fn default_listen(port: u16) -> Vec<Multiaddr> {
+    // These literals are well-formed multiaddrs.
+    [
+        format!("/ip4/0.0.0.0/tcp/{port}"),
+        format!("/ip4/0.0.0.0/udp/{port}/quic-v1"),
+    ]
+    .iter()
+    .filter_map(|s| s.parse().ok())
+    .collect()
+}
+
+/// The runtime configuration of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This device's human name.
+    pub name: String,
+    /// Listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Peers dialled at start.
+    pub peers: Vec<Multiaddr>,
+    /// Bootstrap nodes.
+    pub bootstrap: Vec<Multiaddr>,
+    /// LAN discovery (multicast).
+    pub mdns: bool,
+    /// Serve the DHT.
+    pub kad_server: bool,
+    /// Local API address (loopback).
+    pub api: SocketAddr,
+    /// Interval of heads summaries.
+    pub anti_entropy: Duration,
+    /// Interval of redials to offline members.
+    pub redial: Duration,
+    /// Idle connections close after this.
+    pub idle_timeout: Duration,
+    /// Gossipsub heartbeat.
+    pub gossip_heartbeat: Duration,
+}
+
+impl NodeConfig {
+    /// 127.0.0.1 on a free TCP port, mDNS off, short timers.
+    pub fn for_tests(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0"
+                .parse()
+                .unwrap_or_else(|_| Multiaddr::empty())],
+            peers: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: false,
+            kad_server: true,
+            api: SocketAddr::from(([127, 0, 0, 1], 0)),
+            anti_entropy: Duration::from_millis(500),
+            redial: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(3600),
+            gossip_heartbeat: Duration::from_millis(200),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_a_valid_config_with_no_bootstrap() {
+        let f: ConfigFile = toml::from_str("").unwrap();
+        let c = f.build(Path::new("x")).unwrap();
+        assert!(c.bootstrap.is_empty());
+        assert_eq!(c.listen.len(), 2);
+        assert!(c.api.ip().is_loopback());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let f = ConfigFile {
+            api: "0.0.0.0:80".into(),
+            ..Default::default()
+        };
+        assert!(f
+            .build(Path::new("x"))
+            .unwrap_err()
+            .to_string()
+            .contains("loopback"));
+        let f = ConfigFile {
+            bootstrap: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            ..Default::default()
+        };
+        assert!(f
+            .build(Path::new("x"))
+            .unwrap_err()
+            .to_string()
+            .contains("/p2p/"));
+        assert!(toml::from_str::<ConfigFile>("nope = 1").is_err());
+    }
+}

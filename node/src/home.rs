@@ -1,0 +1,187 @@
+//! The home folder: identity key (0600), `config.toml`, the sled store, the
+//! API token (0600), the API address file of a running node, and the lock
+//! that keeps a second node off the same home.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use libp2p::identity::Keypair;
+use rand::RngCore;
+
+use crate::config::ConfigFile;
+use crate::error::{Error, Result};
+
+const IDENTITY: &str = "identity.key";
+const CONFIG: &str = "config.toml";
+const TOKEN: &str = "api-token";
+const API_ADDR: &str = "api.addr";
+const LOCK: &str = "lock";
+const DB: &str = "db";
+
+/// Paths inside a home folder.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+impl Home {
+    /// A home at `dir` (not checked).
+    pub fn at(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the home has been initialised.
+    pub fn exists(&self) -> bool {
+        self.dir.join(IDENTITY).exists()
+    }
+
+    /// Creates identity, config and token. Fails if an identity exists.
+    pub fn init(&self, name: &str) -> Result<()> {
+        if self.exists() {
+            return Err(Error::Config {
+                path: self.dir.join(IDENTITY),
+                reason: "this home is already initialised".into(),
+            });
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| Error::io("create", &self.dir, e))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("chmod", &self.dir, e))?;
+        let key = Keypair::generate_ed25519();
+        let bytes = key
+            .to_protobuf_encoding()
+            .map_err(|e| Error::Network(format!("encode identity: {e}")))?;
+        write_private(&self.dir.join(IDENTITY), &bytes)?;
+        let mut token = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut token);
+        write_private(&self.dir.join(TOKEN), hex::encode(token).as_bytes())?;
+        let cfg = ConfigFile {
+            name: name.to_string(),
+            ..ConfigFile::default()
+        };
+        cfg.save(&self.config_path())
+    }
+
+    /// Initialises the home if it has no identity yet; true if it did.
+    pub fn ensure(&self, default_name: &str) -> Result<bool> {
+        if self.exists() {
+            return Ok(false);
+        }
+        self.init(default_name)?;
+        Ok(true)
+    }
+
+    /// The device key.
+    pub fn keypair(&self) -> Result<Keypair> {
+        let p = self.dir.join(IDENTITY);
+        if !p.exists() {
+            return Err(Error::NoHome(self.dir.clone()));
+        }
+        let bytes = fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
+        Keypair::from_protobuf_encoding(&bytes).map_err(|e| Error::Config {
+            path: p,
+            reason: format!("identity key does not decode: {e}"),
+        })
+    }
+
+    /// Path of `config.toml`.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(CONFIG)
+    }
+
+    /// The parsed config file.
+    pub fn config(&self) -> Result<ConfigFile> {
+        if !self.exists() {
+            return Err(Error::NoHome(self.dir.clone()));
+        }
+        ConfigFile::load(&self.config_path())
+    }
+
+    /// The sled store folder.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join(DB)
+    }
+
+    /// The API bearer token.
+    pub fn api_token(&self) -> Result<String> {
+        let p = self.dir.join(TOKEN);
+        let t = fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
+        Ok(t.trim().to_string())
+    }
+
+    /// Path of the file where a running node records its API address.
+    pub fn api_addr_path(&self) -> PathBuf {
+        self.dir.join(API_ADDR)
+    }
+
+    /// Takes the home's lock, or fails with [`Error::Locked`].
+    pub fn lock(&self) -> Result<HomeLock> {
+        if !self.exists() {
+            return Err(Error::NoHome(self.dir.clone()));
+        }
+        let p = self.dir.join(LOCK);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| Error::io("open", &p, e))?;
+        match f.try_lock() {
+            Ok(()) => Ok(HomeLock { _file: f }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(self.dir.clone())),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &p, e)),
+        }
+    }
+}
+
+/// Held while a node runs on the home; released on drop.
+#[derive(Debug)]
+pub struct HomeLock {
+    _file: File,
+}
+
+/// Writes a file readable by the owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io("create", path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("write", path, e))?;
+    f.sync_all().map_err(|e| Error::io("sync", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_creates_private_identity_and_lock_is_exclusive() {
+        let t = tempfile::tempdir().unwrap();
+        let h = Home::at(t.path().join("h"));
+        assert!(matches!(h.keypair(), Err(Error::NoHome(_))));
+        h.init("laptop").unwrap();
+        assert!(h.init("again").is_err());
+        let mode = fs::metadata(h.dir().join(IDENTITY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(h.config().unwrap().name, "laptop");
+        let k1 = h.keypair().unwrap().public().to_peer_id();
+        assert_eq!(k1, h.keypair().unwrap().public().to_peer_id());
+        let l = h.lock().unwrap();
+        assert!(matches!(h.lock(), Err(Error::Locked(_))));
+        drop(l);
+        assert!(h.lock().is_ok());
+    }
+}

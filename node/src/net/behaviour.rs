@@ -1,0 +1,98 @@
+//! The one place the swarm's behaviour is assembled. Fields are in polling
+//! order; mDNS is optional (`Toggle`) because it multicasts on every
+//! interface and must stay off in tests outside a network namespace.
+
+use std::time::Duration;
+
+use libp2p::gossipsub::{self, MessageAuthenticity, MessageId, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{identify, mdns, ping, StreamProtocol};
+use shoal_protocol::wire::{
+    HELLO_PROTOCOL, KAD_PROTOCOL, MAX_GOSSIP_BYTES, MAX_HELLO_BYTES, MAX_SYNC_BYTES, SYNC_PROTOCOL,
+};
+
+use super::codec::BytesCodec;
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+
+/// Identify's protocol version string for shoal nodes.
+pub const IDENTIFY_PROTOCOL: &str = "/shoal/1";
+
+/// Everything a shoal node speaks.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Addresses and protocols of peers.
+    pub identify: identify::Behaviour,
+    /// Liveness and latency.
+    pub ping: ping::Behaviour,
+    /// LAN discovery (off in tests).
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// DHT under shoal's own protocol name.
+    pub kad: kad::Behaviour<MemoryStore>,
+    /// Real-time delivery of sealed document changes.
+    pub gossipsub: gossipsub::Behaviour,
+    /// Members-only hello.
+    pub hello: request_response::Behaviour<BytesCodec>,
+    /// Per-document Automerge sync.
+    pub sync: request_response::Behaviour<BytesCodec>,
+}
+
+impl Behaviour {
+    /// Builds the behaviour for `key` under `config`.
+    pub fn new(key: &Keypair, config: &NodeConfig) -> Result<Self> {
+        let peer_id = key.public().to_peer_id();
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION"))),
+        );
+        let mdns = if config.mdns {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                    .map_err(|e| Error::Network(format!("mdns: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let mut kad = kad::Behaviour::with_config(
+            peer_id,
+            MemoryStore::new(peer_id),
+            kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
+        );
+        if config.kad_server {
+            kad.set_mode(Some(kad::Mode::Server));
+        }
+        let gossip_cfg = gossipsub::ConfigBuilder::default()
+            .validation_mode(ValidationMode::Strict)
+            .validate_messages()
+            .max_transmit_size(MAX_GOSSIP_BYTES)
+            .heartbeat_interval(config.gossip_heartbeat)
+            // Content-addressed ids: every envelope carries a random nonce,
+            // so equal bytes are the same message.
+            .message_id_fn(|m| MessageId::from(&blake3::hash(&m.data).as_bytes()[..20]))
+            .build()
+            .map_err(|e| Error::Network(format!("gossipsub config: {e}")))?;
+        let gossipsub =
+            gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_cfg)
+                .map_err(|e| Error::Network(format!("gossipsub: {e}")))?;
+        let rr = |proto: &'static str, limit: usize, timeout: Duration| {
+            request_response::Behaviour::with_codec(
+                BytesCodec::new(limit),
+                [(StreamProtocol::new(proto), ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(timeout),
+            )
+        };
+        Ok(Self {
+            identify,
+            ping: ping::Behaviour::new(ping::Config::new()),
+            mdns: Toggle::from(mdns),
+            kad,
+            gossipsub,
+            hello: rr(HELLO_PROTOCOL, MAX_HELLO_BYTES, Duration::from_secs(10)),
+            sync: rr(SYNC_PROTOCOL, MAX_SYNC_BYTES, Duration::from_secs(60)),
+        })
+    }
+}

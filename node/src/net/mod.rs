@@ -1,0 +1,650 @@
+//! The network actor: one task owns the libp2p swarm and runs a `select!`
+//! loop over swarm events and a bounded command channel. Everything else
+//! talks to it through [`NetHandle`]; it reports what it sees as
+//! [`NetEvent`]s on a bounded channel that it never blocks on (a full
+//! channel drops gossip, which the sync protocol recovers, and refuses
+//! inbound requests as busy). It stops on [`NetHandle::shutdown`] or when
+//! every handle is gone.
+
+pub mod behaviour;
+pub mod codec;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId, TopicHash};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use self::behaviour::{Behaviour, BehaviourEvent};
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+
+/// Capacity of the command channel into the network actor.
+pub const COMMAND_CAPACITY: usize = 1024;
+/// Capacity of the event channel out of the network actor.
+pub const EVENT_CAPACITY: usize = 8192;
+/// How long `start` waits for the listeners to come up.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Id of an inbound request awaiting our answer.
+pub type InboundId = u64;
+
+/// What the network saw.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// First connection to a peer.
+    Connected {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// Last connection to a peer closed.
+    Disconnected {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A peer told us where it listens.
+    Identified {
+        /// The peer.
+        peer: PeerId,
+        /// Its listen addresses.
+        listen_addrs: Vec<Multiaddr>,
+    },
+    /// A gossip message that awaits our validation verdict.
+    Gossip {
+        /// Gossipsub's id of the message.
+        id: MessageId,
+        /// The neighbour that forwarded it.
+        propagation: PeerId,
+        /// The signed author.
+        source: Option<PeerId>,
+        /// Its topic.
+        topic: TopicHash,
+        /// The sealed payload.
+        data: Vec<u8>,
+    },
+    /// A hello challenge from a peer.
+    HelloRequest {
+        /// The peer.
+        peer: PeerId,
+        /// Answer with [`NetCommand::RespondHello`].
+        id: InboundId,
+        /// Request bytes.
+        data: Vec<u8>,
+    },
+    /// The answer to our hello challenge.
+    HelloResponse {
+        /// The peer.
+        peer: PeerId,
+        /// Our tag from [`NetCommand::SendHello`].
+        tag: u64,
+        /// Response bytes, or why there are none.
+        result: std::result::Result<Vec<u8>, String>,
+    },
+    /// A sync request from a peer.
+    SyncRequest {
+        /// The peer.
+        peer: PeerId,
+        /// Answer with [`NetCommand::RespondSync`].
+        id: InboundId,
+        /// Request bytes.
+        data: Vec<u8>,
+    },
+    /// The answer to our sync request.
+    SyncResponse {
+        /// The peer.
+        peer: PeerId,
+        /// Our tag from [`NetCommand::SendSync`].
+        tag: u64,
+        /// Response bytes, or why there are none.
+        result: std::result::Result<Vec<u8>, String>,
+    },
+}
+
+/// A connected peer as the network sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    /// Its device id.
+    pub peer: String,
+    /// Remote addresses of its connections.
+    pub addrs: Vec<String>,
+    /// Last ping round trip in milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
+/// Our own network state.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetInfo {
+    /// Our device id.
+    pub peer_id: String,
+    /// Addresses we listen on, with `/p2p/<id>`.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Connected peers.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// Commands to the network actor.
+#[derive(Debug)]
+pub enum NetCommand {
+    /// Dial an address.
+    Dial(Multiaddr, oneshot::Sender<Result<()>>),
+    /// Our listen addresses and peers.
+    Info(oneshot::Sender<NetInfo>),
+    /// Join a gossip topic.
+    Subscribe(String),
+    /// Leave a gossip topic.
+    Unsubscribe(String),
+    /// Publish on a topic (best effort).
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// Sealed payload.
+        data: Vec<u8>,
+    },
+    /// Our verdict on a gossip message.
+    Validate {
+        /// Message id.
+        id: MessageId,
+        /// Who forwarded it.
+        propagation: PeerId,
+        /// Accept, reject (penalise) or ignore.
+        acceptance: MessageAcceptance,
+    },
+    /// Send a hello challenge.
+    SendHello {
+        /// To whom.
+        peer: PeerId,
+        /// Echoed in the response event.
+        tag: u64,
+        /// Request bytes.
+        data: Vec<u8>,
+    },
+    /// Answer a hello challenge.
+    RespondHello {
+        /// From [`NetEvent::HelloRequest`].
+        id: InboundId,
+        /// Response bytes.
+        data: Vec<u8>,
+    },
+    /// Send a sync request.
+    SendSync {
+        /// To whom.
+        peer: PeerId,
+        /// Echoed in the response event.
+        tag: u64,
+        /// Request bytes.
+        data: Vec<u8>,
+    },
+    /// Answer a sync request.
+    RespondSync {
+        /// From [`NetEvent::SyncRequest`].
+        id: InboundId,
+        /// Response bytes.
+        data: Vec<u8>,
+    },
+    /// Close every connection to a peer.
+    Disconnect(PeerId),
+    /// Stop the actor.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Cheap, cloneable handle to the network actor.
+#[derive(Clone, Debug)]
+pub struct NetHandle {
+    tx: mpsc::Sender<NetCommand>,
+    peer_id: PeerId,
+}
+
+impl NetHandle {
+    /// Our peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Sends a command; fails only when the actor has stopped.
+    pub async fn send(&self, cmd: NetCommand) -> Result<()> {
+        self.tx.send(cmd).await.map_err(|_| Error::Stopped)
+    }
+
+    /// Dials `addr`.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(NetCommand::Dial(addr, tx)).await?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Listen addresses and connected peers.
+    pub async fn info(&self) -> Result<NetInfo> {
+        let (tx, rx) = oneshot::channel();
+        self.send(NetCommand::Info(tx)).await?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Stops the actor and waits for it.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(NetCommand::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Builds the swarm, starts listening, and spawns the actor. Returns once
+/// every listener has an address.
+pub async fn spawn(
+    key: Keypair,
+    config: &NodeConfig,
+) -> Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
+    let mut swarm = build_swarm(key, config)?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| Error::Network(format!("cannot listen on {addr}: {e}")))?;
+    }
+    // Wait until each listener reports an address, so callers can read real
+    // ports (tests bind port 0).
+    let mut up = 0usize;
+    let deadline = tokio::time::Instant::now() + LISTEN_TIMEOUT;
+    while up < config.listen.len() {
+        match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+                info!(%address, "listening");
+                up += 1;
+            }
+            Ok(SwarmEvent::ListenerError { error, .. })
+            | Ok(SwarmEvent::ListenerClosed {
+                reason: Err(error), ..
+            }) => {
+                return Err(Error::Network(format!("listener failed: {error}")));
+            }
+            Ok(_) => {}
+            Err(_) => return Err(Error::Network("listeners did not come up in time".into())),
+        }
+    }
+    for addr in config.bootstrap.iter() {
+        if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        }
+    }
+    for addr in config.peers.iter().chain(config.bootstrap.iter()) {
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, error = %e, "dial failed");
+        }
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
+    let peer_id = *swarm.local_peer_id();
+    let actor = Actor {
+        swarm,
+        events: ev_tx,
+        inbound_hello: HashMap::new(),
+        inbound_sync: HashMap::new(),
+        outbound: HashMap::new(),
+        next_inbound: 0,
+        peers: HashMap::new(),
+        bootstrapped: false,
+    };
+    tokio::spawn(actor.run(cmd_rx));
+    Ok((
+        NetHandle {
+            tx: cmd_tx,
+            peer_id,
+        },
+        ev_rx,
+    ))
+}
+
+/// Builds a shoal swarm (TCP+Noise+Yamux, QUIC, DNS) for `key`. Public so
+/// tests can drive a raw swarm as a hostile peer.
+pub fn build_swarm(key: Keypair, config: &NodeConfig) -> Result<Swarm<Behaviour>> {
+    let idle = config.idle_timeout;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| Error::Network(format!("tcp transport: {e}")))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| Error::Network(format!("dns: {e}")))?
+        .with_behaviour(|key| Behaviour::new(key, config).map_err(Box::from))
+        .map_err(|e| Error::Network(format!("behaviour: {e}")))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build();
+    Ok(swarm)
+}
+
+#[derive(Default)]
+struct PeerState {
+    addrs: Vec<Multiaddr>,
+    rtt: Option<Duration>,
+}
+
+#[derive(Clone, Copy)]
+enum Outbound {
+    Hello(u64),
+    Sync(u64),
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    events: mpsc::Sender<NetEvent>,
+    inbound_hello: HashMap<InboundId, ResponseChannel<Vec<u8>>>,
+    inbound_sync: HashMap<InboundId, ResponseChannel<Vec<u8>>>,
+    outbound: HashMap<OutboundRequestId, Outbound>,
+    next_inbound: InboundId,
+    peers: HashMap<PeerId, PeerState>,
+    bootstrapped: bool,
+}
+
+impl Actor {
+    async fn run(mut self, mut commands: mpsc::Receiver<NetCommand>) {
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(NetCommand::Shutdown(done)) => {
+                        let _ = done.send(());
+                        break;
+                    }
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                ev = self.swarm.select_next_some() => self.on_swarm(ev),
+            }
+        }
+        debug!("network actor stopped");
+    }
+
+    /// Hands an event to the engine without ever waiting; returns it back if
+    /// the channel is full so the caller can refuse or drop it.
+    fn emit(&self, ev: NetEvent) -> std::result::Result<(), NetEvent> {
+        self.events.try_send(ev).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev) => ev,
+        })
+    }
+
+    fn on_command(&mut self, cmd: NetCommand) {
+        let b = self.swarm.behaviour_mut();
+        match cmd {
+            NetCommand::Dial(addr, reply) => {
+                let r = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|e| Error::Network(format!("dial {addr}: {e}")));
+                let _ = reply.send(r);
+            }
+            NetCommand::Info(reply) => {
+                let me = *self.swarm.local_peer_id();
+                let listen_addrs = self
+                    .swarm
+                    .listeners()
+                    .map(|a| a.clone().with(Protocol::P2p(me)))
+                    .collect();
+                let peers = self
+                    .peers
+                    .iter()
+                    .map(|(p, s)| PeerInfo {
+                        peer: p.to_string(),
+                        addrs: s.addrs.iter().map(|a| a.to_string()).collect(),
+                        rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    })
+                    .collect();
+                let _ = reply.send(NetInfo {
+                    peer_id: me.to_string(),
+                    listen_addrs,
+                    peers,
+                });
+            }
+            NetCommand::Subscribe(t) => {
+                if let Err(e) = b.gossipsub.subscribe(&IdentTopic::new(t)) {
+                    warn!(error = %e, "subscribe failed");
+                }
+            }
+            NetCommand::Unsubscribe(t) => {
+                b.gossipsub.unsubscribe(&IdentTopic::new(t));
+            }
+            NetCommand::Publish { topic, data } => {
+                // Best effort: with no subscribed peer yet, the sync
+                // protocol carries the change when one connects.
+                if let Err(e) = b.gossipsub.publish(IdentTopic::new(topic), data) {
+                    debug!(error = %e, "publish not sent");
+                }
+            }
+            NetCommand::Validate {
+                id,
+                propagation,
+                acceptance,
+            } => {
+                b.gossipsub
+                    .report_message_validation_result(&id, &propagation, acceptance);
+            }
+            NetCommand::SendHello { peer, tag, data } => {
+                let id = b.hello.send_request(&peer, data);
+                self.outbound.insert(id, Outbound::Hello(tag));
+            }
+            NetCommand::SendSync { peer, tag, data } => {
+                let id = b.sync.send_request(&peer, data);
+                self.outbound.insert(id, Outbound::Sync(tag));
+            }
+            NetCommand::RespondHello { id, data } => {
+                if let Some(ch) = self.inbound_hello.remove(&id) {
+                    let _ = b.hello.send_response(ch, data);
+                }
+            }
+            NetCommand::RespondSync { id, data } => {
+                if let Some(ch) = self.inbound_sync.remove(&id) {
+                    let _ = b.sync.send_response(ch, data);
+                }
+            }
+            NetCommand::Disconnect(peer) => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            NetCommand::Shutdown(_) => {}
+        }
+    }
+
+    fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let st = self.peers.entry(peer_id).or_default();
+                st.addrs.push(endpoint.get_remote_address().clone());
+                if num_established.get() == 1 {
+                    debug!(peer = %peer_id, "connected");
+                    if self.emit(NetEvent::Connected { peer: peer_id }).is_err() {
+                        warn!(peer = %peer_id, "engine busy: connect event dropped");
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                if let Some(st) = self.peers.get_mut(&peer_id) {
+                    let a = endpoint.get_remote_address();
+                    if let Some(i) = st.addrs.iter().position(|x| x == a) {
+                        st.addrs.remove(i);
+                    }
+                }
+                if num_established == 0 {
+                    self.peers.remove(&peer_id);
+                    debug!(peer = %peer_id, "disconnected");
+                    if self.emit(NetEvent::Disconnected { peer: peer_id }).is_err() {
+                        warn!(peer = %peer_id, "engine busy: disconnect event dropped");
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour(ev),
+            SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, %error, "outgoing connection failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_behaviour(&mut self, ev: BehaviourEvent) {
+        match ev {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let kad_proto = libp2p::StreamProtocol::new(shoal_protocol::wire::KAD_PROTOCOL);
+                if info.protocols.contains(&kad_proto) {
+                    for a in &info.listen_addrs {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, a.clone());
+                    }
+                    if !self.bootstrapped {
+                        // The periodic bootstrap is every 5 minutes; start now.
+                        self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                    }
+                }
+                let _ = self.emit(NetEvent::Identified {
+                    peer: peer_id,
+                    listen_addrs: info.listen_addrs,
+                });
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
+                if let Some(st) = self.peers.get_mut(&peer) {
+                    st.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    if !self.swarm.is_connected(&peer) {
+                        debug!(%peer, %addr, "mdns discovered");
+                        let opts = DialOpts::peer_id(peer).addresses(vec![addr]).build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
+                debug!(%peer, "kad routing updated");
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                let ev = NetEvent::Gossip {
+                    id: message_id,
+                    propagation: propagation_source,
+                    source: message.source,
+                    topic: message.topic,
+                    data: message.data,
+                };
+                if let Err(NetEvent::Gossip {
+                    id, propagation, ..
+                }) = self.emit(ev)
+                {
+                    // Dropped under load: gossip is best effort, the sync
+                    // protocol and heads summaries recover it.
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &id,
+                            &propagation,
+                            MessageAcceptance::Ignore,
+                        );
+                }
+            }
+            BehaviourEvent::Hello(ev) => self.on_rr(ev, true),
+            BehaviourEvent::Sync(ev) => self.on_rr(ev, false),
+            _ => {}
+        }
+    }
+
+    fn on_rr(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>, hello: bool) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let id = self.next_inbound;
+                    self.next_inbound += 1;
+                    let ev = if hello {
+                        NetEvent::HelloRequest {
+                            peer,
+                            id,
+                            data: request,
+                        }
+                    } else {
+                        NetEvent::SyncRequest {
+                            peer,
+                            id,
+                            data: request,
+                        }
+                    };
+                    if self.emit(ev).is_ok() {
+                        if hello {
+                            self.inbound_hello.insert(id, channel);
+                        } else {
+                            self.inbound_sync.insert(id, channel);
+                        }
+                    } else if !hello {
+                        let busy = shoal_protocol::wire::encode(
+                            &shoal_protocol::wire::SyncResponse::Refused {
+                                reason: shoal_protocol::wire::RefuseReason::Busy,
+                            },
+                        );
+                        let _ = self.swarm.behaviour_mut().sync.send_response(channel, busy);
+                    }
+                    // A dropped hello channel tells the peer to retry.
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => self.on_outbound_done(peer, request_id, Ok(response)),
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => self.on_outbound_done(peer, request_id, Err(error.to_string())),
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_outbound_done(
+        &mut self,
+        peer: PeerId,
+        id: OutboundRequestId,
+        result: std::result::Result<Vec<u8>, String>,
+    ) {
+        let Some(kind) = self.outbound.remove(&id) else {
+            return;
+        };
+        let ev = match kind {
+            Outbound::Hello(tag) => NetEvent::HelloResponse { peer, tag, result },
+            Outbound::Sync(tag) => NetEvent::SyncResponse { peer, tag, result },
+        };
+        if self.emit(ev).is_err() {
+            warn!(%peer, "engine busy: response dropped");
+        }
+    }
+}
