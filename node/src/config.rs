@@ -114,6 +114,7 @@ impl ConfigFile {
             peers: addrs(&self.peers, "peers")?,
             bootstrap,
             mdns: self.mdns,
+            dht: true,
             kad_server: true,
             api,
             anti_entropy: Duration::from_secs(self.anti_entropy_secs.max(1)),
@@ -149,6 +150,8 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// LAN discovery (multicast).
     pub mdns: bool,
+    /// Run the Kademlia DHT at all.
+    pub dht: bool,
     /// Serve the DHT.
     pub kad_server: bool,
     /// Local API address (loopback).
@@ -174,6 +177,7 @@ impl NodeConfig {
             peers: Vec::new(),
             bootstrap: Vec::new(),
             mdns: false,
+            dht: true,
             kad_server: true,
             api: SocketAddr::from(([127, 0, 0, 1], 0)),
             anti_entropy: Duration::from_millis(500),

@@ -44,6 +44,8 @@ const MAX_BATCH: usize = 1024;
 const COMPACT_AFTER: usize = 512;
 /// How often sessions waiting for a retry are looked at.
 const RETRY_TICK: Duration = Duration::from_millis(250);
+/// Longest wait between retries of a failing session.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A sync request without an answer for this long is given up.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -202,6 +204,8 @@ struct Session {
     inflight: Option<(u64, Instant)>,
     again: bool,
     retry_at: Option<Instant>,
+    /// Failures in a row, for backoff.
+    failures: u32,
 }
 
 impl Session {
@@ -211,6 +215,7 @@ impl Session {
             inflight: None,
             again: false,
             retry_at: None,
+            failures: 0,
         }
     }
 }
@@ -357,13 +362,16 @@ impl Engine {
         let mut summary = tokio::time::interval(self.anti_entropy);
         let mut redial = tokio::time::interval(self.redial);
         let mut outbox: Vec<NetCommand> = Vec::new();
+        let mut stopped_by = None;
         loop {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Shutdown(done)) => {
                         self.finish_turn(&mut outbox).await;
-                        let _ = self.store.flush().await;
-                        let _ = done.send(());
+                        if let Err(e) = self.store.flush().await {
+                            warn!(error = %e, "final store flush failed");
+                        }
+                        stopped_by = Some(done);
                         break;
                     }
                     Some(cmd) => self.on_command(cmd, &mut outbox),
@@ -388,7 +396,13 @@ impl Engine {
             self.finish_turn(&mut outbox).await;
         }
         self.net.shutdown().await;
+        // Close the store before saying we are done, so a restart on the
+        // same home can open it.
+        drop(self);
         debug!("engine stopped");
+        if let Some(done) = stopped_by {
+            let _ = done.send(());
+        }
     }
 
     /// Sends what the turn produced, then flushes once and answers every
@@ -1308,7 +1322,10 @@ impl Engine {
         if let Some(s) = self.sessions.get_mut(key) {
             s.inflight = None;
             s.state = sync::State::new();
-            s.retry_at = Some(Instant::now() + RETRY_TICK);
+            // 250 ms, doubling to at most 30 s.
+            let backoff = RETRY_TICK * 2u32.saturating_pow(s.failures.min(7));
+            s.failures += 1;
+            s.retry_at = Some(Instant::now() + backoff.min(MAX_BACKOFF));
         }
     }
 
@@ -1484,6 +1501,9 @@ impl Engine {
                 }
             };
         let had = message.is_some();
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.failures = 0;
+        }
         if let Some(m) = message {
             match self.receive(&key, &m, false) {
                 Ok(true) => self.after_remote_change(space, &doc, Origin::Sync, Some(peer), outbox),

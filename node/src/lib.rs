@@ -47,7 +47,7 @@ struct Inner {
     net: NetHandle,
     device: DeviceId,
     name: String,
-    _lock: home::HomeLock,
+    lock: std::sync::Mutex<Option<home::HomeLock>>,
 }
 
 impl Node {
@@ -81,7 +81,7 @@ impl Node {
                 net,
                 device: DeviceId::from_bytes(peer_id.to_bytes())?,
                 name: config.name,
-                _lock: lock,
+                lock: std::sync::Mutex::new(Some(lock)),
             }),
         })
     }
@@ -242,7 +242,9 @@ impl Node {
         {
             let _ = rx.await;
         }
-        // Give the network actor its turn to close.
-        self.inner.net.shutdown().await;
+        // The engine has closed the store; release the home.
+        if let Ok(mut l) = self.inner.lock.lock() {
+            l.take();
+        }
     }
 }

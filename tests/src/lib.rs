@@ -22,29 +22,58 @@ pub struct TestNode {
     pub dir: std::sync::Arc<TempDir>,
     /// Its name.
     pub name: String,
+    /// The config it runs with.
+    pub config: NodeConfig,
 }
 
 impl TestNode {
-    /// Starts a fresh node named `name`.
+    /// Starts a fresh node named `name` with the test config.
     pub async fn spawn(name: &str) -> Result<Self> {
+        Self::spawn_with(name, |_| {}).await
+    }
+
+    /// Starts a fresh node with the test config adjusted by `tweak`.
+    pub async fn spawn_with(name: &str, tweak: impl FnOnce(&mut NodeConfig)) -> Result<Self> {
+        init_tracing();
         let dir = std::sync::Arc::new(tempfile::tempdir()?);
         let home = Home::at(dir.path().join(name));
         home.init(name)?;
-        let node = Node::start(&home, NodeConfig::for_tests(name)).await?;
+        let mut config = NodeConfig::for_tests(name);
+        tweak(&mut config);
+        let node = Node::start(&home, config.clone()).await?;
         Ok(Self {
             node,
             home,
             dir,
             name: name.into(),
+            config,
         })
+    }
+
+    /// Stops the node (flushing its store).
+    pub async fn stop(&self) {
+        self.node.shutdown().await;
+    }
+
+    /// Starts the node again on the same home (after [`Self::stop`]).
+    pub async fn start(&mut self) -> Result<()> {
+        self.node = Node::start(&self.home, self.config.clone()).await?;
+        Ok(())
     }
 
     /// Stops the node and starts it again on the same home.
     pub async fn restart(&mut self) -> Result<()> {
-        self.node.shutdown().await;
-        self.node = Node::start(&self.home, NodeConfig::for_tests(&self.name)).await?;
-        Ok(())
+        self.stop().await;
+        self.start().await
     }
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
 
 /// Starts `n` nodes named n0, n1, ...

@@ -31,8 +31,8 @@ pub struct Behaviour {
     pub ping: ping::Behaviour,
     /// LAN discovery (off in tests).
     pub mdns: Toggle<mdns::tokio::Behaviour>,
-    /// DHT under shoal's own protocol name.
-    pub kad: kad::Behaviour<MemoryStore>,
+    /// DHT under shoal's own protocol name (optional).
+    pub kad: Toggle<kad::Behaviour<MemoryStore>>,
     /// Real-time delivery of sealed document changes.
     pub gossipsub: gossipsub::Behaviour,
     /// Members-only hello.
@@ -57,14 +57,17 @@ impl Behaviour {
         } else {
             None
         };
-        let mut kad = kad::Behaviour::with_config(
-            peer_id,
-            MemoryStore::new(peer_id),
-            kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
-        );
-        if config.kad_server {
-            kad.set_mode(Some(kad::Mode::Server));
-        }
+        let kad = config.dht.then(|| {
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                MemoryStore::new(peer_id),
+                kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
+            );
+            if config.kad_server {
+                kad.set_mode(Some(kad::Mode::Server));
+            }
+            kad
+        });
         let gossip_cfg = gossipsub::ConfigBuilder::default()
             .validation_mode(ValidationMode::Strict)
             .validate_messages()
@@ -89,7 +92,7 @@ impl Behaviour {
             identify,
             ping: ping::Behaviour::new(ping::Config::new()),
             mdns: Toggle::from(mdns),
-            kad,
+            kad: Toggle::from(kad),
             gossipsub,
             hello: rr(HELLO_PROTOCOL, MAX_HELLO_BYTES, Duration::from_secs(10)),
             sync: rr(SYNC_PROTOCOL, MAX_SYNC_BYTES, Duration::from_secs(60)),

@@ -271,7 +271,9 @@ pub async fn spawn(
     }
     for addr in config.bootstrap.iter() {
         if let Some(Protocol::P2p(peer)) = addr.iter().last() {
-            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+                kad.add_address(&peer, addr.clone());
+            }
         }
     }
     for addr in config.peers.iter().chain(config.bootstrap.iter()) {
@@ -341,7 +343,9 @@ struct Actor {
     events: mpsc::Sender<NetEvent>,
     inbound_hello: HashMap<InboundId, ResponseChannel<Vec<u8>>>,
     inbound_sync: HashMap<InboundId, ResponseChannel<Vec<u8>>>,
-    outbound: HashMap<OutboundRequestId, Outbound>,
+    /// Keyed by protocol too: each request-response behaviour numbers its
+    /// requests on its own, so ids of hello and sync collide.
+    outbound: HashMap<(bool, OutboundRequestId), Outbound>,
     next_inbound: InboundId,
     peers: HashMap<PeerId, PeerState>,
     bootstrapped: bool,
@@ -430,11 +434,11 @@ impl Actor {
             }
             NetCommand::SendHello { peer, tag, data } => {
                 let id = b.hello.send_request(&peer, data);
-                self.outbound.insert(id, Outbound::Hello(tag));
+                self.outbound.insert((true, id), Outbound::Hello(tag));
             }
             NetCommand::SendSync { peer, tag, data } => {
                 let id = b.sync.send_request(&peer, data);
-                self.outbound.insert(id, Outbound::Sync(tag));
+                self.outbound.insert((false, id), Outbound::Sync(tag));
             }
             NetCommand::RespondHello { id, data } => {
                 if let Some(ch) = self.inbound_hello.remove(&id) {
@@ -503,16 +507,15 @@ impl Actor {
         match ev {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let kad_proto = libp2p::StreamProtocol::new(shoal_protocol::wire::KAD_PROTOCOL);
-                if info.protocols.contains(&kad_proto) {
-                    for a in &info.listen_addrs {
-                        self.swarm
-                            .behaviour_mut()
-                            .kad
-                            .add_address(&peer_id, a.clone());
-                    }
-                    if !self.bootstrapped {
-                        // The periodic bootstrap is every 5 minutes; start now.
-                        self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                    if info.protocols.contains(&kad_proto) {
+                        for a in &info.listen_addrs {
+                            kad.add_address(&peer_id, a.clone());
+                        }
+                        if !self.bootstrapped {
+                            // The periodic bootstrap is every 5 minutes; start now.
+                            self.bootstrapped = kad.bootstrap().is_ok();
+                        }
                     }
                 }
                 let _ = self.emit(NetEvent::Identified {
@@ -615,14 +618,14 @@ impl Actor {
                 request_response::Message::Response {
                     request_id,
                     response,
-                } => self.on_outbound_done(peer, request_id, Ok(response)),
+                } => self.on_outbound_done(peer, (hello, request_id), Ok(response)),
             },
             request_response::Event::OutboundFailure {
                 peer,
                 request_id,
                 error,
                 ..
-            } => self.on_outbound_done(peer, request_id, Err(error.to_string())),
+            } => self.on_outbound_done(peer, (hello, request_id), Err(error.to_string())),
             request_response::Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "inbound request failed");
             }
@@ -633,7 +636,7 @@ impl Actor {
     fn on_outbound_done(
         &mut self,
         peer: PeerId,
-        id: OutboundRequestId,
+        id: (bool, OutboundRequestId),
         result: std::result::Result<Vec<u8>, String>,
     ) {
         let Some(kind) = self.outbound.remove(&id) else {
