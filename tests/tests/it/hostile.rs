@@ -1,1 +1,426 @@
+//! Hostile input: a raw libp2p peer, built from shoal's own codec but driven
+//! by the test, sends garbage, forged and oversized messages to a real node.
+//! Each is rejected, and the node keeps serving its members.
 
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use automerge::sync::{ChunkList, Message, MessageVersion};
+use automerge::AutoCommit;
+use futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{noise, tcp, yamux, Multiaddr, StreamProtocol, Swarm};
+use serde_json::json;
+use shoal_node::net::codec::BytesCodec;
+use shoal_node::Event;
+use shoal_protocol::actor::actor_for;
+use shoal_protocol::keys::SpaceGrant;
+use shoal_protocol::wire::{
+    self, GossipBody, HelloRequest, HelloResponse, SyncRequest, SyncResponse,
+};
+use shoal_protocol::{doc as jdoc, envelope, hello, DeviceId, DocId, Role, SpaceKey};
+use shoal_tests::*;
+
+#[derive(NetworkBehaviour)]
+struct HostileBehaviour {
+    gossipsub: gossipsub::Behaviour,
+    hello: request_response::Behaviour<BytesCodec>,
+    sync: request_response::Behaviour<BytesCodec>,
+}
+
+enum Pumped<'a> {
+    Swarm(&'a mut SwarmEvent<HostileBehaviourEvent>),
+    Node(Event),
+}
+
+/// A peer that speaks shoal's protocols but obeys none of its rules.
+struct Hostile {
+    swarm: Swarm<HostileBehaviour>,
+    grant: Option<SpaceGrant>,
+    me: DeviceId,
+}
+
+impl Hostile {
+    fn new(key: Keypair, grant: Option<SpaceGrant>) -> Result<Self> {
+        let me = DeviceId::from_bytes(key.public().to_peer_id().to_bytes())?;
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_behaviour(|key| {
+                let cfg = gossipsub::ConfigBuilder::default()
+                    .validation_mode(ValidationMode::Strict)
+                    .max_transmit_size(2 * 1024 * 1024)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let rr = |p: &'static str| {
+                    request_response::Behaviour::with_codec(
+                        // far above what shoal accepts, to send oversized frames
+                        BytesCodec::new(64 * 1024 * 1024),
+                        [(StreamProtocol::new(p), ProtocolSupport::Full)],
+                        request_response::Config::default()
+                            .with_request_timeout(Duration::from_secs(20)),
+                    )
+                };
+                Ok(HostileBehaviour {
+                    gossipsub: gossipsub::Behaviour::new(
+                        MessageAuthenticity::Signed(key.clone()),
+                        cfg,
+                    )?,
+                    hello: rr(wire::HELLO_PROTOCOL),
+                    sync: rr(wire::SYNC_PROTOCOL),
+                })
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .build();
+        Ok(Self { swarm, grant, me })
+    }
+
+    /// Polls the swarm until the node under attack emits an event matching
+    /// `pred` (the swarm must run for our messages to leave).
+    async fn until_node_event(
+        &mut self,
+        rx: &mut tokio::sync::broadcast::Receiver<Event>,
+        mut pred: impl FnMut(&Event) -> bool,
+    ) -> Result<Event> {
+        let mut found = None;
+        self.pump_with(Some(rx), |ev| {
+            if let Pumped::Node(e) = ev {
+                if pred(e) {
+                    found = Some(e.clone());
+                    return Some(());
+                }
+            }
+            None
+        })
+        .await?;
+        found.context("no event")
+    }
+
+    /// Polls the swarm, answering hello challenges (with proofs if we hold
+    /// a grant), until `f` returns a value.
+    async fn pump<T>(
+        &mut self,
+        mut f: impl FnMut(&mut SwarmEvent<HostileBehaviourEvent>) -> Option<T>,
+    ) -> Result<T> {
+        self.pump_with(None, |ev| match ev {
+            Pumped::Swarm(e) => f(e),
+            Pumped::Node(_) => None,
+        })
+        .await
+    }
+
+    async fn pump_with<T>(
+        &mut self,
+        mut rx: Option<&mut tokio::sync::broadcast::Receiver<Event>>,
+        mut f: impl FnMut(&mut Pumped) -> Option<T>,
+    ) -> Result<T> {
+        tokio::time::timeout(TIMEOUT, async {
+            loop {
+                let node_ev = async {
+                    match rx.as_mut() {
+                        Some(r) => r.recv().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                let mut ev = tokio::select! {
+                    ev = self.swarm.select_next_some() => ev,
+                    Some(e) = node_ev => {
+                        if let Some(v) = f(&mut Pumped::Node(e)) {
+                            return Ok(v);
+                        }
+                        continue;
+                    }
+                };
+                if let SwarmEvent::Behaviour(HostileBehaviourEvent::Hello(
+                    request_response::Event::Message {
+                        peer,
+                        message:
+                            request_response::Message::Request {
+                                request, channel, ..
+                            },
+                        ..
+                    },
+                )) = ev
+                {
+                    let verifier = DeviceId::from_bytes(peer.to_bytes())?;
+                    let HelloRequest::V1 { challenge } =
+                        wire::decode("hello", &request, wire::MAX_HELLO_BYTES)?;
+                    let proofs = match &self.grant {
+                        Some(g) => g
+                            .keys
+                            .iter()
+                            .map(|(e, k)| {
+                                hello::proof(&g.space, *e, k, &challenge, &self.me, &verifier)
+                            })
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .hello
+                        .send_response(channel, wire::encode(&HelloResponse::V1 { proofs }));
+                    continue;
+                }
+                if let Some(v) = f(&mut Pumped::Swarm(&mut ev)) {
+                    return Ok(v);
+                }
+            }
+        })
+        .await
+        .context("hostile peer timed out")?
+    }
+
+    async fn sync_request(
+        &mut self,
+        target: libp2p::PeerId,
+        bytes: Vec<u8>,
+    ) -> Result<std::result::Result<SyncResponse, String>> {
+        let id = self.swarm.behaviour_mut().sync.send_request(&target, bytes);
+        self.pump(|ev| match ev {
+            SwarmEvent::Behaviour(HostileBehaviourEvent::Sync(
+                request_response::Event::Message {
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                },
+            )) if *request_id == id => Some(
+                wire::decode::<SyncResponse>("sync", response, wire::MAX_SYNC_BYTES)
+                    .map_err(|e| e.to_string()),
+            ),
+            SwarmEvent::Behaviour(HostileBehaviourEvent::Sync(
+                request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                },
+            )) if *request_id == id => Some(Err(error.to_string())),
+            _ => None,
+        })
+        .await
+    }
+
+    fn publish(&mut self, topic: &str, data: Vec<u8>) -> Result<()> {
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(IdentTopic::new(topic), data)
+            .map_err(|e| anyhow::anyhow!("publish: {e}"))?;
+        Ok(())
+    }
+}
+
+async fn rejected(
+    h: &mut Hostile,
+    rx: &mut tokio::sync::broadcast::Receiver<Event>,
+    needle: &str,
+) -> Result<String> {
+    let ev = h
+        .until_node_event(
+            rx,
+            |e| matches!(e, Event::Rejected { reason, .. } if reason.contains(needle)),
+        )
+        .await
+        .with_context(|| format!("no rejection mentioning {needle:?}"))?;
+    match ev {
+        Event::Rejected { reason, .. } => Ok(reason),
+        _ => bail!("unexpected event"),
+    }
+}
+
+fn a_change_by(device: &DeviceId) -> Result<Vec<u8>> {
+    let mut d = AutoCommit::new().with_actor(actor_for(device, [7; 8]));
+    jdoc::put_json(&mut d, "/forged", &json!("by a non-writer"))?;
+    d.commit();
+    Ok(d.get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    let info = a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/legit", json!(1)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    let before = a.get("notes", &todo).await?;
+
+    // A viewer: a real member who may not write.
+    let vkey = Keypair::generate_ed25519();
+    let viewer = DeviceId::from_bytes(vkey.public().to_peer_id().to_bytes())?;
+    a.add_member("notes", &viewer, Role::Viewer, "evil").await?;
+    let grant = a.export_grant("notes").await?;
+    let (space, key) = (grant.space, grant.keys[0].1.clone());
+    let topic = key.topic(&space, 0);
+    let mut h = Hostile::new(vkey, Some(grant))?;
+    let mut ev = a.events();
+    let addr: Multiaddr = a.listen_addrs().await?[0].clone();
+    h.swarm.dial(addr)?;
+    h.swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&IdentTopic::new(topic.clone()))?;
+    let a_peer = a.peer_id();
+    h.pump(|e| match e {
+        SwarmEvent::Behaviour(HostileBehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
+            peer_id,
+            ..
+        })) if *peer_id == a_peer => Some(()),
+        _ => None,
+    })
+    .await?;
+    h.until_node_event(&mut ev, |e| matches!(e, Event::MemberVerified { .. }))
+        .await?;
+
+    // 1. random bytes on the space's topic
+    h.publish(&topic, vec![0xFF; 100])?;
+    rejected(&mut h, &mut ev, "envelope").await?;
+    // 2. a well-formed envelope under the wrong key, and under an unknown epoch
+    let body = wire::encode(&GossipBody::Changes {
+        doc: todo.clone(),
+        changes: vec![a_change_by(&viewer)?],
+    });
+    h.publish(
+        &topic,
+        envelope::seal(&space, 0, &SpaceKey::from_bytes([9; 32]), [1; 24], &body),
+    )?;
+    rejected(&mut h, &mut ev, "cannot open envelope").await?;
+    h.publish(&topic, envelope::seal(&space, 7, &key, [2; 24], &body))?;
+    rejected(&mut h, &mut ev, "unknown key epoch").await?;
+    // 3. a change from a non-writer, correctly sealed
+    h.publish(&topic, envelope::seal(&space, 0, &key, [3; 24], &body))?;
+    rejected(&mut h, &mut ev, "viewer").await?;
+    // 4. a change that claims another author
+    let a_dev = a.device_id().clone();
+    let forged = wire::encode(&GossipBody::Changes {
+        doc: todo.clone(),
+        changes: vec![a_change_by(&a_dev)?],
+    });
+    h.publish(&topic, envelope::seal(&space, 0, &key, [4; 24], &forged))?;
+    rejected(&mut h, &mut ev, "published by").await?;
+    // 5. garbage inside a valid envelope
+    h.publish(
+        &topic,
+        envelope::seal(&space, 0, &key, [5; 24], b"\x00\xff\xff\xff\xff\xff"),
+    )?;
+    rejected(&mut h, &mut ev, "malformed").await?;
+
+    // 6. sync: random bytes, a truncated sync message, a non-writer's change
+    let r = h.sync_request(a_peer, vec![1, 2, 3]).await?;
+    assert!(matches!(r, Ok(SyncResponse::Refused { .. })), "{r:?}");
+    let msg = Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![],
+        changes: ChunkList::from(vec![a_change_by(&viewer)?]),
+        flags: None,
+        version: MessageVersion::V1,
+    }
+    .encode();
+    let truncated = wire::encode(&SyncRequest::V1 {
+        space,
+        doc: todo.clone(),
+        message: Some(msg[..msg.len() / 2].to_vec()),
+    });
+    let r = h.sync_request(a_peer, truncated).await?;
+    assert!(matches!(r, Ok(SyncResponse::Refused { .. })), "{r:?}");
+    rejected(&mut h, &mut ev, "sync message").await?;
+    let whole = wire::encode(&SyncRequest::V1 {
+        space,
+        doc: todo.clone(),
+        message: Some(msg),
+    });
+    let r = h.sync_request(a_peer, whole).await?;
+    assert!(matches!(r, Ok(SyncResponse::Refused { .. })), "{r:?}");
+    rejected(&mut h, &mut ev, "viewer").await?;
+    // 7. an oversized request: the codec cuts it off before buffering it
+    let huge = vec![0u8; wire::MAX_SYNC_BYTES + 1024];
+    let r = h.sync_request(a_peer, huge).await?;
+    assert!(r.is_err(), "oversized request was answered: {r:?}");
+
+    // Nothing changed, and the node keeps serving its members.
+    assert_eq!(a.get("notes", &todo).await?, before);
+    a.put("notes", &todo, "/after", json!(2)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    assert_eq!(b.get("notes", &todo).await?["after"], json!(2));
+    assert_eq!(b.get("notes", &todo).await?.get("forged"), None);
+    let _ = info;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_gets_no_proofs_and_no_documents() -> Result<()> {
+    let n = spawn_nodes(1).await?;
+    let a = &n[0].node;
+    let info = a.create_space("notes").await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/secret", json!(42)).await?;
+    // The stranger even knows the space id (say, from a leaked log line).
+    let space: shoal_protocol::SpaceId = info.id.parse()?;
+    let mut h = Hostile::new(Keypair::generate_ed25519(), None)?;
+    h.swarm.dial(a.listen_addrs().await?[0].clone())?;
+    let a_peer = a.peer_id();
+    // Our challenge to a: a answers with proofs that name nothing we know.
+    let me_challenge = [3u8; 32];
+    let id = h.swarm.behaviour_mut().hello.send_request(
+        &a_peer,
+        wire::encode(&HelloRequest::V1 {
+            challenge: me_challenge,
+        }),
+    );
+    let proofs = h
+        .pump(|e| match e {
+            SwarmEvent::Behaviour(HostileBehaviourEvent::Hello(
+                request_response::Event::Message {
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                },
+            )) if *request_id == id => {
+                wire::decode::<HelloResponse>("hello", response, wire::MAX_HELLO_BYTES).ok()
+            }
+            _ => None,
+        })
+        .await?;
+    let HelloResponse::V1 { proofs } = proofs;
+    assert_eq!(proofs.len(), 1);
+    // Without the key, the proof matches no guess of the space.
+    let guess = SpaceKey::from_bytes([0; 32]);
+    let stranger = DeviceId::from_bytes(a_peer.to_bytes())?;
+    assert_ne!(
+        proofs[0],
+        hello::proof(&space, 0, &guess, &me_challenge, &stranger, &h.me)
+    );
+    let req = wire::encode(&SyncRequest::V1 {
+        space,
+        doc: todo.clone(),
+        message: None,
+    });
+    let r = h.sync_request(a_peer, req).await?;
+    assert!(
+        matches!(
+            r,
+            Ok(SyncResponse::Refused {
+                reason: wire::RefuseReason::NotAllowed
+            })
+        ),
+        "{r:?}"
+    );
+    Ok(())
+}
