@@ -1,1 +1,447 @@
-fn main() {}
+//! `shoal`: run a node (`shoal up`) or talk to the running one through its
+//! local HTTP API. Every command takes `--home` (or `SHOAL_HOME`) and
+//! `--json`. `main` returns an exit code and prints the error chain.
+
+mod client;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use shoal_node::{Home, Node};
+
+use crate::client::Client;
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "Peer-to-peer sync node")]
+struct Cli {
+    /// Home folder (identity, config, store). Default: the platform's data dir.
+    #[arg(long, global = true, env = "SHOAL_HOME")]
+    home: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the home: identity key (0600), config.toml, API token.
+    Init {
+        /// This device's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Run the node in the foreground (initialises a fresh home first).
+    Up(UpArgs),
+    /// This device's id and listen addresses.
+    Id,
+    /// Connected peers.
+    Peers,
+    /// Spaces.
+    #[command(subcommand)]
+    Space(SpaceCmd),
+    /// Documents.
+    #[command(subcommand)]
+    Doc(DocCmd),
+    /// Members of a space.
+    Members {
+        /// Space name or id.
+        space: String,
+    },
+    /// Add a device to a space, or change its role (owners only).
+    Member {
+        /// Space name or id.
+        space: String,
+        /// Device id.
+        device: String,
+        /// owner, editor or viewer.
+        #[arg(long, default_value = "editor")]
+        role: String,
+        /// A name for the device.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Dial this peer at start (repeatable).
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// Listen address (repeatable). Default: TCP and QUIC on all interfaces.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Turn LAN discovery (mDNS) off.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Local API address (loopback only).
+    #[arg(long)]
+    api: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum SpaceCmd {
+    /// Create a space; this device becomes its owner.
+    Create {
+        /// Its name.
+        name: String,
+    },
+    /// List spaces.
+    List,
+}
+
+#[derive(Subcommand)]
+enum DocCmd {
+    /// Put a JSON value at a JSON-pointer path ('' is the root).
+    Put {
+        /// Space name or id.
+        space: String,
+        /// Document id.
+        doc: String,
+        /// JSON pointer, e.g. /items/0.
+        path: String,
+        /// JSON value, e.g. '"buy milk"'.
+        value: String,
+    },
+    /// Delete the value at a JSON-pointer path.
+    Del {
+        /// Space name or id.
+        space: String,
+        /// Document id.
+        doc: String,
+        /// JSON pointer.
+        path: String,
+    },
+    /// Print a document as JSON.
+    Get {
+        /// Space name or id.
+        space: String,
+        /// Document id.
+        doc: String,
+    },
+    /// List the documents of a space.
+    List {
+        /// Space name or id.
+        space: String,
+    },
+}
+
+fn default_home() -> Result<PathBuf> {
+    directories::ProjectDirs::from("", "", "shoal")
+        .map(|d| d.data_dir().to_path_buf())
+        .context("cannot find a data folder for the home; pass --home or set SHOAL_HOME")
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "device".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let home = Home::at(match &cli.home {
+        Some(h) => h.clone(),
+        None => default_home()?,
+    });
+    let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    match cli.cmd {
+        Cmd::Init { name } => {
+            let name = name.unwrap_or_else(host_name);
+            home.init(&name)?;
+            let id = home.keypair()?.public().to_peer_id();
+            print(
+                cli.json,
+                json!({"home": home.dir(), "device_id": id.to_string(), "name": name}),
+                || {
+                    format!(
+                        "initialised {} for {name}\ndevice id: {id}",
+                        home.dir().display()
+                    )
+                },
+            );
+            Ok(())
+        }
+        Cmd::Up(args) => rt.block_on(up(home, args, cli.json)),
+        cmd => rt.block_on(async {
+            let client = Client::new(&home)?;
+            command(&client, cmd, cli.json).await
+        }),
+    }
+}
+
+fn print(json_out: bool, v: Value, human: impl FnOnce() -> String) {
+    if json_out {
+        println!("{v}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+async fn up(home: Home, args: UpArgs, json_out: bool) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,shoal_node=info,shoal=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if home.ensure(&host_name())? {
+        eprintln!("initialised a new home at {}", home.dir().display());
+    }
+    let mut file = home.config()?;
+    if !args.listen.is_empty() {
+        file.listen = args.listen;
+    }
+    file.peers.extend(args.peers);
+    if args.no_mdns {
+        file.mdns = false;
+    }
+    if let Some(api) = args.api {
+        file.api = api;
+    }
+    let config = file.build(&home.config_path())?;
+    let node = Node::start(&home, config.clone())
+        .await
+        .with_context(|| format!("cannot start a node on {}", home.dir().display()))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (api_addr, api_task) =
+        shoal_node::api::serve(node.clone(), home.api_token()?, config.api, async {
+            let _ = stop_rx.await;
+        })
+        .await?;
+    shoal_node::home::write_private(&home.api_addr_path(), api_addr.to_string().as_bytes())?;
+    let info = node.net_info().await?;
+    let addrs: Vec<String> = info.listen_addrs.iter().map(|a| a.to_string()).collect();
+    print(
+        json_out,
+        json!({"device_id": info.peer_id, "name": node.name(), "listen_addrs": addrs, "api": api_addr.to_string()}),
+        || {
+            let mut s = format!(
+                "shoal node {} ({}) is up\napi: http://{api_addr}\n",
+                node.name(),
+                info.peer_id
+            );
+            for a in &addrs {
+                s.push_str(&format!("listening: {a}\n"));
+            }
+            s.push_str("stop with Ctrl-C");
+            s
+        },
+    );
+    wait_for_signal().await;
+    eprintln!("shutting down");
+    let _ = stop_tx.send(());
+    let _ = api_task.await;
+    node.shutdown().await;
+    let _ = std::fs::remove_file(home.api_addr_path());
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
+    match cmd {
+        Cmd::Id => {
+            let v = c.get("/v1/id").await?;
+            print(json_out, v.clone(), || {
+                let mut s = format!(
+                    "device id: {}\nname: {}",
+                    v["device_id"].as_str().unwrap_or(""),
+                    v["name"].as_str().unwrap_or("")
+                );
+                for a in v["listen_addrs"].as_array().into_iter().flatten() {
+                    s.push_str(&format!("\nlistening: {}", a.as_str().unwrap_or("")));
+                }
+                s
+            });
+        }
+        Cmd::Peers => {
+            let v = c.get("/v1/peers").await?;
+            print(json_out, v.clone(), || {
+                let peers = v.as_array().cloned().unwrap_or_default();
+                if peers.is_empty() {
+                    return "no peers connected".into();
+                }
+                peers
+                    .iter()
+                    .map(|p| {
+                        let rtt = p["rtt_ms"]
+                            .as_f64()
+                            .map(|r| format!("{r:.1} ms"))
+                            .unwrap_or_else(|| "-".into());
+                        format!(
+                            "{}  {}  {}",
+                            p["peer"].as_str().unwrap_or(""),
+                            rtt,
+                            p["addrs"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Space(SpaceCmd::Create { name }) => {
+            let v = c.post("/v1/spaces", json!({"name": name})).await?;
+            print(json_out, v.clone(), || {
+                format!(
+                    "created space {} ({})",
+                    v["name"].as_str().unwrap_or(""),
+                    v["id"].as_str().unwrap_or("")
+                )
+            });
+        }
+        Cmd::Space(SpaceCmd::List) => {
+            let v = c.get("/v1/spaces").await?;
+            print(json_out, v.clone(), || {
+                let spaces = v.as_array().cloned().unwrap_or_default();
+                if spaces.is_empty() {
+                    return "no spaces yet: create one with `shoal space create NAME`".into();
+                }
+                spaces
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}  {}  role={}  docs={}  peers={}",
+                            s["name"].as_str().unwrap_or(""),
+                            s["id"].as_str().unwrap_or(""),
+                            s["role"].as_str().unwrap_or("unknown"),
+                            s["docs"].as_array().map_or(0, |d| d.len()),
+                            s["peers"].as_array().map_or(0, |d| d.len()),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Doc(DocCmd::Put {
+            space,
+            doc,
+            path,
+            value,
+        }) => {
+            let value: Value = serde_json::from_str(&value).with_context(|| {
+                format!("the value {value:?} is not JSON (quote strings: '\"text\"')")
+            })?;
+            let v = c
+                .put(
+                    &doc_url(&space, &doc),
+                    json!({"path": path, "value": value}),
+                )
+                .await?;
+            print(json_out, v, || format!("ok: {doc} {path}"));
+        }
+        Cmd::Doc(DocCmd::Del { space, doc, path }) => {
+            let v = c
+                .delete(&doc_url(&space, &doc), json!({"path": path}))
+                .await?;
+            print(json_out, v, || format!("deleted: {doc} {path}"));
+        }
+        Cmd::Doc(DocCmd::Get { space, doc }) => {
+            let v = c.get(&doc_url(&space, &doc)).await?;
+            print(json_out, v.clone(), || {
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            });
+        }
+        Cmd::Doc(DocCmd::List { space }) => {
+            let v = c.get(&format!("/v1/spaces/{}/docs", enc(&space))).await?;
+            print(json_out, v.clone(), || {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| d.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Members { space } => {
+            let v = c
+                .get(&format!("/v1/spaces/{}/members", enc(&space)))
+                .await?;
+            print(json_out, v.clone(), || {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|m| {
+                        format!(
+                            "{}  {}  {}{}",
+                            m["device"].as_str().unwrap_or(""),
+                            m["role"].as_str().unwrap_or(""),
+                            m["name"].as_str().unwrap_or(""),
+                            if m["connected"].as_bool() == Some(true) {
+                                "  (connected)"
+                            } else {
+                                ""
+                            }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Member {
+            space,
+            device,
+            role,
+            name,
+        } => {
+            let v = c
+                .post(
+                    &format!("/v1/spaces/{}/members", enc(&space)),
+                    json!({"device": device, "role": role, "name": name}),
+                )
+                .await?;
+            print(json_out, v, || format!("{device} is now {role} in {space}"));
+        }
+        Cmd::Init { .. } | Cmd::Up(_) => {}
+    }
+    Ok(())
+}
+
+fn enc(s: &str) -> String {
+    // Space names may hold any character; ids and doc ids are URL-safe.
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn doc_url(space: &str, doc: &str) -> String {
+    format!("/v1/spaces/{}/docs/{}", enc(space), enc(doc))
+}

@@ -1,1 +1,206 @@
+//! The real `shoal` binary against real nodes on 127.0.0.1 (mDNS off).
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+fn shoal_bin() -> Result<PathBuf> {
+    // target/<profile>/deps/it-<hash> -> target/<profile>/shoal
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("shoal"))
+        .context("no target folder")?;
+    if !bin.exists() {
+        bail!(
+            "{} is missing: run the tests with `cargo test --workspace`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn shoal(home: &Path, args: &[&str]) -> Result<Output> {
+    Ok(Command::new(shoal_bin()?)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("SHOAL_HOME")
+        .output()?)
+}
+
+fn ok_json(home: &Path, args: &[&str]) -> Result<Value> {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = shoal(home, &a)?;
+    if !out.status.success() {
+        bail!(
+            "shoal {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn err_text(home: &Path, args: &[&str]) -> Result<String> {
+    let out = shoal(home, args)?;
+    if out.status.success() {
+        bail!("shoal {args:?} succeeded but should have failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A running `shoal up`, killed when dropped.
+struct Up {
+    child: Child,
+    info: Value,
+}
+
+impl Up {
+    fn start(home: &Path) -> Result<Self> {
+        let mut child = Command::new(shoal_bin()?)
+            .arg("--home")
+            .arg(home)
+            .args([
+                "--json",
+                "up",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        // The first stdout line (JSON) is the "node is up" event.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) if !l.is_empty() => l,
+            _ => {
+                let _ = child.kill();
+                bail!("`shoal up` did not come up");
+            }
+        };
+        Ok(Self {
+            child,
+            info: serde_json::from_str(&line).context("`shoal up --json` printed no JSON")?,
+        })
+    }
+
+    fn kill9(mut self) -> Result<()> {
+        self.child.kill()?; // SIGKILL
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn cli_end_to_end_init_up_space_doc_lock_kill9_restart() -> Result<()> {
+    let t = tempfile::tempdir()?;
+    let home = t.path().join("laptop");
+    let h = home.as_path();
+
+    // no node yet: a clear message that says how to start one
+    let e = err_text(h, &["doc", "list", "notes"])?;
+    assert!(
+        e.contains("no shoal node is running") && e.contains("shoal up"),
+        "{e}"
+    );
+
+    let init = ok_json(h, &["init", "--name", "laptop"])?;
+    assert_eq!(init["name"], "laptop");
+    let e = err_text(h, &["init"])?;
+    assert!(e.contains("already initialised"), "{e}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(home.join("identity.key"))?
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    let up = Up::start(h)?;
+    assert_eq!(up.info["device_id"], init["device_id"]);
+    // a second node on the same home is refused
+    let e = err_text(h, &["up", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])?;
+    assert!(e.contains("already running"), "{e}");
+
+    let id = ok_json(h, &["id"])?;
+    assert_eq!(id["device_id"], init["device_id"]);
+    assert!(id["listen_addrs"][0]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("/ip4/127.0.0.1/tcp/"));
+    let s = ok_json(h, &["space", "create", "notes"])?;
+    assert_eq!(s["role"], "owner");
+    let e = err_text(h, &["space", "create", "notes"])?;
+    assert!(e.contains("already exists"), "{e}");
+    for i in 0..20 {
+        ok_json(
+            h,
+            &[
+                "doc",
+                "put",
+                "notes",
+                "todo",
+                &format!("/items/{i}"),
+                &format!("\"item {i}\""),
+            ],
+        )?;
+    }
+    ok_json(h, &["doc", "put", "notes", "todo", "/done", "false"])?;
+    ok_json(h, &["doc", "del", "notes", "todo", "/done"])?;
+    let doc = ok_json(h, &["doc", "get", "notes", "todo"])?;
+    assert_eq!(doc["items"].as_array().map(Vec::len), Some(20));
+    assert_eq!(ok_json(h, &["doc", "list", "notes"])?, json!(["todo"]));
+    // the space is also addressable by id
+    let by_id = ok_json(h, &["doc", "get", s["id"].as_str().unwrap_or(""), "todo"])?;
+    assert_eq!(by_id, doc);
+    // bad input: clear errors, nothing changes
+    assert!(err_text(h, &["doc", "put", "notes", "todo", "/x", "not json"])?.contains("not JSON"));
+    assert!(err_text(h, &["doc", "put", "notes", "todo", "x", "1"])?.contains("JSON pointer"));
+    assert!(err_text(h, &["doc", "get", "nope", "todo"])?.contains("unknown space"));
+    assert!(err_text(h, &["doc", "get", "notes", "nope"])?.contains("unknown document"));
+    assert!(err_text(h, &["doc", "put", "notes", "members", "/x", "1"])?.contains("not allowed"));
+    let members = ok_json(h, &["members", "notes"])?;
+    assert_eq!(members[0]["role"], "owner");
+
+    // kill -9: every acknowledged write survives
+    up.kill9()?;
+    let e = err_text(h, &["id"])?;
+    assert!(e.contains("no shoal node is running"), "{e}");
+    let _up = Up::start(h)?;
+    assert_eq!(ok_json(h, &["doc", "get", "notes", "todo"])?, doc);
+    Ok(())
+}
+
+#[test]
+fn api_refuses_a_wrong_token() -> Result<()> {
+    let t = tempfile::tempdir()?;
+    let home = t.path().join("h");
+    ok_json(&home, &["init", "--name", "h"])?;
+    let _up = Up::start(&home)?;
+    std::fs::write(home.join("api-token"), "not-the-token")?;
+    let e = err_text(&home, &["space", "list"])?;
+    assert!(e.contains("token"), "{e}");
+    Ok(())
+}
