@@ -18,29 +18,111 @@ pub fn decode_message(bytes: &[u8]) -> Result<Message> {
     })
 }
 
-/// The changes a sync message carries. Each chunk is either one change (the
-/// V1 format) or a whole saved document (V2); both are parsed, and verified
-/// by Automerge, without touching the receiver's document.
+/// The changes a sync message carries. A V1 message has one change per
+/// chunk; a V2 message puts several change chunks back to back in one, or a
+/// whole saved document. All are parsed and verified by Automerge without
+/// touching the receiver's document.
 pub fn changes_in(msg: &Message) -> Result<Vec<Change>> {
     let mut out = Vec::new();
-    for chunk in msg.changes.iter() {
-        match Change::try_from(chunk) {
-            Ok(c) => out.push(c),
-            Err(_) => {
-                let doc = Automerge::load(chunk).map_err(|e| Error::Malformed {
-                    what: "sync message chunk",
-                    reason: e.to_string(),
-                })?;
+    for blob in msg.changes.iter() {
+        for (kind, chunk) in split_chunks(blob)? {
+            if kind == CHUNK_DOCUMENT {
+                let doc = Automerge::load(chunk).map_err(|e| malformed(e.to_string()))?;
                 out.extend(doc.get_changes(&[]));
+            } else {
+                out.push(Change::try_from(chunk).map_err(|e| malformed(e.to_string()))?);
             }
-        }
-        if out.len() > MAX_CHANGES_PER_MESSAGE {
-            return Err(Error::TooLarge {
-                what: "sync message",
-                size: out.len(),
-                limit: MAX_CHANGES_PER_MESSAGE,
-            });
+            if out.len() > MAX_CHANGES_PER_MESSAGE {
+                return Err(Error::TooLarge {
+                    what: "sync message",
+                    size: out.len(),
+                    limit: MAX_CHANGES_PER_MESSAGE,
+                });
+            }
         }
     }
     Ok(out)
+}
+
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const CHUNK_DOCUMENT: u8 = 0;
+
+fn malformed(reason: String) -> Error {
+    Error::Malformed {
+        what: "sync message chunk",
+        reason,
+    }
+}
+
+/// Splits back-to-back Automerge chunks (magic, checksum, type, uLEB128
+/// length, body) into (type, whole chunk) slices.
+fn split_chunks(mut bytes: &[u8]) -> Result<Vec<(u8, &[u8])>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 9 || bytes[..4] != MAGIC {
+            return Err(malformed("not an automerge chunk".into()));
+        }
+        let kind = bytes[8];
+        let (len, used) =
+            uleb128(&bytes[9..]).ok_or_else(|| malformed("bad chunk length".into()))?;
+        let end = 9usize
+            .checked_add(used)
+            .and_then(|h| h.checked_add(len))
+            .filter(|e| *e <= bytes.len())
+            .ok_or_else(|| malformed("chunk runs past the message".into()))?;
+        out.push((kind, &bytes[..end]));
+        bytes = &bytes[end..];
+    }
+    Ok(out)
+}
+
+fn uleb128(b: &[u8]) -> Option<(usize, usize)> {
+    let mut v: u64 = 0;
+    for (i, byte) in b.iter().take(10).enumerate() {
+        v |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return usize::try_from(v).ok().map(|v| (v, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ROOT};
+
+    #[test]
+    fn splits_concatenated_changes_and_refuses_garbage() {
+        let mut d = AutoCommit::new();
+        d.put(ROOT, "a", 1).unwrap();
+        d.commit();
+        d.put(ROOT, "b", 2).unwrap();
+        d.commit();
+        let mut blob = Vec::new();
+        for c in d.get_changes(&[]) {
+            blob.extend_from_slice(c.raw_bytes());
+        }
+        let parts = split_chunks(&blob).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert!(split_chunks(&blob[..blob.len() - 1]).is_err());
+        assert!(split_chunks(b"garbage!garbage").is_err());
+        let whole = d.save();
+        let parts = split_chunks(&whole).unwrap();
+        assert_eq!(parts[0].0, CHUNK_DOCUMENT);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = split_chunks(&bytes);
+            if let Ok(m) = decode_message(&bytes) {
+                let _ = changes_in(&m);
+            }
+            let mut framed = MAGIC.to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = split_chunks(&framed);
+        }
+    }
 }
