@@ -92,6 +92,20 @@ enum SpaceCmd {
     },
     /// List spaces.
     List,
+    /// Write the space's key material to a file (mode 0600) for manual
+    /// pairing of another device (owners only; until invite codes exist).
+    Grant {
+        /// Space name or id.
+        space: String,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Join a space from a file written by `shoal space grant`.
+    Import {
+        /// The grant file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -344,6 +358,30 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
+            });
+        }
+        Cmd::Space(SpaceCmd::Grant { space, out }) => {
+            let v = c.get(&format!("/v1/spaces/{}/grant", enc(&space))).await?;
+            shoal_node::home::write_private(&out, v.to_string().as_bytes())?;
+            print(json_out, json!({"file": out}), || {
+                format!(
+                    "wrote the key material of {space} to {} (keep it secret)",
+                    out.display()
+                )
+            });
+        }
+        Cmd::Space(SpaceCmd::Import { file }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            let grant: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a grant file", file.display()))?;
+            let v = c.post("/v1/grants", grant).await?;
+            print(json_out, v.clone(), || {
+                format!(
+                    "joined space {} ({})",
+                    v["name"].as_str().unwrap_or(""),
+                    v["id"].as_str().unwrap_or("")
+                )
             });
         }
         Cmd::Doc(DocCmd::Put {

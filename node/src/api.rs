@@ -14,6 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use shoal_protocol::keys::SpaceGrant;
 use shoal_protocol::{DeviceId, DocId, Role};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -70,6 +71,8 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/peers", get(peers))
         .route("/v1/spaces", get(spaces).post(create_space))
         .route("/v1/spaces/{space}", get(space))
+        .route("/v1/spaces/{space}/grant", get(export_grant))
+        .route("/v1/grants", axum::routing::post(import_grant))
         .route("/v1/spaces/{space}/members", get(members).post(add_member))
         .route("/v1/spaces/{space}/docs", get(docs))
         .route(
@@ -171,6 +174,19 @@ async fn space(State(st): State<AppState>, Path(space): Path<String>) -> ApiResu
         .find(|s| s.name == space || s.id == space)
         .ok_or(Error::UnknownSpace(space))?;
     Ok(Json(json!(s)))
+}
+
+/// The space key material, for manual pairing until invites exist. Owners
+/// only; loopback and token-guarded like everything here.
+async fn export_grant(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.export_grant(&space).await?)))
+}
+
+async fn import_grant(
+    State(st): State<AppState>,
+    Json(grant): Json<SpaceGrant>,
+) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.import_grant(grant).await?)))
 }
 
 async fn members(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
