@@ -241,6 +241,8 @@ pub(crate) struct Engine {
     next_tag: u64,
     acks: Vec<Ack>,
     gossip_batch: BTreeMap<(SpaceId, DocId), (Vec<Change>, HashSet<PeerId>)>,
+    /// Local changes of this turn, published together per document.
+    local_batch: BTreeMap<(SpaceId, DocId), (Vec<Vec<u8>>, Vec<ChangeHash>)>,
     anti_entropy: Duration,
     redial: Duration,
 }
@@ -287,6 +289,7 @@ impl Engine {
             next_tag: 0,
             acks: Vec::new(),
             gossip_batch: BTreeMap::new(),
+            local_batch: BTreeMap::new(),
             anti_entropy,
             redial,
         };
@@ -311,8 +314,6 @@ impl Engine {
                 }
             }
             doc.set_actor(actor_for(&self.me, self.session_salt));
-            // Move the save cursor to what is already stored.
-            let _ = doc.save_incremental();
             docs.insert(
                 id,
                 DocState {
@@ -374,7 +375,25 @@ impl Engine {
                         stopped_by = Some(done);
                         break;
                     }
-                    Some(cmd) => self.on_command(cmd, &mut outbox),
+                    Some(cmd) => {
+                        self.on_command(cmd, &mut outbox);
+                        // Take what else is queued into this turn: one flush
+                        // and one gossip message per document for all of it.
+                        for _ in 0..MAX_BATCH {
+                            match commands.try_recv() {
+                                Ok(Command::Shutdown(done)) => {
+                                    stopped_by = Some(done);
+                                    break;
+                                }
+                                Ok(cmd) => self.on_command(cmd, &mut outbox),
+                                Err(_) => break,
+                            }
+                        }
+                        if stopped_by.is_some() {
+                            self.finish_turn(&mut outbox).await;
+                            break;
+                        }
+                    }
                     None => break,
                 },
                 ev = net_events.recv() => {
@@ -408,13 +427,23 @@ impl Engine {
     /// Sends what the turn produced, then flushes once and answers every
     /// write the turn acknowledged.
     async fn finish_turn(&mut self, outbox: &mut Vec<NetCommand>) {
+        let mut err = None;
+        for ((id, doc), (changes, heads)) in std::mem::take(&mut self.local_batch) {
+            if let Err(e) = self.persist(id, &doc, &changes) {
+                warn!(space = %id.short(), %doc, error = %e, "cannot persist local changes");
+                err = Some(e.to_string());
+            }
+            self.publish(id, &doc, changes, &heads, outbox);
+        }
         for cmd in outbox.drain(..) {
             if self.net.send(cmd).await.is_err() {
                 break;
             }
         }
         if !self.acks.is_empty() {
-            let err = self.store.flush().await.err().map(|e| e.to_string());
+            if let Err(e) = self.store.flush().await {
+                err = Some(e.to_string());
+            }
             for ack in self.acks.drain(..) {
                 ack(err.clone());
             }
@@ -506,7 +535,7 @@ impl Engine {
                 name,
                 reply,
             } => {
-                let r = self.add_member(&space, &device, role, &name, outbox);
+                let r = self.add_member(&space, &device, role, &name);
                 self.ack_after_flush(reply, r);
             }
             Command::Members(space, reply) => {
@@ -535,7 +564,7 @@ impl Engine {
                 value,
                 reply,
             } => {
-                let r = self.local_edit(&space, &doc, outbox, |d| jdoc::put_json(d, &path, &value));
+                let r = self.local_edit(&space, &doc, |d| jdoc::put_json(d, &path, &value));
                 self.ack_after_flush(reply, r);
             }
             Command::Delete {
@@ -544,7 +573,7 @@ impl Engine {
                 path,
                 reply,
             } => {
-                let r = self.local_edit(&space, &doc, outbox, |d| jdoc::delete_at(d, &path));
+                let r = self.local_edit(&space, &doc, |d| jdoc::delete_at(d, &path));
                 self.ack_after_flush(reply, r);
             }
             Command::Get(space, doc, reply) => {
@@ -628,7 +657,7 @@ impl Engine {
         self.load_space(grant)?;
         let me = self.me.clone();
         let my_name = self.name.clone();
-        self.edit_doc(id, &DocId::members(), outbox, |d| {
+        self.edit_doc(id, &DocId::members(), |d| {
             members::init_members(d, &name, &me, &my_name)
         })?;
         outbox.push(NetCommand::Subscribe(self.spaces[&id].topic.clone()));
@@ -671,11 +700,10 @@ impl Engine {
         device: &DeviceId,
         role: Role,
         name: &str,
-        outbox: &mut Vec<NetCommand>,
     ) -> Result<()> {
         let id = self.resolve(space)?;
         let me = self.me.clone();
-        self.edit_doc(id, &DocId::members(), outbox, |d| {
+        self.edit_doc(id, &DocId::members(), |d| {
             members::set_member(d, device, role, name, Some(&me))
         })?;
         Ok(())
@@ -685,7 +713,6 @@ impl Engine {
         &mut self,
         space: &str,
         doc: &DocId,
-        outbox: &mut Vec<NetCommand>,
         f: impl FnOnce(&mut AutoCommit) -> shoal_protocol::Result<()>,
     ) -> Result<Vec<String>> {
         if doc.is_members() {
@@ -694,15 +721,15 @@ impl Engine {
             ));
         }
         let id = self.resolve(space)?;
-        self.edit_doc(id, doc, outbox, f)
+        self.edit_doc(id, doc, f)
     }
 
-    /// Applies a local edit: role check, change, persist, gossip, event.
+    /// Applies a local edit: role check, change, event; queues the change
+    /// to be persisted and gossiped at the end of the turn.
     fn edit_doc(
         &mut self,
         id: SpaceId,
         doc: &DocId,
-        outbox: &mut Vec<NetCommand>,
         f: impl FnOnce(&mut AutoCommit) -> shoal_protocol::Result<()>,
     ) -> Result<Vec<String>> {
         let fresh = self.new_doc();
@@ -729,12 +756,15 @@ impl Engine {
             .get_last_local_change()
             .map(|c| c.raw_bytes().to_vec());
         let heads = d.doc.get_heads();
-        self.persist(id, doc)?;
+        // Persisted (one store write per document) and published (one
+        // gossip message per document) at the end of the turn.
         if doc.is_members() {
             self.refresh_roster(id);
         }
         if let Some(c) = change {
-            self.publish(id, doc, vec![c], &heads, outbox);
+            let slot = self.local_batch.entry((id, doc.clone())).or_default();
+            slot.0.push(c);
+            slot.1 = heads.clone();
         }
         self.emit(Event::DocChanged {
             space: id.to_string(),
@@ -753,15 +783,18 @@ impl Engine {
         }
     }
 
-    /// Writes what changed in a document since its last save.
-    fn persist(&mut self, id: SpaceId, doc: &DocId) -> Result<()> {
+    /// Appends raw change chunks of a document to its log (one store write),
+    /// or compacts the document into a snapshot when its log is long. Raw
+    /// bytes we already hold are stored as they are: asking Automerge to
+    /// re-encode changes costs a scan of the document.
+    fn persist(&mut self, id: SpaceId, doc: &DocId, raw: &[Vec<u8>]) -> Result<()> {
         let Some(d) = self.spaces.get_mut(&id).and_then(|s| s.docs.get_mut(doc)) else {
             return Ok(());
         };
-        let bytes = d.doc.save_incremental();
-        if bytes.is_empty() {
+        if raw.is_empty() {
             return Ok(());
         }
+        let bytes = raw.concat();
         if d.log_len >= COMPACT_AFTER {
             let snap = d.doc.save();
             self.store.compact_doc(&id, doc, &snap)?;
@@ -782,18 +815,39 @@ impl Engine {
         heads: &[ChangeHash],
         outbox: &mut Vec<NetCommand>,
     ) {
-        let body = GossipBody::Changes {
-            doc: doc.clone(),
-            changes,
-        };
-        let mut bytes = wire::encode(&body);
-        if bytes.len() > wire::GOSSIP_INLINE_LIMIT {
+        // Pack changes into messages under the inline limit, in order.
+        let mut groups: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
+        let mut size = 0;
+        let mut too_big = false;
+        for c in changes {
+            if c.len() > wire::GOSSIP_INLINE_LIMIT {
+                too_big = true;
+                break;
+            }
+            if size + c.len() > wire::GOSSIP_INLINE_LIMIT {
+                groups.push(Vec::new());
+                size = 0;
+            }
+            size += c.len() + 8;
+            if let Some(g) = groups.last_mut() {
+                g.push(c);
+            }
+        }
+        if too_big || groups.len() > 16 {
             // Too big to inline: announce the heads; receivers pull.
-            bytes = wire::encode(&GossipBody::Heads {
+            let bytes = wire::encode(&GossipBody::Heads {
                 docs: vec![(doc.clone(), heads.iter().map(|h| h.0).collect())],
             });
+            self.publish_sealed(id, &bytes, outbox);
+            return;
         }
-        self.publish_sealed(id, &bytes, outbox);
+        for changes in groups.into_iter().filter(|g| !g.is_empty()) {
+            let bytes = wire::encode(&GossipBody::Changes {
+                doc: doc.clone(),
+                changes,
+            });
+            self.publish_sealed(id, &bytes, outbox);
+        }
     }
 
     fn publish_sealed(&mut self, id: SpaceId, plaintext: &[u8], outbox: &mut Vec<NetCommand>) {
@@ -1176,10 +1230,17 @@ impl Engine {
             };
             let d = s.docs.entry(doc.clone()).or_insert(fresh);
             let before = d.doc.get_heads();
+            let mut raw: Vec<Vec<u8>> = changes
+                .iter()
+                .filter(|c| d.doc.get_change_by_hash(&c.hash()).is_none())
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
             let r = if doc.is_members() {
                 members::apply_members_changes(&mut d.doc, &s.grant.creator, changes).map(|refused| {
                     if !refused.is_empty() {
                         warn!(space = %space.short(), n = refused.len(), "members changes refused");
+                        let bad: HashSet<&[u8]> = refused.iter().map(|c| c.raw_bytes()).collect();
+                        raw.retain(|r| !bad.contains(r.as_slice()));
                     }
                 })
             } else {
@@ -1202,9 +1263,7 @@ impl Engine {
                     self.kick((p, space, doc.clone()), true, outbox);
                 }
             }
-            if heads != before {
-                self.after_remote_change(space, &doc, Origin::Gossip, None, outbox);
-            }
+            self.after_remote_change(space, &doc, Origin::Gossip, None, heads != before, &raw, outbox);
         }
     }
 
@@ -1216,10 +1275,15 @@ impl Engine {
         doc: &DocId,
         origin: Origin,
         from: Option<PeerId>,
+        changed: bool,
+        raw: &[Vec<u8>],
         outbox: &mut Vec<NetCommand>,
     ) {
-        if let Err(e) = self.persist(space, doc) {
+        if let Err(e) = self.persist(space, doc, raw) {
             warn!(space = %space.short(), %doc, error = %e, "cannot persist remote change");
+        }
+        if !changed {
+            return;
         }
         if doc.is_members() {
             self.refresh_roster(space);
@@ -1352,7 +1416,12 @@ impl Engine {
 
     /// Checks and applies a peer's sync message to a document; true if the
     /// document changed.
-    fn receive(&mut self, key: &SessionKey, bytes: &[u8], responder: bool) -> Result<bool> {
+    fn receive(
+        &mut self,
+        key: &SessionKey,
+        bytes: &[u8],
+        responder: bool,
+    ) -> Result<(bool, Vec<Vec<u8>>)> {
         let (_, space, doc) = key;
         let msg = shoal_protocol::sync::decode_message(bytes)?;
         let changes = shoal_protocol::sync::changes_in(&msg)?;
@@ -1366,6 +1435,7 @@ impl Engine {
             .into_iter()
             .filter(|c| d.doc.get_change_by_hash(&c.hash()).is_none())
             .collect();
+        let raw: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
         if doc.is_members() {
             let mut trial = d.doc.fork();
             let refused = members::apply_members_changes(&mut trial, &sp.grant.creator, new)?;
@@ -1385,14 +1455,14 @@ impl Engine {
         } else {
             match self.sessions.get_mut(key) {
                 Some(s) => &mut s.state,
-                None => return Ok(false),
+                None => return Ok((false, Vec::new())),
             }
         };
         d.doc
             .sync()
             .receive_sync_message(state, msg)
             .map_err(shoal_protocol::Error::from)?;
-        Ok(d.doc.get_heads() != before)
+        Ok((d.doc.get_heads() != before, raw))
     }
 
     fn on_sync_request(
@@ -1423,8 +1493,9 @@ impl Engine {
         let key = (peer, space, doc.clone());
         if let Some(m) = message {
             match self.receive(&key, &m, true) {
-                Ok(true) => self.after_remote_change(space, &doc, Origin::Sync, Some(peer), outbox),
-                Ok(false) => {}
+                Ok((changed, raw)) => {
+                    self.after_remote_change(space, &doc, Origin::Sync, Some(peer), changed, &raw, outbox)
+                }
                 Err(e) => {
                     self.responders.remove(&key);
                     self.drop_if_empty(&space, &doc);
@@ -1506,8 +1577,9 @@ impl Engine {
         }
         if let Some(m) = message {
             match self.receive(&key, &m, false) {
-                Ok(true) => self.after_remote_change(space, &doc, Origin::Sync, Some(peer), outbox),
-                Ok(false) => {}
+                Ok((changed, raw)) => {
+                    self.after_remote_change(space, &doc, Origin::Sync, Some(peer), changed, &raw, outbox)
+                }
                 Err(e) => {
                     self.emit(Event::Rejected {
                         peer: peer.to_string(),
