@@ -44,6 +44,8 @@ const MAX_BATCH: usize = 1024;
 const COMPACT_AFTER: usize = 512;
 /// How often sessions waiting for a retry are looked at.
 const RETRY_TICK: Duration = Duration::from_millis(250);
+/// Most announced heads remembered per document gap.
+const MAX_WANTED: usize = 256;
 /// Longest wait between retries of a failing session.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A sync request without an answer for this long is given up.
@@ -220,6 +222,16 @@ impl Session {
     }
 }
 
+/// A document that may be behind: changes waiting for missing
+/// dependencies, or heads a peer announced that we lack.
+struct Gap {
+    since: Instant,
+    /// Peers that can fill it.
+    peers: HashSet<PeerId>,
+    /// Announced heads we did not have.
+    wanted: Vec<ChangeHash>,
+}
+
 /// Work a loop turn leaves for after the flush.
 type Ack = Box<dyn FnOnce(Option<String>) + Send>;
 
@@ -241,6 +253,9 @@ pub(crate) struct Engine {
     next_tag: u64,
     acks: Vec<Ack>,
     gossip_batch: BTreeMap<(SpaceId, DocId), (Vec<Change>, HashSet<PeerId>)>,
+    /// Documents with changes waiting for missing dependencies: since when,
+    /// and which peers could fill the gap.
+    gaps: HashMap<(SpaceId, DocId), Gap>,
     /// Local changes of this turn, published together per document.
     local_batch: BTreeMap<(SpaceId, DocId), (Vec<Vec<u8>>, Vec<ChangeHash>)>,
     anti_entropy: Duration,
@@ -290,6 +305,7 @@ impl Engine {
             acks: Vec::new(),
             gossip_batch: BTreeMap::new(),
             local_batch: BTreeMap::new(),
+            gaps: HashMap::new(),
             anti_entropy,
             redial,
         };
@@ -379,6 +395,9 @@ impl Engine {
                         self.on_command(cmd, &mut outbox);
                         // Take what else is queued into this turn: one flush
                         // and one gossip message per document for all of it.
+                        // Writers woken by the last turn's acks are often
+                        // about to send: yield once before closing the turn.
+                        let mut yielded = false;
                         for _ in 0..MAX_BATCH {
                             match commands.try_recv() {
                                 Ok(Command::Shutdown(done)) => {
@@ -386,6 +405,10 @@ impl Engine {
                                     break;
                                 }
                                 Ok(cmd) => self.on_command(cmd, &mut outbox),
+                                Err(_) if !yielded => {
+                                    yielded = true;
+                                    tokio::task::yield_now().await;
+                                }
                                 Err(_) => break,
                             }
                         }
@@ -694,13 +717,7 @@ impl Engine {
             .ok_or(Error::UnknownSpace(id.to_string()))
     }
 
-    fn add_member(
-        &mut self,
-        space: &str,
-        device: &DeviceId,
-        role: Role,
-        name: &str,
-    ) -> Result<()> {
+    fn add_member(&mut self, space: &str, device: &DeviceId, role: Role, name: &str) -> Result<()> {
         let id = self.resolve(space)?;
         let me = self.me.clone();
         self.edit_doc(id, &DocId::members(), |d| {
@@ -921,6 +938,7 @@ impl Engine {
                 topic,
                 data,
             } => {
+                tracing::trace!(target: "shoal_node::gossip_in", len = data.len(), "gossip in");
                 let verdict = self.on_gossip(propagation, source, &topic, &data, outbox);
                 let acceptance = match verdict {
                     Ok(()) => MessageAcceptance::Accept,
@@ -1198,7 +1216,7 @@ impl Engine {
                                 .all(|h| d.doc.get_change_by_hash(&ChangeHash(*h)).is_some())
                         });
                         if !known {
-                            behind.push(doc);
+                            behind.push((doc, heads));
                         }
                     }
                 }
@@ -1207,8 +1225,17 @@ impl Engine {
                 } else {
                     propagation
                 };
-                for doc in behind {
-                    self.kick((from, space, doc), true, outbox);
+                // Gossip in flight may bring them; pull only if it does not.
+                for (doc, heads) in behind {
+                    let g = self.gaps.entry((space, doc)).or_insert_with(|| Gap {
+                        since: Instant::now(),
+                        peers: HashSet::new(),
+                        wanted: Vec::new(),
+                    });
+                    g.peers.insert(from);
+                    if g.wanted.len() < MAX_WANTED {
+                        g.wanted.extend(heads.into_iter().map(ChangeHash));
+                    }
                 }
                 Ok(())
             }
@@ -1254,16 +1281,27 @@ impl Engine {
             let missing = !d.doc.get_missing_deps(&[]).is_empty();
             let heads = d.doc.get_heads();
             if missing {
-                // A gap: some earlier change never reached us. Pull.
-                let peers: Vec<PeerId> = from
-                    .into_iter()
-                    .filter(|p| self.is_proven(p, &space))
-                    .collect();
-                for p in peers {
-                    self.kick((p, space, doc.clone()), true, outbox);
-                }
+                // A gap: an earlier change has not reached us. Gossip over
+                // several paths reorders, so give it a moment before pulling.
+                let g = self
+                    .gaps
+                    .entry((space, doc.clone()))
+                    .or_insert_with(|| Gap {
+                        since: Instant::now(),
+                        peers: HashSet::new(),
+                        wanted: Vec::new(),
+                    });
+                g.peers.extend(from);
             }
-            self.after_remote_change(space, &doc, Origin::Gossip, None, heads != before, &raw, outbox);
+            self.after_remote_change(
+                space,
+                &doc,
+                Origin::Gossip,
+                None,
+                heads != before,
+                &raw,
+                outbox,
+            );
         }
     }
 
@@ -1412,6 +1450,37 @@ impl Engine {
         for k in due {
             self.kick(k, true, outbox);
         }
+        let old: Vec<(SpaceId, DocId)> = self
+            .gaps
+            .iter()
+            .filter(|(_, g)| now.duration_since(g.since) >= RETRY_TICK)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (space, doc) in old {
+            let Some(gap) = self.gaps.remove(&(space, doc.clone())) else {
+                continue;
+            };
+            let still = match self
+                .spaces
+                .get_mut(&space)
+                .and_then(|s| s.docs.get_mut(&doc))
+            {
+                Some(d) => {
+                    !d.doc.get_missing_deps(&[]).is_empty()
+                        || gap
+                            .wanted
+                            .iter()
+                            .any(|h| d.doc.get_change_by_hash(h).is_none())
+                }
+                None => true,
+            };
+            if still {
+                // kick() skips peers that have not proved membership
+                for p in gap.peers {
+                    self.kick((p, space, doc.clone()), true, outbox);
+                }
+            }
+        }
     }
 
     /// Checks and applies a peer's sync message to a document; true if the
@@ -1493,9 +1562,15 @@ impl Engine {
         let key = (peer, space, doc.clone());
         if let Some(m) = message {
             match self.receive(&key, &m, true) {
-                Ok((changed, raw)) => {
-                    self.after_remote_change(space, &doc, Origin::Sync, Some(peer), changed, &raw, outbox)
-                }
+                Ok((changed, raw)) => self.after_remote_change(
+                    space,
+                    &doc,
+                    Origin::Sync,
+                    Some(peer),
+                    changed,
+                    &raw,
+                    outbox,
+                ),
                 Err(e) => {
                     self.responders.remove(&key);
                     self.drop_if_empty(&space, &doc);
@@ -1577,9 +1652,15 @@ impl Engine {
         }
         if let Some(m) = message {
             match self.receive(&key, &m, false) {
-                Ok((changed, raw)) => {
-                    self.after_remote_change(space, &doc, Origin::Sync, Some(peer), changed, &raw, outbox)
-                }
+                Ok((changed, raw)) => self.after_remote_change(
+                    space,
+                    &doc,
+                    Origin::Sync,
+                    Some(peer),
+                    changed,
+                    &raw,
+                    outbox,
+                ),
                 Err(e) => {
                     self.emit(Event::Rejected {
                         peer: peer.to_string(),

@@ -89,7 +89,9 @@ async fn run(n: usize, changes: usize, burst: usize) -> Result<(Vec<f64>, f64)> 
     let mut lat = Vec::with_capacity(changes);
     for i in 0..changes {
         let t0 = Instant::now();
-        let heads = a.put("bench", &doc, &format!("/k{}", i % 100), json!(i)).await?;
+        let heads = a
+            .put("bench", &doc, &format!("/k{}", i % 100), json!(i))
+            .await?;
         let h = heads.first().context("no head")?.clone();
         let done = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
@@ -119,7 +121,8 @@ async fn run(n: usize, changes: usize, burst: usize) -> Result<(Vec<f64>, f64)> 
         let doc = doc.clone();
         tasks.spawn(async move {
             for i in (w..burst).step_by(writers) {
-                a.put("bench", &doc, &format!("/t{}", i % 500), json!(i)).await?;
+                a.put("bench", &doc, &format!("/t{}", i % 500), json!(i))
+                    .await?;
             }
             anyhow::Ok(())
         });
@@ -151,7 +154,14 @@ async fn main() -> Result<()> {
     println!("shoal document propagation, {changes} sequential changes (latency) and {burst} in flight (throughput)");
     println!("| nodes | p50 ms | p99 ms | max ms | changes/s | goal (2 nodes) |");
     println!("|------:|-------:|-------:|-------:|----------:|:---------------|");
-    for n in [2usize, 8] {
+    let sizes: Vec<usize> = match args.iter().position(|a| a == "--nodes") {
+        Some(i) => args[i + 1..]
+            .iter()
+            .filter_map(|v| v.parse().ok())
+            .collect(),
+        None => vec![2, 8],
+    };
+    for n in sizes {
         let (lat, rate) = run(n, changes, burst).await?;
         let goal = if n == 2 {
             format!(
