@@ -232,6 +232,9 @@ struct Gap {
     wanted: Vec<ChangeHash>,
 }
 
+/// Raw local changes of one document in this turn, and its heads after them.
+type LocalChanges = (Vec<Vec<u8>>, Vec<ChangeHash>);
+
 /// Work a loop turn leaves for after the flush.
 type Ack = Box<dyn FnOnce(Option<String>) + Send>;
 
@@ -257,7 +260,7 @@ pub(crate) struct Engine {
     /// and which peers could fill the gap.
     gaps: HashMap<(SpaceId, DocId), Gap>,
     /// Local changes of this turn, published together per document.
-    local_batch: BTreeMap<(SpaceId, DocId), (Vec<Vec<u8>>, Vec<ChangeHash>)>,
+    local_batch: BTreeMap<(SpaceId, DocId), LocalChanges>,
     anti_entropy: Duration,
     redial: Duration,
 }
@@ -697,9 +700,9 @@ impl Engine {
             return Err(Error::BadRequest("a space grant carries no key".into()));
         }
         if let Some(s) = self.spaces.get(&grant.space) {
-            return Ok(self
+            return self
                 .space_info(&s.grant.space)
-                .ok_or(Error::UnknownSpace(grant.name))?);
+                .ok_or(Error::UnknownSpace(grant.name));
         }
         if self.spaces.values().any(|s| s.grant.name == grant.name) {
             return Err(Error::SpaceExists(grant.name));
@@ -1293,26 +1296,18 @@ impl Engine {
                     });
                 g.peers.extend(from);
             }
-            self.after_remote_change(
-                space,
-                &doc,
-                Origin::Gossip,
-                None,
-                heads != before,
-                &raw,
-                outbox,
-            );
+            self.after_remote_change(space, &doc, None, heads != before, &raw, outbox);
         }
     }
 
-    /// Persist, update roles, tell watchers; sync-applied changes are passed
-    /// on to the other members we are connected to.
+    /// Persist, update roles, tell watchers; changes that came by sync (from
+    /// `synced_from`) are passed on to the other members we are connected
+    /// to, while gossip (`None`) spreads by itself.
     fn after_remote_change(
         &mut self,
         space: SpaceId,
         doc: &DocId,
-        origin: Origin,
-        from: Option<PeerId>,
+        synced_from: Option<PeerId>,
         changed: bool,
         raw: &[Vec<u8>],
         outbox: &mut Vec<NetCommand>,
@@ -1335,14 +1330,18 @@ impl Engine {
         self.emit(Event::DocChanged {
             space: space.to_string(),
             doc: doc.to_string(),
-            origin,
+            origin: if synced_from.is_some() {
+                Origin::Sync
+            } else {
+                Origin::Gossip
+            },
             heads: hex_heads(&heads),
         });
-        if origin == Origin::Sync {
+        if let Some(from) = synced_from {
             let others: Vec<PeerId> = self
                 .peers
                 .iter()
-                .filter(|(p, e)| Some(**p) != from && e.proven.contains(&space))
+                .filter(|(p, e)| **p != from && e.proven.contains(&space))
                 .map(|(p, _)| *p)
                 .collect();
             for p in others {
@@ -1562,15 +1561,9 @@ impl Engine {
         let key = (peer, space, doc.clone());
         if let Some(m) = message {
             match self.receive(&key, &m, true) {
-                Ok((changed, raw)) => self.after_remote_change(
-                    space,
-                    &doc,
-                    Origin::Sync,
-                    Some(peer),
-                    changed,
-                    &raw,
-                    outbox,
-                ),
+                Ok((changed, raw)) => {
+                    self.after_remote_change(space, &doc, Some(peer), changed, &raw, outbox)
+                }
                 Err(e) => {
                     self.responders.remove(&key);
                     self.drop_if_empty(&space, &doc);
@@ -1652,15 +1645,9 @@ impl Engine {
         }
         if let Some(m) = message {
             match self.receive(&key, &m, false) {
-                Ok((changed, raw)) => self.after_remote_change(
-                    space,
-                    &doc,
-                    Origin::Sync,
-                    Some(peer),
-                    changed,
-                    &raw,
-                    outbox,
-                ),
+                Ok((changed, raw)) => {
+                    self.after_remote_change(space, &doc, Some(peer), changed, &raw, outbox)
+                }
                 Err(e) => {
                     self.emit(Event::Rejected {
                         peer: peer.to_string(),

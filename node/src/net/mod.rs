@@ -277,7 +277,7 @@ pub async fn spawn(
         }
     }
     for addr in config.peers.iter().chain(config.bootstrap.iter()) {
-        if let Err(e) = swarm.dial(addr.clone()) {
+        if let Err(e) = swarm.dial(dial_opts(addr)) {
             warn!(%addr, error = %e, "dial failed");
         }
     }
@@ -326,6 +326,22 @@ pub fn build_swarm(key: Keypair, config: &NodeConfig) -> Result<Swarm<Behaviour>
     Ok(swarm)
 }
 
+/// Dial options for an address: a fresh source port always, since two
+/// nodes that dial each other at once with port reuse end up in one TCP
+/// simultaneous open, which Noise refuses.
+fn dial_opts(addr: &Multiaddr) -> DialOpts {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => DialOpts::peer_id(peer)
+            .addresses(vec![addr.clone()])
+            .allocate_new_port()
+            .build(),
+        _ => DialOpts::unknown_peer_id()
+            .address(addr.clone())
+            .allocate_new_port()
+            .build(),
+    }
+}
+
 #[derive(Default)]
 struct PeerState {
     addrs: Vec<Multiaddr>,
@@ -371,9 +387,11 @@ impl Actor {
 
     /// Hands an event to the engine without ever waiting; returns it back if
     /// the channel is full so the caller can refuse or drop it.
-    fn emit(&self, ev: NetEvent) -> std::result::Result<(), NetEvent> {
+    fn emit(&self, ev: NetEvent) -> std::result::Result<(), Box<NetEvent>> {
         self.events.try_send(ev).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev) => ev,
+            mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev) => {
+                Box::new(ev)
+            }
         })
     }
 
@@ -381,10 +399,11 @@ impl Actor {
         let b = self.swarm.behaviour_mut();
         match cmd {
             NetCommand::Dial(addr, reply) => {
-                let r = self
-                    .swarm
-                    .dial(addr.clone())
-                    .map_err(|e| Error::Network(format!("dial {addr}: {e}")));
+                let r = match self.swarm.dial(dial_opts(&addr)) {
+                    // Already connected or dialing: what the caller wanted.
+                    Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => Ok(()),
+                    Err(e) => Err(Error::Network(format!("dial {addr}: {e}"))),
+                };
                 let _ = reply.send(r);
             }
             NetCommand::Info(reply) => {
@@ -536,8 +555,10 @@ impl Actor {
                 for (peer, addr) in found {
                     if !self.swarm.is_connected(&peer) {
                         debug!(%peer, %addr, "mdns discovered");
-                        let opts = DialOpts::peer_id(peer).addresses(vec![addr]).build();
-                        let _ = self.swarm.dial(opts);
+                        // Both sides discover each other at once and dial.
+                        let _ = self
+                            .swarm
+                            .dial(dial_opts(&addr.with_p2p(peer).unwrap_or_else(|a| a)));
                     }
                 }
             }
@@ -558,7 +579,7 @@ impl Actor {
                 };
                 if let Err(NetEvent::Gossip {
                     id, propagation, ..
-                }) = self.emit(ev)
+                }) = self.emit(ev).map_err(|b| *b)
                 {
                     // Dropped under load: gossip is best effort, the sync
                     // protocol and heads summaries recover it.
