@@ -208,6 +208,9 @@ struct Session {
     retry_at: Option<Instant>,
     /// Failures in a row, for backoff.
     failures: u32,
+    /// The state was reset: the next request tells the responder to
+    /// forget what it believes it sent us.
+    fresh: bool,
 }
 
 impl Session {
@@ -218,6 +221,7 @@ impl Session {
             again: false,
             retry_at: None,
             failures: 0,
+            fresh: true,
         }
     }
 }
@@ -714,7 +718,7 @@ impl Engine {
         // Connected peers may be members: ask them.
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for p in peers {
-            self.send_hello(p, outbox);
+            self.send_hello(p, true, outbox);
         }
         self.space_info(&id)
             .ok_or(Error::UnknownSpace(id.to_string()))
@@ -917,7 +921,7 @@ impl Engine {
                 self.emit(Event::PeerConnected {
                     peer: peer.to_string(),
                 });
-                self.send_hello(peer, outbox);
+                self.send_hello(peer, false, outbox);
             }
             NetEvent::Disconnected { peer } => {
                 self.peers.remove(&peer);
@@ -963,7 +967,14 @@ impl Engine {
             NetEvent::HelloRequest { peer, id, data } => {
                 let proofs =
                     match wire::decode::<HelloRequest>("hello", &data, wire::MAX_HELLO_BYTES) {
-                        Ok(HelloRequest::V1 { challenge }) => self.proofs_for(&peer, &challenge),
+                        Ok(HelloRequest::V1 { challenge, recheck }) => {
+                            if recheck && self.peers.contains_key(&peer) {
+                                // The peer joined a space since we last
+                                // checked it: challenge it again.
+                                self.send_hello(peer, false, outbox);
+                            }
+                            self.proofs_for(&peer, &challenge)
+                        }
                         Err(e) => {
                             self.emit(Event::Rejected {
                                 peer: peer.to_string(),
@@ -993,14 +1004,16 @@ impl Engine {
         }
     }
 
-    fn send_hello(&mut self, peer: PeerId, outbox: &mut Vec<NetCommand>) {
+    /// Challenges `peer` to prove its spaces; `recheck` asks it to challenge
+    /// us back (we joined a space since it last checked us).
+    fn send_hello(&mut self, peer: PeerId, recheck: bool, outbox: &mut Vec<NetCommand>) {
         let challenge: [u8; 32] = random();
         let tag = self.tag();
         self.hellos.insert(tag, (peer, challenge));
         outbox.push(NetCommand::SendHello {
             peer,
             tag,
-            data: wire::encode(&HelloRequest::V1 { challenge }),
+            data: wire::encode(&HelloRequest::V1 { challenge, recheck }),
         });
     }
 
@@ -1368,6 +1381,7 @@ impl Engine {
         }
         if fresh {
             s.state = sync::State::new();
+            s.fresh = true;
         }
         self.send_next(key, false, outbox);
     }
@@ -1407,6 +1421,7 @@ impl Engine {
         }
         self.next_tag = tag;
         s.inflight = Some((tag, Instant::now()));
+        let fresh = std::mem::take(&mut s.fresh);
         self.inflight.insert(tag, key);
         outbox.push(NetCommand::SendSync {
             peer,
@@ -1414,6 +1429,7 @@ impl Engine {
             data: wire::encode(&SyncRequest::V1 {
                 space,
                 doc,
+                fresh,
                 message: msg.map(|m| m.encode()),
             }),
         });
@@ -1423,6 +1439,7 @@ impl Engine {
         if let Some(s) = self.sessions.get_mut(key) {
             s.inflight = None;
             s.state = sync::State::new();
+            s.fresh = true;
             // 250 ms, doubling to at most 30 s.
             let backoff = RETRY_TICK * 2u32.saturating_pow(s.failures.min(7));
             s.failures += 1;
@@ -1545,8 +1562,16 @@ impl Engine {
                 Ok(SyncRequest::V1 {
                     space,
                     doc,
+                    fresh,
                     message,
-                }) => (space, doc, message),
+                }) => {
+                    if fresh {
+                        // The peer starts over (it may have refused what we
+                        // sent before): forget what we think it has.
+                        self.responders.remove(&(peer, space, doc.clone()));
+                    }
+                    (space, doc, message)
+                }
                 Err(e) => {
                     self.emit(Event::Rejected {
                         peer: peer.to_string(),

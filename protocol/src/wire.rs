@@ -34,6 +34,9 @@ pub enum HelloRequest {
     V1 {
         /// Fresh random challenge.
         challenge: [u8; 32],
+        /// Asks the responder to challenge us back: we joined a space since
+        /// it last checked us.
+        recheck: bool,
     },
 }
 
@@ -56,6 +59,9 @@ pub enum SyncRequest {
         space: SpaceId,
         /// The document.
         doc: DocId,
+        /// The sender starts over with a new sync state; the responder
+        /// drops its own for this peer and document.
+        fresh: bool,
         /// An encoded `automerge::sync::Message`, or none to poll.
         message: Option<Vec<u8>>,
     },
@@ -138,6 +144,7 @@ mod tests {
         let m = SyncRequest::V1 {
             space: SpaceId([1; 32]),
             doc: "todo".parse().unwrap(),
+            fresh: true,
             message: Some(vec![1, 2, 3]),
         };
         let b = encode(&m);

@@ -329,9 +329,13 @@ pub fn build_swarm(key: Keypair, config: &NodeConfig) -> Result<Swarm<Behaviour>
 /// Dial options for an address: a fresh source port always, since two
 /// nodes that dial each other at once with port reuse end up in one TCP
 /// simultaneous open, which Noise refuses.
+///
+/// A dial to a known peer goes ahead while another dial to it is under way
+/// (that one may be to a stale address), but not when already connected.
 fn dial_opts(addr: &Multiaddr) -> DialOpts {
     match addr.iter().last() {
         Some(Protocol::P2p(peer)) => DialOpts::peer_id(peer)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Disconnected)
             .addresses(vec![addr.clone()])
             .allocate_new_port()
             .build(),

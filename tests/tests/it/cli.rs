@@ -64,6 +64,10 @@ struct Up {
 
 impl Up {
     fn start(home: &Path) -> Result<Self> {
+        Self::start_with(home, &[])
+    }
+
+    fn start_with(home: &Path, extra: &[&str]) -> Result<Self> {
         let mut child = Command::new(shoal_bin()?)
             .arg("--home")
             .arg(home)
@@ -74,6 +78,7 @@ impl Up {
                 "--listen",
                 "/ip4/127.0.0.1/tcp/0",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
@@ -202,5 +207,76 @@ fn api_refuses_a_wrong_token() -> Result<()> {
     std::fs::write(home.join("api-token"), "not-the-token")?;
     let e = err_text(&home, &["space", "list"])?;
     assert!(e.contains("token"), "{e}");
+    Ok(())
+}
+
+/// Polls a CLI read until it matches, within the test timeout (each poll is
+/// a full CLI round trip; there is no event to wait on across processes).
+fn until(home: &Path, args: &[&str], pred: impl Fn(&Value) -> bool) -> Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(v) = ok_json(home, args) {
+            if pred(&v) {
+                return Ok(v);
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("shoal {args:?} never matched");
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn two_devices_through_the_cli() -> Result<()> {
+    let t = tempfile::tempdir()?;
+    let (ha, hb) = (t.path().join("laptop"), t.path().join("desk"));
+    ok_json(&ha, &["init", "--name", "laptop"])?;
+    ok_json(&hb, &["init", "--name", "desk"])?;
+    let a = Up::start(&ha)?;
+    let a_addr = a.info["listen_addrs"][0]
+        .as_str()
+        .context("no addr")?
+        .to_string();
+    let b = Up::start_with(&hb, &["--peer", &a_addr])?;
+    let b_id = b.info["device_id"].as_str().context("no id")?.to_string();
+    ok_json(&ha, &["space", "create", "notes"])?;
+    ok_json(
+        &ha,
+        &[
+            "member", "notes", &b_id, "--role", "editor", "--name", "desk",
+        ],
+    )?;
+    let grant = t.path().join("grant.json");
+    ok_json(
+        &ha,
+        &[
+            "space",
+            "grant",
+            "notes",
+            "--out",
+            grant.to_str().context("path")?,
+        ],
+    )?;
+    ok_json(&hb, &["space", "import", grant.to_str().context("path")?])?;
+    ok_json(
+        &ha,
+        &["doc", "put", "notes", "todo", "/items/0", "\"from laptop\""],
+    )?;
+    until(&hb, &["doc", "get", "notes", "todo"], |v| {
+        v["items"][0] == "from laptop"
+    })?;
+    ok_json(
+        &hb,
+        &["doc", "put", "notes", "todo", "/items/-", "\"from desk\""],
+    )?;
+    let v = until(&ha, &["doc", "get", "notes", "todo"], |v| {
+        v["items"][1] == "from desk"
+    })?;
+    assert_eq!(v, json!({"items": ["from laptop", "from desk"]}));
+    let members = ok_json(&ha, &["members", "notes"])?;
+    assert_eq!(members.as_array().map(Vec::len), Some(2));
+    // the joiner cannot hand out the key: only owners can
+    assert!(err_text(&hb, &["space", "grant", "notes", "--out", "/dev/null"])?.contains("owner"));
     Ok(())
 }

@@ -150,7 +150,7 @@ impl Hostile {
                 )) = ev
                 {
                     let verifier = DeviceId::from_bytes(peer.to_bytes())?;
-                    let HelloRequest::V1 { challenge } =
+                    let HelloRequest::V1 { challenge, .. } =
                         wire::decode("hello", &request, wire::MAX_HELLO_BYTES)?;
                     let proofs = match &self.grant {
                         Some(g) => g
@@ -331,6 +331,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
     }
     .encode();
     let truncated = wire::encode(&SyncRequest::V1 {
+        fresh: true,
         space,
         doc: todo.clone(),
         message: Some(msg[..msg.len() / 2].to_vec()),
@@ -339,6 +340,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
     assert!(matches!(r, Ok(SyncResponse::Refused { .. })), "{r:?}");
     rejected(&mut h, &mut ev, "sync message").await?;
     let whole = wire::encode(&SyncRequest::V1 {
+        fresh: true,
         space,
         doc: todo.clone(),
         message: Some(msg),
@@ -379,6 +381,7 @@ async fn a_stranger_gets_no_proofs_and_no_documents() -> Result<()> {
         &a_peer,
         wire::encode(&HelloRequest::V1 {
             challenge: me_challenge,
+            recheck: false,
         }),
     );
     let proofs = h
@@ -408,6 +411,7 @@ async fn a_stranger_gets_no_proofs_and_no_documents() -> Result<()> {
         hello::proof(&space, 0, &guess, &me_challenge, &stranger, &h.me)
     );
     let req = wire::encode(&SyncRequest::V1 {
+        fresh: true,
         space,
         doc: todo.clone(),
         message: None,
