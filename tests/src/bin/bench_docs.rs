@@ -151,7 +151,11 @@ async fn main() -> Result<()> {
     };
     let changes = get("--changes", 1000);
     let burst = get("--burst", 10_000);
-    println!("shoal document propagation, {changes} sequential changes (latency) and {burst} in flight (throughput)");
+    let runs = get("--runs", 3).max(1);
+    println!(
+        "shoal document propagation: {changes} sequential changes (latency) and {burst} \
+         with 64 writers (throughput); median of {runs} runs"
+    );
     println!("| nodes | p50 ms | p99 ms | max ms | changes/s | goal (2 nodes) |");
     println!("|------:|-------:|-------:|-------:|----------:|:---------------|");
     let sizes: Vec<usize> = match args.iter().position(|a| a == "--nodes") {
@@ -162,26 +166,38 @@ async fn main() -> Result<()> {
         None => vec![2, 8],
     };
     for n in sizes {
-        let (lat, rate) = run(n, changes, burst).await?;
+        // Each configuration runs `--runs` times on fresh nodes; the table
+        // shows the median of each figure (the machine is shared and noisy).
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        let mut maxs = Vec::new();
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            let (lat, rate) = run(n, changes, burst).await?;
+            p50s.push(pct(&lat, 0.5));
+            p99s.push(pct(&lat, 0.99));
+            maxs.push(lat.last().copied().unwrap_or(f64::NAN));
+            rates.push(rate);
+        }
+        let (p50, p99, max, rate) = (median(p50s), median(p99s), median(maxs), median(rates));
         let goal = if n == 2 {
             format!(
                 "p50<5 {} p99<25 {} >=5000/s {}",
-                ok(pct(&lat, 0.5) < 5.0),
-                ok(pct(&lat, 0.99) < 25.0),
+                ok(p50 < 5.0),
+                ok(p99 < 25.0),
                 ok(rate >= 5000.0)
             )
         } else {
             "-".into()
         };
-        println!(
-            "| {n} | {:.2} | {:.2} | {:.2} | {:.0} | {goal} |",
-            pct(&lat, 0.5),
-            pct(&lat, 0.99),
-            lat.last().copied().unwrap_or(f64::NAN),
-            rate
-        );
+        println!("| {n} | {p50:.2} | {p99:.2} | {max:.2} | {rate:.0} | {goal} |");
     }
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|x, y| x.total_cmp(y));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn ok(b: bool) -> &'static str {
