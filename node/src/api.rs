@@ -73,6 +73,19 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/spaces/{space}", get(space))
         .route("/v1/spaces/{space}/grant", get(export_grant))
         .route("/v1/grants", axum::routing::post(import_grant))
+        .route(
+            "/v1/spaces/{space}/invites",
+            get(invites).post(create_invite),
+        )
+        .route(
+            "/v1/spaces/{space}/invites/{id}",
+            axum::routing::delete(cancel_invite),
+        )
+        .route("/v1/join", axum::routing::post(join))
+        .route(
+            "/v1/spaces/{space}/members/{device}",
+            axum::routing::put(set_role).delete(revoke),
+        )
         .route("/v1/spaces/{space}/members", get(members).post(add_member))
         .route("/v1/spaces/{space}/docs", get(docs))
         .route(
@@ -187,6 +200,101 @@ async fn import_grant(
     Json(grant): Json<SpaceGrant>,
 ) -> ApiResult<Value> {
     Ok(Json(json!(st.node.import_grant(grant).await?)))
+}
+
+#[derive(Deserialize)]
+struct CreateInvite {
+    #[serde(default = "default_role")]
+    role: String,
+    #[serde(default = "default_expiry")]
+    expires_secs: u64,
+    #[serde(default = "default_uses")]
+    uses: u32,
+}
+
+fn default_role() -> String {
+    "editor".into()
+}
+fn default_expiry() -> u64 {
+    24 * 3600
+}
+fn default_uses() -> u32 {
+    1
+}
+
+async fn create_invite(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+    Json(b): Json<CreateInvite>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let role: Role = b.role.parse()?;
+    let inv = st
+        .node
+        .create_invite(
+            &space,
+            role,
+            std::time::Duration::from_secs(b.expires_secs),
+            b.uses,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!(inv))))
+}
+
+async fn invites(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.invites(&space).await?)))
+}
+
+async fn cancel_invite(
+    State(st): State<AppState>,
+    Path((space, id)): Path<(String, String)>,
+) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.cancel_invite(&space, &id).await?)))
+}
+
+#[derive(Deserialize)]
+struct JoinBody {
+    code: String,
+    #[serde(default = "default_join_timeout")]
+    timeout_secs: u64,
+}
+
+fn default_join_timeout() -> u64 {
+    60
+}
+
+async fn join(State(st): State<AppState>, Json(b): Json<JoinBody>) -> ApiResult<Value> {
+    let s = st
+        .node
+        .join(&b.code, std::time::Duration::from_secs(b.timeout_secs))
+        .await?;
+    Ok(Json(json!(s)))
+}
+
+#[derive(Deserialize)]
+struct RoleBody {
+    role: String,
+}
+
+async fn set_role(
+    State(st): State<AppState>,
+    Path((space, device)): Path<(String, String)>,
+    Json(b): Json<RoleBody>,
+) -> ApiResult<Value> {
+    let device: DeviceId = device.parse()?;
+    let role: Role = b.role.parse()?;
+    st.node.set_role(&space, &device, role).await?;
+    Ok(Json(json!({"device": device.to_string(), "role": role})))
+}
+
+async fn revoke(
+    State(st): State<AppState>,
+    Path((space, device)): Path<(String, String)>,
+) -> ApiResult<Value> {
+    let device: DeviceId = device.parse()?;
+    let epoch = st.node.revoke(&space, &device).await?;
+    Ok(Json(
+        json!({"device": device.to_string(), "revoked": true, "epoch": epoch}),
+    ))
 }
 
 async fn members(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {

@@ -14,6 +14,7 @@ use crate::config::ConfigFile;
 use crate::error::{Error, Result};
 
 const IDENTITY: &str = "identity.key";
+const X25519: &str = "x25519.key";
 const CONFIG: &str = "config.toml";
 const TOKEN: &str = "api-token";
 const API_ADDR: &str = "api.addr";
@@ -58,6 +59,9 @@ impl Home {
             .to_protobuf_encoding()
             .map_err(|e| Error::Network(format!("encode identity: {e}")))?;
         write_private(&self.dir.join(IDENTITY), &bytes)?;
+        let mut x = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut x);
+        write_private(&self.dir.join(X25519), &x)?;
         let mut token = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut token);
         write_private(&self.dir.join(TOKEN), hex::encode(token).as_bytes())?;
@@ -87,6 +91,22 @@ impl Home {
         Keypair::from_protobuf_encoding(&bytes).map_err(|e| Error::Config {
             path: p,
             reason: format!("identity key does not decode: {e}"),
+        })
+    }
+
+    /// The device's long-term x25519 secret (epoch keys are sealed to its
+    /// public half). Created on first use for homes made before it existed.
+    pub fn x25519_secret(&self) -> Result<[u8; 32]> {
+        let p = self.dir.join(X25519);
+        if !p.exists() {
+            let mut x = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut x);
+            write_private(&p, &x)?;
+        }
+        let bytes = fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
+        <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| Error::Config {
+            path: p,
+            reason: "the x25519 key is not 32 bytes".into(),
         })
     }
 

@@ -26,7 +26,7 @@ use shoal_protocol::{DeviceId, DocId, Role};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub use config::{ConfigFile, NodeConfig};
-pub use engine::{Event, MemberInfo, Origin, SpaceInfo};
+pub use engine::{Event, InviteInfo, MemberInfo, Origin, SpaceInfo};
 pub use error::{Error, Result};
 pub use home::Home;
 pub use net::{NetInfo, PeerInfo};
@@ -65,12 +65,11 @@ impl Node {
         let (events, _) = broadcast::channel(engine::EVENT_CAPACITY);
         let engine = Engine::load(
             peer_id,
-            config.name.clone(),
+            &config,
             store,
             net.clone(),
             events.clone(),
-            config.anti_entropy,
-            config.redial,
+            home.x25519_secret()?,
         )?;
         let (tx, rx) = mpsc::channel(engine::COMMAND_CAPACITY);
         tokio::spawn(engine.run(rx, net_events));
@@ -228,6 +227,77 @@ impl Node {
     pub async fn docs(&self, space: &str) -> Result<Vec<String>> {
         let space = space.to_string();
         self.ask(|r| Command::Docs(space, r)).await
+    }
+
+    /// Issues an invite code for `space` (owners only). The code carries
+    /// this node's current listen addresses.
+    pub async fn create_invite(
+        &self,
+        space: &str,
+        role: Role,
+        expires: std::time::Duration,
+        uses: u32,
+    ) -> Result<InviteInfo> {
+        let addrs = self.listen_addrs().await?;
+        let space = space.to_string();
+        self.ask(|reply| Command::CreateInvite {
+            space,
+            role,
+            expires,
+            uses,
+            addrs,
+            reply,
+        })
+        .await
+    }
+
+    /// The invites of a space.
+    pub async fn invites(&self, space: &str) -> Result<Vec<InviteInfo>> {
+        let space = space.to_string();
+        self.ask(|r| Command::Invites(space, r)).await
+    }
+
+    /// Cancels an invite by id.
+    pub async fn cancel_invite(&self, space: &str, id: &str) -> Result<InviteInfo> {
+        let (space, id) = (space.to_string(), id.to_string());
+        self.ask(|r| Command::CancelInvite(space, id, r)).await
+    }
+
+    /// Redeems an invite code: checks it locally (typos, expiry) before any
+    /// traffic, then reaches the inviter (addresses in the code, mDNS, the
+    /// DHT), retrying with backoff until `timeout`.
+    pub async fn join(&self, code: &str, timeout: std::time::Duration) -> Result<SpaceInfo> {
+        let code = shoal_protocol::invite::InviteCode::decode(code)
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if code.expired(now) {
+            return Err(Error::BadRequest(
+                "this invite code has expired; ask for a new one".into(),
+            ));
+        }
+        if code.inviter == self.inner.device {
+            return Err(Error::BadRequest(
+                "this code was issued by this device".into(),
+            ));
+        }
+        self.ask(|r| Command::Join(Box::new(code), timeout, r))
+            .await
+    }
+
+    /// Changes a member's role (owners only; the last owner stays owner).
+    pub async fn set_role(&self, space: &str, device: &DeviceId, role: Role) -> Result<()> {
+        let (space, device) = (space.to_string(), device.clone());
+        self.ask(|r| Command::SetRole(space, device, role, r)).await
+    }
+
+    /// Removes a device from a space and rotates the space key to a new
+    /// epoch sealed to the remaining members; returns the new epoch.
+    pub async fn revoke(&self, space: &str, device: &DeviceId) -> Result<u32> {
+        let (space, device) = (space.to_string(), device.clone());
+        self.ask(|r| Command::Revoke(space, device, r)).await
     }
 
     /// Stops the node after flushing the store.

@@ -6,14 +6,16 @@
 //! - `docs`: `space | len(doc) | doc | kind | seq` -> Automerge bytes, where
 //!   kind 0 is the compacted snapshot (seq 0) and kind 1 an incremental save
 //! - `peers`: peer id bytes -> listen addresses of a member we met
+//! - `invites`: invite id -> [`InviteRecord`] (postcard)
 //!
 //! Durability: sled syncs every 500 ms on its own; callers that acknowledge
 //! a write to a user call [`Store::flush`] first.
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use shoal_protocol::keys::SpaceGrant;
-use shoal_protocol::{DocId, SpaceId};
+use shoal_protocol::{DocId, Role, SpaceId};
 
 use crate::error::{Error, Result};
 
@@ -27,6 +29,28 @@ pub struct Store {
     spaces: sled::Tree,
     docs: sled::Tree,
     peers: sled::Tree,
+    invites: sled::Tree,
+}
+
+/// An invite this node issued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InviteRecord {
+    /// The space it admits to.
+    pub space: SpaceId,
+    /// The role it grants.
+    pub role: Role,
+    /// The secret in the code.
+    pub secret: [u8; 16],
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub expires_at: u64,
+    /// How many devices it may admit.
+    pub uses_total: u32,
+    /// Devices admitted so far (device id bytes).
+    pub used_by: Vec<Vec<u8>>,
+    /// Cancelled by the owner.
+    pub cancelled: bool,
 }
 
 /// What is stored for one document.
@@ -64,6 +88,7 @@ impl Store {
             spaces: db.open_tree("spaces")?,
             docs: db.open_tree("docs")?,
             peers: db.open_tree("peers")?,
+            invites: db.open_tree("invites")?,
             db,
         })
     }
@@ -167,6 +192,41 @@ impl Store {
         batch.insert(doc_key(space, doc, KIND_SNAPSHOT, 0), snapshot);
         self.docs.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Records an invite.
+    pub fn put_invite(&self, id: &[u8; 8], rec: &InviteRecord) -> Result<()> {
+        let v = postcard::to_stdvec(rec).map_err(|e| Error::Corrupt {
+            key: format!("invite {}", hex::encode(id)),
+            reason: e.to_string(),
+        })?;
+        self.invites.insert(id, v)?;
+        Ok(())
+    }
+
+    /// One invite.
+    pub fn invite(&self, id: &[u8; 8]) -> Result<Option<InviteRecord>> {
+        match self.invites.get(id)? {
+            None => Ok(None),
+            Some(v) => postcard::from_bytes(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    key: format!("invite {}", hex::encode(id)),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Every invite; undecodable entries skipped.
+    pub fn invites(&self) -> Result<Vec<([u8; 8], InviteRecord)>> {
+        let mut out = Vec::new();
+        for kv in self.invites.iter() {
+            let (k, v) = kv?;
+            if let (Ok(id), Ok(rec)) = (<[u8; 8]>::try_from(k.as_ref()), postcard::from_bytes(&v)) {
+                out.push((id, rec));
+            }
+        }
+        Ok(out)
     }
 
     /// Remembers where a member peer listens, for redials.

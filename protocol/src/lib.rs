@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod error;
 pub mod hello;
 pub mod ids;
+pub mod invite;
 pub mod keys;
 pub mod members;
 pub mod sync;

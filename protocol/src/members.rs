@@ -82,6 +82,8 @@ pub struct Member {
     pub name: String,
     /// Who added it (none for the creator).
     pub added_by: Option<DeviceId>,
+    /// Its long-term x25519 public key, to seal new epoch keys to it.
+    pub x25519: Option<[u8; 32]>,
 }
 
 /// The membership of a space as one peer currently sees it.
@@ -116,12 +118,18 @@ impl Roster {
                     .get("added_by")
                     .and_then(|a| a.as_str())
                     .and_then(|a| a.parse().ok());
+                let x25519 = m
+                    .get("x25519")
+                    .and_then(|a| a.as_str())
+                    .and_then(|a| hex::decode(a).ok())
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok());
                 members.insert(
                     id,
                     Member {
                         role,
                         name,
                         added_by,
+                        x25519,
                     },
                 );
             }
@@ -178,13 +186,14 @@ pub fn init_members(
     space_name: &str,
     creator: &DeviceId,
     device_name: &str,
+    x25519: Option<&[u8; 32]>,
 ) -> Result<()> {
     put_json(
         doc,
         "/space",
         &json!({"name": space_name, "creator": creator.to_string()}),
     )?;
-    set_member(doc, creator, Role::Owner, device_name, None)
+    set_member(doc, creator, Role::Owner, device_name, None, x25519)
 }
 
 /// Adds a device or changes its entry.
@@ -194,12 +203,55 @@ pub fn set_member(
     role: Role,
     name: &str,
     added_by: Option<&DeviceId>,
+    x25519: Option<&[u8; 32]>,
 ) -> Result<()> {
     let mut v = json!({"role": role.as_str(), "name": name});
     if let Some(a) = added_by {
         v["added_by"] = json!(a.to_string());
     }
+    if let Some(k) = x25519 {
+        v["x25519"] = json!(hex::encode(k));
+    }
     put_json(doc, &format!("/devices/{device}"), &v)
+}
+
+/// Records a new epoch's key sealed to each remaining member:
+/// `/keys/e<epoch>/<device>` = hex of a sealed box. Only the addressee can
+/// open its entry.
+pub fn put_epoch_keys(
+    doc: &mut AutoCommit,
+    epoch: u32,
+    sealed: &[(DeviceId, Vec<u8>)],
+) -> Result<()> {
+    let mut m = serde_json::Map::new();
+    for (d, b) in sealed {
+        m.insert(d.to_string(), json!(hex::encode(b)));
+    }
+    // "e" keeps the key a map key (a bare number would index a list).
+    put_json(
+        doc,
+        &format!("/keys/e{epoch}"),
+        &serde_json::Value::Object(m),
+    )
+}
+
+/// The sealed epoch keys addressed to `me`, by epoch.
+pub fn epoch_keys_for(doc: &AutoCommit, me: &DeviceId) -> Vec<(u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    if let Some(keys) = to_json(doc).get("keys").and_then(|k| k.as_object()) {
+        for (e, per) in keys {
+            let (Ok(e), Some(b)) = (
+                e.trim_start_matches('e').parse::<u32>(),
+                per.get(me.to_string())
+                    .and_then(|v| v.as_str())
+                    .and_then(|h| hex::decode(h).ok()),
+            ) else {
+                continue;
+            };
+            out.push((e, b));
+        }
+    }
+    out
 }
 
 /// Removes a device.
@@ -245,9 +297,9 @@ mod tests {
     fn roles_gate_writes() {
         let (a, b, c, x) = (dev(1), dev(2), dev(3), dev(4));
         let mut d = AutoCommit::new().with_actor(actor_for(&a, [0; 8]));
-        init_members(&mut d, "notes", &a, "laptop").unwrap();
-        set_member(&mut d, &b, Role::Editor, "desk", Some(&a)).unwrap();
-        set_member(&mut d, &c, Role::Viewer, "phone", Some(&a)).unwrap();
+        init_members(&mut d, "notes", &a, "laptop", None).unwrap();
+        set_member(&mut d, &b, Role::Editor, "desk", Some(&a), Some(&[5; 32])).unwrap();
+        set_member(&mut d, &c, Role::Viewer, "phone", Some(&a), None).unwrap();
         let r = Roster::read(a.clone(), &d);
         let todo: DocId = "todo".parse().unwrap();
         assert!(r.check(&todo, &a).is_ok());
@@ -257,8 +309,12 @@ mod tests {
         assert!(r.check(&DocId::members(), &a).is_ok());
         assert!(r.check(&DocId::members(), &b).is_err());
         assert_eq!(r.members[&b].added_by, Some(a.clone()));
+        assert_eq!(r.members[&b].x25519, Some([5; 32]));
+        put_epoch_keys(&mut d, 1, &[(b.clone(), vec![1, 2, 3])]).unwrap();
+        assert_eq!(epoch_keys_for(&d, &b), vec![(1, vec![1, 2, 3])]);
+        assert!(epoch_keys_for(&d, &c).is_empty());
         // demoting the creator takes effect
-        set_member(&mut d, &a, Role::Viewer, "laptop", None).unwrap();
+        set_member(&mut d, &a, Role::Viewer, "laptop", None, None).unwrap();
         assert!(Roster::read(a.clone(), &d).check(&todo, &a).is_err());
     }
 
@@ -266,11 +322,11 @@ mod tests {
     fn members_changes_from_non_owners_are_refused() {
         let (a, b) = (dev(1), dev(2));
         let mut owner = AutoCommit::new().with_actor(actor_for(&a, [0; 8]));
-        init_members(&mut owner, "notes", &a, "laptop").unwrap();
-        set_member(&mut owner, &b, Role::Editor, "desk", Some(&a)).unwrap();
+        init_members(&mut owner, "notes", &a, "laptop", None).unwrap();
+        set_member(&mut owner, &b, Role::Editor, "desk", Some(&a), None).unwrap();
         // b (an editor) tries to make itself owner
         let mut forged = owner.fork().with_actor(actor_for(&b, [1; 8]));
-        set_member(&mut forged, &b, Role::Owner, "desk", None).unwrap();
+        set_member(&mut forged, &b, Role::Owner, "desk", None, None).unwrap();
         let heads = owner.get_heads();
         let evil = forged.get_changes(&heads);
         let all = owner.get_changes(&[]);

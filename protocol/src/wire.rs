@@ -12,6 +12,8 @@ use crate::ids::{DocId, SpaceId};
 pub const HELLO_PROTOCOL: &str = "/shoal/hello/1";
 /// Protocol id of per-document Automerge sync.
 pub const SYNC_PROTOCOL: &str = "/shoal/sync/1";
+/// Protocol id of invite pairing.
+pub const INVITE_PROTOCOL: &str = "/shoal/invite/1";
 /// Kademlia protocol name: our own DHT, never the IPFS one.
 pub const KAD_PROTOCOL: &str = "/shoal/kad/1";
 
@@ -19,6 +21,8 @@ pub const KAD_PROTOCOL: &str = "/shoal/kad/1";
 pub const MAX_HELLO_BYTES: usize = 64 * 1024;
 /// Largest sync request or response (one Automerge sync message plus framing).
 pub const MAX_SYNC_BYTES: usize = 32 * 1024 * 1024;
+/// Largest invite request or response (a sealed grant holds few keys).
+pub const MAX_INVITE_BYTES: usize = 64 * 1024;
 /// Largest gossip message on the wire (gossipsub's `max_transmit_size`).
 pub const MAX_GOSSIP_BYTES: usize = 256 * 1024;
 /// Changes whose encoded body exceeds this are announced, not inlined; the
@@ -92,6 +96,78 @@ pub enum RefuseReason {
     BadMessage,
     /// The responder is busy; try later.
     Busy,
+}
+
+/// Redeeming an invite code.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum JoinRequest {
+    /// Version 1.
+    V1 {
+        /// The invite, from the code.
+        invite: crate::invite::InviteId,
+        /// The joiner's ephemeral x25519 public key.
+        ephemeral: [u8; 32],
+        /// The joiner's long-term x25519 public key, for `members`.
+        x25519: [u8; 32],
+        /// The joiner's device name.
+        name: String,
+        /// [`crate::invite::join_proof`] over this transcript.
+        proof: [u8; 32],
+    },
+}
+
+/// The inviter's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum JoinResponse {
+    /// Welcome: the space grant, sealed under the agreed key.
+    V1 {
+        /// The inviter's ephemeral x25519 public key.
+        ephemeral: [u8; 32],
+        /// Nonce || XChaCha20-Poly1305 of the postcard-encoded grant.
+        sealed: Vec<u8>,
+    },
+    /// Refused, and why.
+    Refused {
+        /// The reason, for the joiner's user.
+        reason: JoinRefusal,
+    },
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum JoinRefusal {
+    /// The inviter has no such invite (wrong space or device).
+    Unknown,
+    /// The code has expired.
+    Expired,
+    /// The code has been used up.
+    Used,
+    /// The inviter cancelled the code.
+    Cancelled,
+    /// The secret did not match.
+    WrongSecret,
+    /// Too many failed attempts; try later.
+    RateLimited,
+    /// The inviter can no longer add members (not an owner).
+    NotOwner,
+}
+
+impl std::fmt::Display for JoinRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JoinRefusal::Unknown => {
+                "the inviter does not know this invite (wrong device or space, or it was removed)"
+            }
+            JoinRefusal::Expired => "this invite code has expired; ask for a new one",
+            JoinRefusal::Used => "this invite code has already been used; ask for a new one",
+            JoinRefusal::Cancelled => "this invite code was cancelled by the inviter",
+            JoinRefusal::WrongSecret => {
+                "the inviter refused the code's secret (is the code complete and current?)"
+            }
+            JoinRefusal::RateLimited => "too many failed attempts; wait a minute and try again",
+            JoinRefusal::NotOwner => "the inviter is no longer an owner of the space",
+        })
+    }
 }
 
 /// The plaintext inside a sealed gossip envelope.

@@ -12,7 +12,8 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, mdns, ping, StreamProtocol};
 use shoal_protocol::wire::{
-    HELLO_PROTOCOL, KAD_PROTOCOL, MAX_GOSSIP_BYTES, MAX_HELLO_BYTES, MAX_SYNC_BYTES, SYNC_PROTOCOL,
+    HELLO_PROTOCOL, INVITE_PROTOCOL, KAD_PROTOCOL, MAX_GOSSIP_BYTES, MAX_HELLO_BYTES,
+    MAX_INVITE_BYTES, MAX_SYNC_BYTES, SYNC_PROTOCOL,
 };
 
 use super::codec::BytesCodec;
@@ -39,6 +40,8 @@ pub struct Behaviour {
     pub hello: request_response::Behaviour<BytesCodec>,
     /// Per-document Automerge sync.
     pub sync: request_response::Behaviour<BytesCodec>,
+    /// Invite pairing.
+    pub invite: request_response::Behaviour<BytesCodec>,
 }
 
 impl Behaviour {
@@ -96,6 +99,7 @@ impl Behaviour {
             gossipsub,
             hello: rr(HELLO_PROTOCOL, MAX_HELLO_BYTES, Duration::from_secs(10)),
             sync: rr(SYNC_PROTOCOL, MAX_SYNC_BYTES, Duration::from_secs(60)),
+            invite: rr(INVITE_PROTOCOL, MAX_INVITE_BYTES, Duration::from_secs(20)),
         })
     }
 }

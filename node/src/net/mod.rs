@@ -38,6 +38,17 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Id of an inbound request awaiting our answer.
 pub type InboundId = u64;
 
+/// shoal's own request-response protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// `/shoal/hello/1`
+    Hello,
+    /// `/shoal/sync/1`
+    Sync,
+    /// `/shoal/invite/1`
+    Invite,
+}
+
 /// What the network saw.
 #[derive(Debug)]
 pub enum NetEvent {
@@ -71,38 +82,24 @@ pub enum NetEvent {
         /// The sealed payload.
         data: Vec<u8>,
     },
-    /// A hello challenge from a peer.
-    HelloRequest {
+    /// A request on one of our protocols.
+    Request {
+        /// Which protocol.
+        proto: Proto,
         /// The peer.
         peer: PeerId,
-        /// Answer with [`NetCommand::RespondHello`].
+        /// Answer with [`NetCommand::Respond`].
         id: InboundId,
         /// Request bytes.
         data: Vec<u8>,
     },
-    /// The answer to our hello challenge.
-    HelloResponse {
+    /// The answer to our request.
+    Response {
+        /// Which protocol.
+        proto: Proto,
         /// The peer.
         peer: PeerId,
-        /// Our tag from [`NetCommand::SendHello`].
-        tag: u64,
-        /// Response bytes, or why there are none.
-        result: std::result::Result<Vec<u8>, String>,
-    },
-    /// A sync request from a peer.
-    SyncRequest {
-        /// The peer.
-        peer: PeerId,
-        /// Answer with [`NetCommand::RespondSync`].
-        id: InboundId,
-        /// Request bytes.
-        data: Vec<u8>,
-    },
-    /// The answer to our sync request.
-    SyncResponse {
-        /// The peer.
-        peer: PeerId,
-        /// Our tag from [`NetCommand::SendSync`].
+        /// Our tag from [`NetCommand::Send`].
         tag: u64,
         /// Response bytes, or why there are none.
         result: std::result::Result<Vec<u8>, String>,
@@ -158,8 +155,10 @@ pub enum NetCommand {
         /// Accept, reject (penalise) or ignore.
         acceptance: MessageAcceptance,
     },
-    /// Send a hello challenge.
-    SendHello {
+    /// Send a request.
+    Send {
+        /// Which protocol.
+        proto: Proto,
         /// To whom.
         peer: PeerId,
         /// Echoed in the response event.
@@ -167,29 +166,18 @@ pub enum NetCommand {
         /// Request bytes.
         data: Vec<u8>,
     },
-    /// Answer a hello challenge.
-    RespondHello {
-        /// From [`NetEvent::HelloRequest`].
+    /// Answer a request.
+    Respond {
+        /// Which protocol.
+        proto: Proto,
+        /// From [`NetEvent::Request`].
         id: InboundId,
         /// Response bytes.
         data: Vec<u8>,
     },
-    /// Send a sync request.
-    SendSync {
-        /// To whom.
-        peer: PeerId,
-        /// Echoed in the response event.
-        tag: u64,
-        /// Request bytes.
-        data: Vec<u8>,
-    },
-    /// Answer a sync request.
-    RespondSync {
-        /// From [`NetEvent::SyncRequest`].
-        id: InboundId,
-        /// Response bytes.
-        data: Vec<u8>,
-    },
+    /// Dial a peer by id alone (mDNS and the DHT supply addresses), and ask
+    /// the DHT where it is.
+    Find(PeerId),
     /// Close every connection to a peer.
     Disconnect(PeerId),
     /// Stop the actor.
@@ -287,8 +275,7 @@ pub async fn spawn(
     let actor = Actor {
         swarm,
         events: ev_tx,
-        inbound_hello: HashMap::new(),
-        inbound_sync: HashMap::new(),
+        inbound: HashMap::new(),
         outbound: HashMap::new(),
         next_inbound: 0,
         peers: HashMap::new(),
@@ -346,26 +333,27 @@ fn dial_opts(addr: &Multiaddr) -> DialOpts {
     }
 }
 
+fn rr(b: &mut Behaviour, proto: Proto) -> &mut request_response::Behaviour<codec::BytesCodec> {
+    match proto {
+        Proto::Hello => &mut b.hello,
+        Proto::Sync => &mut b.sync,
+        Proto::Invite => &mut b.invite,
+    }
+}
+
 #[derive(Default)]
 struct PeerState {
     addrs: Vec<Multiaddr>,
     rtt: Option<Duration>,
 }
 
-#[derive(Clone, Copy)]
-enum Outbound {
-    Hello(u64),
-    Sync(u64),
-}
-
 struct Actor {
     swarm: Swarm<Behaviour>,
     events: mpsc::Sender<NetEvent>,
-    inbound_hello: HashMap<InboundId, ResponseChannel<Vec<u8>>>,
-    inbound_sync: HashMap<InboundId, ResponseChannel<Vec<u8>>>,
+    inbound: HashMap<InboundId, (Proto, ResponseChannel<Vec<u8>>)>,
     /// Keyed by protocol too: each request-response behaviour numbers its
-    /// requests on its own, so ids of hello and sync collide.
-    outbound: HashMap<(bool, OutboundRequestId), Outbound>,
+    /// requests on its own, so ids of different protocols collide.
+    outbound: HashMap<(Proto, OutboundRequestId), u64>,
     next_inbound: InboundId,
     peers: HashMap<PeerId, PeerState>,
     bootstrapped: bool,
@@ -455,23 +443,27 @@ impl Actor {
                 b.gossipsub
                     .report_message_validation_result(&id, &propagation, acceptance);
             }
-            NetCommand::SendHello { peer, tag, data } => {
-                let id = b.hello.send_request(&peer, data);
-                self.outbound.insert((true, id), Outbound::Hello(tag));
+            NetCommand::Send {
+                proto,
+                peer,
+                tag,
+                data,
+            } => {
+                let id = rr(b, proto).send_request(&peer, data);
+                self.outbound.insert((proto, id), tag);
             }
-            NetCommand::SendSync { peer, tag, data } => {
-                let id = b.sync.send_request(&peer, data);
-                self.outbound.insert((false, id), Outbound::Sync(tag));
-            }
-            NetCommand::RespondHello { id, data } => {
-                if let Some(ch) = self.inbound_hello.remove(&id) {
-                    let _ = b.hello.send_response(ch, data);
+            NetCommand::Respond { proto, id, data } => {
+                if let Some((p, ch)) = self.inbound.remove(&id) {
+                    debug_assert_eq!(p, proto);
+                    let _ = rr(b, p).send_response(ch, data);
                 }
             }
-            NetCommand::RespondSync { id, data } => {
-                if let Some(ch) = self.inbound_sync.remove(&id) {
-                    let _ = b.sync.send_response(ch, data);
+            NetCommand::Find(peer) => {
+                if let Some(kad) = b.kad.as_mut() {
+                    kad.get_closest_peers(peer);
                 }
+                let opts = DialOpts::peer_id(peer).allocate_new_port().build();
+                let _ = self.swarm.dial(opts);
             }
             NetCommand::Disconnect(peer) => {
                 let _ = self.swarm.disconnect_peer_id(peer);
@@ -597,13 +589,14 @@ impl Actor {
                         );
                 }
             }
-            BehaviourEvent::Hello(ev) => self.on_rr(ev, true),
-            BehaviourEvent::Sync(ev) => self.on_rr(ev, false),
+            BehaviourEvent::Hello(ev) => self.on_rr(ev, Proto::Hello),
+            BehaviourEvent::Sync(ev) => self.on_rr(ev, Proto::Sync),
+            BehaviourEvent::Invite(ev) => self.on_rr(ev, Proto::Invite),
             _ => {}
         }
     }
 
-    fn on_rr(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>, hello: bool) {
+    fn on_rr(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>, proto: Proto) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -611,26 +604,15 @@ impl Actor {
                 } => {
                     let id = self.next_inbound;
                     self.next_inbound += 1;
-                    let ev = if hello {
-                        NetEvent::HelloRequest {
-                            peer,
-                            id,
-                            data: request,
-                        }
-                    } else {
-                        NetEvent::SyncRequest {
-                            peer,
-                            id,
-                            data: request,
-                        }
+                    let ev = NetEvent::Request {
+                        proto,
+                        peer,
+                        id,
+                        data: request,
                     };
                     if self.emit(ev).is_ok() {
-                        if hello {
-                            self.inbound_hello.insert(id, channel);
-                        } else {
-                            self.inbound_sync.insert(id, channel);
-                        }
-                    } else if !hello {
+                        self.inbound.insert(id, (proto, channel));
+                    } else if proto == Proto::Sync {
                         let busy = shoal_protocol::wire::encode(
                             &shoal_protocol::wire::SyncResponse::Refused {
                                 reason: shoal_protocol::wire::RefuseReason::Busy,
@@ -638,19 +620,19 @@ impl Actor {
                         );
                         let _ = self.swarm.behaviour_mut().sync.send_response(channel, busy);
                     }
-                    // A dropped hello channel tells the peer to retry.
+                    // Otherwise the dropped channel tells the peer to retry.
                 }
                 request_response::Message::Response {
                     request_id,
                     response,
-                } => self.on_outbound_done(peer, (hello, request_id), Ok(response)),
+                } => self.on_outbound_done(peer, (proto, request_id), Ok(response)),
             },
             request_response::Event::OutboundFailure {
                 peer,
                 request_id,
                 error,
                 ..
-            } => self.on_outbound_done(peer, (hello, request_id), Err(error.to_string())),
+            } => self.on_outbound_done(peer, (proto, request_id), Err(error.to_string())),
             request_response::Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "inbound request failed");
             }
@@ -661,15 +643,17 @@ impl Actor {
     fn on_outbound_done(
         &mut self,
         peer: PeerId,
-        id: (bool, OutboundRequestId),
+        id: (Proto, OutboundRequestId),
         result: std::result::Result<Vec<u8>, String>,
     ) {
-        let Some(kind) = self.outbound.remove(&id) else {
+        let Some(tag) = self.outbound.remove(&id) else {
             return;
         };
-        let ev = match kind {
-            Outbound::Hello(tag) => NetEvent::HelloResponse { peer, tag, result },
-            Outbound::Sync(tag) => NetEvent::SyncResponse { peer, tag, result },
+        let ev = NetEvent::Response {
+            proto: id.0,
+            peer,
+            tag,
+            result,
         };
         if self.emit(ev).is_err() {
             warn!(%peer, "engine busy: response dropped");

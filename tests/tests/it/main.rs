@@ -1,8 +1,6 @@
-//! The one integration-test binary: in-process nodes on 127.0.0.1 (mDNS
-//! off), the CLI against real nodes, hostile peers, and the namespace LAN
-//! lab when run as root.
+//! The integration-test binary of in-process nodes on 127.0.0.1 (mDNS
+//! off): multi-node sync and hostile peers. The CLI's end-to-end tests and
+//! the namespace LAN lab live with the binary they run, in `cli/tests/`.
 
-mod cli;
 mod hostile;
-mod lab;
 mod sync;

@@ -10,20 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 fn shoal_bin() -> Result<PathBuf> {
-    // target/<profile>/deps/it-<hash> -> target/<profile>/shoal
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("shoal"))
-        .context("no target folder")?;
-    if !bin.exists() {
-        bail!(
-            "{} is missing: run the tests with `cargo test --workspace`",
-            bin.display()
-        );
-    }
-    Ok(bin)
+    Ok(PathBuf::from(env!("CARGO_BIN_EXE_shoal")))
 }
 
 fn shoal(home: &Path, args: &[&str]) -> Result<Output> {

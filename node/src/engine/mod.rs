@@ -30,12 +30,17 @@ use shoal_protocol::{doc as jdoc, envelope, hello, DeviceId, DocId, Role, SpaceI
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use x25519_dalek::StaticSecret;
+
 use crate::error::{Error, Result};
-use crate::net::{NetCommand, NetEvent, NetHandle};
+use crate::net::{NetCommand, NetEvent, NetHandle, Proto};
 use crate::store::Store;
 
 /// Capacity of the command channel into the engine.
 pub const COMMAND_CAPACITY: usize = 1024;
+
+mod pairing;
+pub use pairing::InviteInfo;
 /// Capacity of the event broadcast (slow subscribers lag, never block).
 pub const EVENT_CAPACITY: usize = 4096;
 /// Most network events applied in one batch.
@@ -134,6 +139,8 @@ pub struct MemberInfo {
     pub added_by: Option<String>,
     /// Connected now (and proved membership).
     pub connected: bool,
+    /// When this node last saw it connected (unix seconds); now if connected.
+    pub last_seen: Option<u64>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -169,6 +176,23 @@ pub(crate) enum Command {
     Get(String, DocId, Reply<Json>),
     Heads(String, DocId, Reply<Vec<String>>),
     Docs(String, Reply<Vec<String>>),
+    CreateInvite {
+        space: String,
+        role: Role,
+        expires: Duration,
+        uses: u32,
+        addrs: Vec<Multiaddr>,
+        reply: Reply<InviteInfo>,
+    },
+    Invites(String, Reply<Vec<InviteInfo>>),
+    CancelInvite(String, String, Reply<InviteInfo>),
+    Join(
+        Box<shoal_protocol::invite::InviteCode>,
+        Duration,
+        Reply<SpaceInfo>,
+    ),
+    SetRole(String, DeviceId, Role, Reply<()>),
+    Revoke(String, DeviceId, Reply<u32>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -263,6 +287,22 @@ pub(crate) struct Engine {
     /// Documents with changes waiting for missing dependencies: since when,
     /// and which peers could fill the gap.
     gaps: HashMap<(SpaceId, DocId), Gap>,
+    /// Network commands produced where no outbox is at hand.
+    deferred: Vec<NetCommand>,
+    /// Network commands to send once this turn's writes are flushed.
+    after_flush: Vec<NetCommand>,
+    /// This device's long-term x25519 secret.
+    x25519: StaticSecret,
+    /// Invite redemptions in progress, by tag of their attempt.
+    joins: HashMap<u64, pairing::Join>,
+    /// Join requests in flight: request tag -> join id.
+    join_tags: HashMap<u64, u64>,
+    /// Failed join attempts per peer and in total, for rate limiting.
+    join_failures: pairing::Failures,
+    /// Peers that proved a space's key but are not (yet) in its members.
+    unadmitted: HashSet<(PeerId, SpaceId)>,
+    /// When each device was last connected (unix seconds).
+    last_seen: HashMap<PeerId, u64>,
     /// Local changes of this turn, published together per document.
     local_batch: BTreeMap<(SpaceId, DocId), LocalChanges>,
     anti_entropy: Duration,
@@ -286,17 +326,17 @@ fn random<const N: usize>() -> [u8; N] {
 impl Engine {
     pub(crate) fn load(
         my_peer: PeerId,
-        name: String,
+        config: &crate::config::NodeConfig,
         store: Store,
         net: NetHandle,
         events: broadcast::Sender<Event>,
-        anti_entropy: Duration,
-        redial: Duration,
+        x25519: [u8; 32],
     ) -> Result<Self> {
+        let (anti_entropy, redial) = (config.anti_entropy, config.redial);
         let mut e = Self {
             me: device_of_peer(&my_peer)?,
             my_peer,
-            name,
+            name: config.name.clone(),
             session_salt: random(),
             store,
             net,
@@ -312,6 +352,14 @@ impl Engine {
             acks: Vec::new(),
             gossip_batch: BTreeMap::new(),
             local_batch: BTreeMap::new(),
+            deferred: Vec::new(),
+            after_flush: Vec::new(),
+            x25519: StaticSecret::from(x25519),
+            joins: HashMap::new(),
+            join_tags: HashMap::new(),
+            join_failures: pairing::Failures::default(),
+            unadmitted: HashSet::new(),
+            last_seen: HashMap::new(),
             gaps: HashMap::new(),
             anti_entropy,
             redial,
@@ -465,17 +513,25 @@ impl Engine {
             }
             self.publish(id, &doc, changes, &heads, outbox);
         }
+        outbox.append(&mut self.deferred);
         for cmd in outbox.drain(..) {
             if self.net.send(cmd).await.is_err() {
                 break;
             }
         }
-        if !self.acks.is_empty() {
+        if !self.acks.is_empty() || !self.after_flush.is_empty() {
             if let Err(e) = self.store.flush().await {
                 err = Some(e.to_string());
             }
             for ack in self.acks.drain(..) {
                 ack(err.clone());
+            }
+            // Answers that promise durable state (a join's grant) go only
+            // after the flush.
+            for cmd in std::mem::take(&mut self.after_flush) {
+                if self.net.send(cmd).await.is_err() {
+                    break;
+                }
             }
         }
     }
@@ -582,6 +638,17 @@ impl Engine {
                             connected: self.peers.iter().any(|(p, e)| {
                                 e.proven.contains(&id) && p.to_bytes() == d.as_bytes()
                             }),
+                            last_seen: if *d == self.me {
+                                Some(pairing::now_secs())
+                            } else {
+                                PeerId::from_bytes(d.as_bytes()).ok().and_then(|p| {
+                                    if self.peers.contains_key(&p) {
+                                        Some(pairing::now_secs())
+                                    } else {
+                                        self.last_seen.get(&p).copied()
+                                    }
+                                })
+                            },
                         })
                         .collect()
                 });
@@ -620,6 +687,33 @@ impl Engine {
                     .and_then(|id| self.space_info(&id).ok_or(Error::UnknownSpace(space)))
                     .map(|i| i.docs);
                 let _ = reply.send(r);
+            }
+            Command::CreateInvite {
+                space,
+                role,
+                expires,
+                uses,
+                addrs,
+                reply,
+            } => {
+                let r = self.create_invite(&space, role, expires, uses, addrs);
+                self.ack_after_flush(reply, r);
+            }
+            Command::Invites(space, reply) => {
+                let _ = reply.send(self.list_invites(&space));
+            }
+            Command::CancelInvite(space, id, reply) => {
+                let r = self.cancel_invite(&space, &id);
+                self.ack_after_flush(reply, r);
+            }
+            Command::Join(code, timeout, reply) => self.start_join(*code, timeout, reply, outbox),
+            Command::SetRole(space, device, role, reply) => {
+                let r = self.set_role(&space, &device, role);
+                self.ack_after_flush(reply, r);
+            }
+            Command::Revoke(space, device, reply) => {
+                let r = self.revoke(&space, &device, outbox);
+                self.ack_after_flush(reply, r);
             }
             Command::Shutdown(_) => {}
         }
@@ -687,8 +781,9 @@ impl Engine {
         self.load_space(grant)?;
         let me = self.me.clone();
         let my_name = self.name.clone();
+        let x = self.my_x25519_public();
         self.edit_doc(id, &DocId::members(), |d| {
-            members::init_members(d, &name, &me, &my_name)
+            members::init_members(d, &name, &me, &my_name, Some(&x))
         })?;
         outbox.push(NetCommand::Subscribe(self.spaces[&id].topic.clone()));
         info!(space = %id.short(), %name, "space created");
@@ -727,8 +822,13 @@ impl Engine {
     fn add_member(&mut self, space: &str, device: &DeviceId, role: Role, name: &str) -> Result<()> {
         let id = self.resolve(space)?;
         let me = self.me.clone();
+        let x25519 = self.spaces[&id]
+            .roster
+            .members
+            .get(device)
+            .and_then(|m| m.x25519);
         self.edit_doc(id, &DocId::members(), |d| {
-            members::set_member(d, device, role, name, Some(&me))
+            members::set_member(d, device, role, name, Some(&me), x25519.as_ref())
         })?;
         Ok(())
     }
@@ -805,6 +905,9 @@ impl Engine {
                 s.roster = Roster::read(s.grant.creator.clone(), &d.doc);
             }
         }
+        let mut out = Vec::new();
+        self.on_members_changed(id, &mut out);
+        self.deferred.extend(out);
     }
 
     /// Appends raw change chunks of a document to its log (one store write),
@@ -918,13 +1021,17 @@ impl Engine {
         match ev {
             NetEvent::Connected { peer } => {
                 self.peers.entry(peer).or_default();
+                self.last_seen.insert(peer, pairing::now_secs());
                 self.emit(Event::PeerConnected {
                     peer: peer.to_string(),
                 });
                 self.send_hello(peer, false, outbox);
+                self.drive_joins(outbox);
             }
             NetEvent::Disconnected { peer } => {
                 self.peers.remove(&peer);
+                self.last_seen.insert(peer, pairing::now_secs());
+                self.unadmitted.retain(|(p, _)| *p != peer);
                 self.sessions.retain(|(p, _, _), _| *p != peer);
                 self.responders.retain(|(p, _, _), _| *p != peer);
                 self.emit(Event::PeerDisconnected {
@@ -964,7 +1071,12 @@ impl Engine {
                     acceptance,
                 });
             }
-            NetEvent::HelloRequest { peer, id, data } => {
+            NetEvent::Request {
+                proto: Proto::Hello,
+                peer,
+                id,
+                data,
+            } => {
                 let proofs =
                     match wire::decode::<HelloRequest>("hello", &data, wire::MAX_HELLO_BYTES) {
                         Ok(HelloRequest::V1 { challenge, recheck }) => {
@@ -983,24 +1095,48 @@ impl Engine {
                             Vec::new()
                         }
                     };
-                outbox.push(NetCommand::RespondHello {
+                outbox.push(NetCommand::Respond {
+                    proto: Proto::Hello,
                     id,
                     data: wire::encode(&HelloResponse::V1 { proofs }),
                 });
             }
-            NetEvent::HelloResponse { peer, tag, result } => {
-                self.on_hello_response(peer, tag, result, outbox)
-            }
-            NetEvent::SyncRequest { peer, id, data } => {
+            NetEvent::Request {
+                proto: Proto::Sync,
+                peer,
+                id,
+                data,
+            } => {
                 let resp = self.on_sync_request(peer, &data, outbox);
-                outbox.push(NetCommand::RespondSync {
+                outbox.push(NetCommand::Respond {
+                    proto: Proto::Sync,
                     id,
                     data: wire::encode(&resp),
                 });
             }
-            NetEvent::SyncResponse { peer, tag, result } => {
-                self.on_sync_response(peer, tag, result, outbox)
+            NetEvent::Request {
+                proto: Proto::Invite,
+                peer,
+                id,
+                data,
+            } => {
+                let resp = self.on_join_request(peer, &data);
+                self.after_flush.push(NetCommand::Respond {
+                    proto: Proto::Invite,
+                    id,
+                    data: wire::encode(&resp),
+                });
             }
+            NetEvent::Response {
+                proto,
+                peer,
+                tag,
+                result,
+            } => match proto {
+                Proto::Hello => self.on_hello_response(peer, tag, result, outbox),
+                Proto::Sync => self.on_sync_response(peer, tag, result, outbox),
+                Proto::Invite => self.on_join_response(peer, tag, result, outbox),
+            },
         }
     }
 
@@ -1010,7 +1146,8 @@ impl Engine {
         let challenge: [u8; 32] = random();
         let tag = self.tag();
         self.hellos.insert(tag, (peer, challenge));
-        outbox.push(NetCommand::SendHello {
+        outbox.push(NetCommand::Send {
+            proto: Proto::Hello,
             peer,
             tag,
             data: wire::encode(&HelloRequest::V1 { challenge, recheck }),
@@ -1085,28 +1222,41 @@ impl Engine {
             &prover,
             &self.me,
         );
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        for (space, _) in proven {
+            if self.is_proven(&peer, &space) {
+                continue;
+            }
+            // Holding the key is not enough once `members` is known: a
+            // revoked device still has old epoch keys.
+            let roster = &self.spaces[&space].roster;
+            if !roster.members.is_empty() && roster.role_of(&prover).is_none() {
+                debug!(%peer, space = %space.short(), "key holder not in members (yet)");
+                self.unadmitted.insert((peer, space));
+                continue;
+            }
+            self.admit(peer, space, outbox);
+        }
+    }
+
+    /// A peer proved membership of `space`: sync with it, members first.
+    fn admit(&mut self, peer: PeerId, space: SpaceId, outbox: &mut Vec<NetCommand>) {
         let Some(entry) = self.peers.get_mut(&peer) else {
             return;
         };
-        let mut new = Vec::new();
-        for (space, _) in proven {
-            if entry.proven.insert(space) {
-                new.push(space);
-            }
-        }
-        if new.is_empty() {
+        if !entry.proven.insert(space) {
             return;
         }
         self.remember_peer(peer);
-        for space in new {
-            info!(%peer, space = %space.short(), "member verified");
-            self.emit(Event::MemberVerified {
-                peer: peer.to_string(),
-                space: space.to_string(),
-            });
-            // Members first: roles decide what the other documents accept.
-            self.kick((peer, space, DocId::members()), true, outbox);
-        }
+        info!(%peer, space = %space.short(), "member verified");
+        self.emit(Event::MemberVerified {
+            peer: peer.to_string(),
+            space: space.to_string(),
+        });
+        // Members first: roles decide what the other documents accept.
+        self.kick((peer, space, DocId::members()), true, outbox);
     }
 
     fn remember_peer(&mut self, peer: PeerId) {
@@ -1423,7 +1573,8 @@ impl Engine {
         s.inflight = Some((tag, Instant::now()));
         let fresh = std::mem::take(&mut s.fresh);
         self.inflight.insert(tag, key);
-        outbox.push(NetCommand::SendSync {
+        outbox.push(NetCommand::Send {
+            proto: Proto::Sync,
             peer,
             tag,
             data: wire::encode(&SyncRequest::V1 {
@@ -1448,6 +1599,7 @@ impl Engine {
     }
 
     fn on_retry_tick(&mut self, outbox: &mut Vec<NetCommand>) {
+        self.drive_joins(outbox);
         let now = Instant::now();
         let mut due = Vec::new();
         for (k, s) in self.sessions.iter_mut() {

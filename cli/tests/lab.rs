@@ -10,13 +10,9 @@ use anyhow::{bail, Result};
 #[test]
 fn lan_lab_mdns_discovery_and_a_change_crossing() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("shoal"));
     let mut cmd = Command::new("bash");
     cmd.arg(root.join("scripts/lab/lan.sh"));
-    if let Some(b) = bin {
-        cmd.env("SHOAL_BIN", b);
-    }
+    cmd.env("SHOAL_BIN", env!("CARGO_BIN_EXE_shoal"));
     let out = cmd.output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     match out.status.code() {
