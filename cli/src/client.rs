@@ -67,6 +67,22 @@ impl Client {
             .await
     }
 
+    /// A POST that may take up to `t` on the node's side.
+    pub async fn post_with_timeout(
+        &self,
+        path: &str,
+        body: Value,
+        t: std::time::Duration,
+    ) -> Result<Value> {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .json(&body)
+                .timeout(t + std::time::Duration::from_secs(10)),
+        )
+        .await
+    }
+
     pub async fn put(&self, path: &str, body: Value) -> Result<Value> {
         self.send(self.http.put(format!("{}{path}", self.base)).json(&body))
             .await

@@ -52,6 +52,37 @@ enum Cmd {
         /// Space name or id.
         space: String,
     },
+    /// Issue an invite code for a space (owners), or `invite cancel`.
+    Invite(InviteArgs),
+    /// Pending and past invites of a space.
+    Invites {
+        /// Space name or id.
+        space: String,
+    },
+    /// Join a space with an invite code.
+    Join {
+        /// The code (`shoal1...`).
+        code: String,
+        /// How long to keep trying to reach the inviter.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
+    /// Change a member's role (owners only).
+    Role {
+        /// Space name or id.
+        space: String,
+        /// Device id.
+        device: String,
+        /// owner, editor or viewer.
+        role: String,
+    },
+    /// Remove a device from a space and rotate the space key (owners only).
+    Revoke {
+        /// Space name or id.
+        space: String,
+        /// Device id.
+        device: String,
+    },
     /// Add a device to a space, or change its role (owners only).
     Member {
         /// Space name or id.
@@ -64,6 +95,35 @@ enum Cmd {
         /// A name for the device.
         #[arg(long, default_value = "")]
         name: String,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct InviteArgs {
+    #[command(subcommand)]
+    action: Option<InviteAction>,
+    /// Space name or id.
+    space: Option<String>,
+    /// Role of the device that joins: owner, editor or viewer.
+    #[arg(long, default_value = "editor")]
+    role: String,
+    /// How long the code stays valid (e.g. 30m, 24h, 7d).
+    #[arg(long, default_value = "24h")]
+    expires: String,
+    /// How many devices may join with it.
+    #[arg(long, default_value_t = 1)]
+    uses: u32,
+}
+
+#[derive(Subcommand)]
+enum InviteAction {
+    /// Cancel an invite.
+    Cancel {
+        /// Space name or id.
+        space: String,
+        /// Invite id (from `shoal invites`).
+        id: String,
     },
 }
 
@@ -462,6 +522,140 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                 )
                 .await?;
             print(json_out, v, || format!("{device} is now {role} in {space}"));
+        }
+        Cmd::Invite(InviteArgs {
+            action: Some(InviteAction::Cancel { space, id }),
+            ..
+        }) => {
+            let v = c
+                .delete(
+                    &format!("/v1/spaces/{}/invites/{}", enc(&space), enc(&id)),
+                    json!({}),
+                )
+                .await?;
+            print(json_out, v, || format!("invite {id} cancelled"));
+        }
+        Cmd::Invite(InviteArgs {
+            action: None,
+            space,
+            role,
+            expires,
+            uses,
+        }) => {
+            let space = space.context("which space? `shoal invite SPACE`")?;
+            let expires = humantime::parse_duration(&expires).with_context(|| {
+                format!("--expires {expires:?} is not a duration like 30m, 24h or 7d")
+            })?;
+            let v = c
+                .post(
+                    &format!("/v1/spaces/{}/invites", enc(&space)),
+                    json!({"role": role, "expires_secs": expires.as_secs(), "uses": uses}),
+                )
+                .await?;
+            let code = v["code"].as_str().unwrap_or("").to_string();
+            print(json_out, v.clone(), || {
+                let qr = qrcode::QrCode::new(code.to_uppercase())
+                    .map(|q| {
+                        q.render::<qrcode::render::unicode::Dense1x2>()
+                            .quiet_zone(true)
+                            .build()
+                    })
+                    .unwrap_or_default();
+                format!(
+                    "{code}\n\n{qr}\ninvite {} for {space} as {role}: {} use(s), expires in {}\non the new device: shoal join <CODE>",
+                    v["id"].as_str().unwrap_or(""),
+                    uses,
+                    humantime::format_duration(expires),
+                )
+            });
+        }
+        Cmd::Invites { space } => {
+            let v = c
+                .get(&format!("/v1/spaces/{}/invites", enc(&space)))
+                .await?;
+            print(json_out, v.clone(), || {
+                let list = v.as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    return "no invites".into();
+                }
+                list.iter()
+                    .map(|i| {
+                        format!(
+                            "{}  {}  {}  uses left {}  expires {}",
+                            i["id"].as_str().unwrap_or(""),
+                            i["state"].as_str().unwrap_or(""),
+                            i["role"].as_str().unwrap_or(""),
+                            i["uses_left"],
+                            i["expires_at"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Join { code, timeout } => {
+            let t = humantime::parse_duration(&timeout).with_context(|| {
+                format!("--timeout {timeout:?} is not a duration like 30s or 2m")
+            })?;
+            let v = c
+                .post_with_timeout(
+                    "/v1/join",
+                    json!({"code": code, "timeout_secs": t.as_secs().max(1)}),
+                    t,
+                )
+                .await?;
+            let id = v["id"].as_str().unwrap_or("").to_string();
+            // Wait (bounded) for `members` to arrive, so we can say our role.
+            let mut space = v.clone();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            while space["role"].is_null() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                space = c.get(&format!("/v1/spaces/{id}")).await.unwrap_or(space);
+            }
+            print(json_out, space.clone(), || {
+                format!(
+                    "joined {} ({}) as {}; documents: {}",
+                    space["name"].as_str().unwrap_or(""),
+                    id,
+                    space["role"].as_str().unwrap_or("(role not yet known)"),
+                    space["docs"]
+                        .as_array()
+                        .map(|d| d
+                            .iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "none yet".into())
+                )
+            });
+        }
+        Cmd::Role {
+            space,
+            device,
+            role,
+        } => {
+            let v = c
+                .put(
+                    &format!("/v1/spaces/{}/members/{}", enc(&space), enc(&device)),
+                    json!({"role": role}),
+                )
+                .await?;
+            print(json_out, v, || format!("{device} is now {role} in {space}"));
+        }
+        Cmd::Revoke { space, device } => {
+            let v = c
+                .delete(
+                    &format!("/v1/spaces/{}/members/{}", enc(&space), enc(&device)),
+                    json!({}),
+                )
+                .await?;
+            print(json_out, v.clone(), || {
+                format!(
+                    "{device} removed from {space}; the space key is now at epoch {}",
+                    v["epoch"]
+                )
+            });
         }
         Cmd::Init { .. } | Cmd::Up(_) => {}
     }

@@ -200,7 +200,16 @@ fn api_refuses_a_wrong_token() -> Result<()> {
 /// Polls a CLI read until it matches, within the test timeout (each poll is
 /// a full CLI round trip; there is no event to wait on across processes).
 fn until(home: &Path, args: &[&str], pred: impl Fn(&Value) -> bool) -> Result<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    until_within(home, args, pred, Duration::from_secs(20))
+}
+
+fn until_within(
+    home: &Path,
+    args: &[&str],
+    pred: impl Fn(&Value) -> bool,
+    limit: Duration,
+) -> Result<Value> {
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if let Ok(v) = ok_json(home, args) {
             if pred(&v) {
@@ -215,7 +224,7 @@ fn until(home: &Path, args: &[&str], pred: impl Fn(&Value) -> bool) -> Result<Va
 }
 
 #[test]
-fn two_devices_through_the_cli() -> Result<()> {
+fn two_devices_through_the_cli_with_a_grant_file() -> Result<()> {
     let t = tempfile::tempdir()?;
     let (ha, hb) = (t.path().join("laptop"), t.path().join("desk"));
     ok_json(&ha, &["init", "--name", "laptop"])?;
@@ -261,9 +270,95 @@ fn two_devices_through_the_cli() -> Result<()> {
         v["items"][1] == "from desk"
     })?;
     assert_eq!(v, json!({"items": ["from laptop", "from desk"]}));
-    let members = ok_json(&ha, &["members", "notes"])?;
-    assert_eq!(members.as_array().map(Vec::len), Some(2));
     // the joiner cannot hand out the key: only owners can
     assert!(err_text(&hb, &["space", "grant", "notes", "--out", "/dev/null"])?.contains("owner"));
+    Ok(())
+}
+
+#[test]
+fn invite_join_roles_and_revoke_through_the_cli() -> Result<()> {
+    let t = tempfile::tempdir()?;
+    let homes: Vec<PathBuf> = ["laptop", "desk", "phone"]
+        .iter()
+        .map(|n| t.path().join(n))
+        .collect();
+    for (h, n) in homes.iter().zip(["laptop", "desk", "phone"]) {
+        ok_json(h, &["init", "--name", n])?;
+    }
+    let (ha, hb, hc) = (&homes[0], &homes[1], &homes[2]);
+    let _a = Up::start(ha)?;
+    let _b = Up::start(hb)?;
+    let c = Up::start(hc)?;
+    let c_id = c.info["device_id"].as_str().context("no id")?.to_string();
+    ok_json(ha, &["space", "create", "notes"])?;
+    ok_json(ha, &["doc", "put", "notes", "todo", "/items/0", "\"milk\""])?;
+
+    // an editor joins with nothing but the code
+    let inv = ok_json(
+        ha,
+        &["invite", "notes", "--role", "editor", "--expires", "1h"],
+    )?;
+    let code = inv["code"].as_str().context("no code")?.to_string();
+    assert!(code.starts_with("shoal1"));
+    // a mistyped code is caught locally, with a message that says so
+    let mut typo = code.clone().into_bytes();
+    let i = typo.len() - 10;
+    typo[i] = if typo[i] == b'q' { b'p' } else { b'q' };
+    let e = err_text(hb, &["join", std::str::from_utf8(&typo)?])?;
+    assert!(e.contains("typo"), "{e}");
+    let joined = ok_json(hb, &["join", &code, "--timeout", "20s"])?;
+    assert_eq!(joined["name"], "notes");
+    assert_eq!(joined["role"], "editor");
+    assert!(
+        until(hb, &["doc", "get", "notes", "todo"], |v| v["items"][0]
+            == "milk")
+        .is_ok()
+    );
+    ok_json(hb, &["doc", "put", "notes", "todo", "/items/-", "\"eggs\""])?;
+    until(ha, &["doc", "get", "notes", "todo"], |v| {
+        v["items"][1] == "eggs"
+    })?;
+    // used up
+    let e = err_text(hc, &["join", &code])?;
+    assert!(e.contains("already been used"), "{e}");
+    // a cancelled code
+    let inv2 = ok_json(ha, &["invite", "notes", "--role", "viewer"])?;
+    ok_json(
+        ha,
+        &[
+            "invite",
+            "cancel",
+            "notes",
+            inv2["id"].as_str().context("id")?,
+        ],
+    )?;
+    let e = err_text(hc, &["join", inv2["code"].as_str().context("code")?])?;
+    assert!(e.contains("cancelled"), "{e}");
+
+    // a viewer: its CLI refuses writes
+    let inv3 = ok_json(ha, &["invite", "notes", "--role", "viewer"])?;
+    let j = ok_json(hc, &["join", inv3["code"].as_str().context("code")?])?;
+    assert_eq!(j["role"], "viewer");
+    let e = err_text(hc, &["doc", "put", "notes", "todo", "/x", "1"])?;
+    assert!(e.contains("viewer"), "{e}");
+    let members = ok_json(ha, &["members", "notes"])?;
+    assert_eq!(members.as_array().map(Vec::len), Some(3));
+
+    // revoke the phone: the others keep syncing, it gets nothing new
+    let r = ok_json(ha, &["revoke", "notes", &c_id])?;
+    assert_eq!(r["epoch"], 1);
+    until(hb, &["space", "list"], |v| v[0]["epoch"] == 1)?;
+    ok_json(hb, &["doc", "put", "notes", "todo", "/secret", "\"after\""])?;
+    until(ha, &["doc", "get", "notes", "todo"], |v| {
+        v["secret"] == "after"
+    })?;
+    let leaked = until_within(
+        hc,
+        &["doc", "get", "notes", "todo"],
+        |v| v["secret"] == "after",
+        Duration::from_secs(3),
+    );
+    assert!(leaked.is_err(), "the revoked phone got a later change");
+    assert!(err_text(hb, &["revoke", "notes", &c_id])?.contains("owner"));
     Ok(())
 }

@@ -299,6 +299,8 @@ pub(crate) struct Engine {
     join_tags: HashMap<u64, u64>,
     /// Failed join attempts per peer and in total, for rate limiting.
     join_failures: pairing::Failures,
+    /// Joins answered once the space's `members` arrives.
+    awaiting_members: HashMap<SpaceId, (Reply<SpaceInfo>, Instant)>,
     /// Peers that proved a space's key but are not (yet) in its members.
     unadmitted: HashSet<(PeerId, SpaceId)>,
     /// When each device was last connected (unix seconds).
@@ -359,6 +361,7 @@ impl Engine {
             join_tags: HashMap::new(),
             join_failures: pairing::Failures::default(),
             unadmitted: HashSet::new(),
+            awaiting_members: HashMap::new(),
             last_seen: HashMap::new(),
             gaps: HashMap::new(),
             anti_entropy,
@@ -1600,6 +1603,7 @@ impl Engine {
 
     fn on_retry_tick(&mut self, outbox: &mut Vec<NetCommand>) {
         self.drive_joins(outbox);
+        self.answer_joins();
         let now = Instant::now();
         let mut due = Vec::new();
         for (k, s) in self.sessions.iter_mut() {

@@ -34,6 +34,8 @@ const PEER_FAILURES: u32 = 5;
 const TOTAL_FAILURES: u32 = 50;
 /// The rate-limit window.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// How long a join waits for `members` before answering anyway.
+const MEMBERS_WAIT: Duration = Duration::from_secs(10);
 /// Longest wait between two join attempts.
 const MAX_JOIN_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -433,10 +435,20 @@ impl Engine {
                     }
                     self.import_grant(g, outbox)
                 });
-                if r.is_ok() {
-                    info!(space = %space.short(), "joined");
+                match r {
+                    Ok(_) => {
+                        info!(space = %space.short(), "joined; waiting for members");
+                        // Answer once `members` has arrived (or at the
+                        // deadline), so the caller can write right away.
+                        if let Some(mut j) = self.joins.remove(&jid) {
+                            if let Some(reply) = j.reply.take() {
+                                self.awaiting_members
+                                    .insert(space, (reply, Instant::now() + MEMBERS_WAIT));
+                            }
+                        }
+                    }
+                    Err(e) => finish(self, Err(e)),
                 }
-                finish(self, r);
             }
         }
     }
@@ -614,6 +626,17 @@ impl Engine {
             members::put_epoch_keys(d, epoch, &sealed)
         })?;
         self.add_epoch(id, epoch, key, outbox)?;
+        // The news travels by sync: gossip now goes out under the new epoch,
+        // which the others can read only once they have this change.
+        let peers: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(p, e)| e.proven.contains(&id) && p.to_bytes() != device.as_bytes())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in peers {
+            self.kick((p, id, DocId::members()), true, outbox);
+        }
         info!(space = %id.short(), device = %device.short(), epoch, "device revoked, key rotated");
         Ok(epoch)
     }
@@ -646,9 +669,35 @@ impl Engine {
         Ok(())
     }
 
+    /// Answers joins whose `members` arrived, or whose wait ran out.
+    pub(super) fn answer_joins(&mut self) {
+        let now = Instant::now();
+        let ready: Vec<SpaceId> = self
+            .awaiting_members
+            .iter()
+            .filter(|(id, (_, deadline))| {
+                now >= *deadline
+                    || self
+                        .spaces
+                        .get(id)
+                        .is_some_and(|s| s.roster.members.contains_key(&self.me))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            if let Some((reply, _)) = self.awaiting_members.remove(&id) {
+                let r = self
+                    .space_info(&id)
+                    .ok_or(Error::UnknownSpace(id.to_string()));
+                self.ack_after_flush(reply, r);
+            }
+        }
+    }
+
     /// After `members` changed: open epoch keys sealed to us, admit peers
     /// that became members, and cut off peers that are members no more.
     pub(super) fn on_members_changed(&mut self, id: SpaceId, outbox: &mut Vec<NetCommand>) {
+        self.answer_joins();
         let sealed = match self
             .spaces
             .get(&id)

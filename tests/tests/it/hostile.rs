@@ -22,6 +22,7 @@ use shoal_protocol::wire::{
     self, GossipBody, HelloRequest, HelloResponse, SyncRequest, SyncResponse,
 };
 use shoal_protocol::{doc as jdoc, envelope, hello, DeviceId, DocId, Role, SpaceKey};
+
 use shoal_tests::*;
 
 #[derive(NetworkBehaviour)]
@@ -29,6 +30,7 @@ struct HostileBehaviour {
     gossipsub: gossipsub::Behaviour,
     hello: request_response::Behaviour<BytesCodec>,
     sync: request_response::Behaviour<BytesCodec>,
+    invite: request_response::Behaviour<BytesCodec>,
 }
 
 enum Pumped<'a> {
@@ -75,6 +77,7 @@ impl Hostile {
                     )?,
                     hello: rr(wire::HELLO_PROTOCOL),
                     sync: rr(wire::SYNC_PROTOCOL),
+                    invite: rr(wire::INVITE_PROTOCOL),
                 })
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -426,5 +429,88 @@ async fn a_stranger_gets_no_proofs_and_no_documents() -> Result<()> {
         ),
         "{r:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_wrong_invite_secrets_is_rate_limited_and_slows_nothing() -> Result<()> {
+    use shoal_protocol::invite::InviteCode;
+    use shoal_protocol::wire::{JoinRefusal, JoinRequest, JoinResponse};
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    let todo: DocId = "todo".parse()?;
+    let info = a
+        .create_invite("notes", Role::Editor, Duration::from_secs(3600), 1)
+        .await?;
+    let code = InviteCode::decode(info.code.as_deref().unwrap_or(""))?;
+    let mut h = Hostile::new(Keypair::generate_ed25519(), None)?;
+    h.swarm.dial(a.listen_addrs().await?[0].clone())?;
+    let a_peer = a.peer_id();
+    // 1,000 guesses at the secret, all in flight at once
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..1000u32 {
+        let req = JoinRequest::V1 {
+            invite: code.invite,
+            ephemeral: [1; 32],
+            x25519: [2; 32],
+            name: "guess".into(),
+            proof: *blake3::hash(&i.to_be_bytes()).as_bytes(),
+        };
+        ids.insert(
+            h.swarm
+                .behaviour_mut()
+                .invite
+                .send_request(&a_peer, wire::encode(&req)),
+        );
+    }
+    let mut wrong = 0;
+    let mut limited = 0;
+    let mut other = 0;
+    let started = std::time::Instant::now();
+    while !ids.is_empty() {
+        let r = h
+            .pump(|e| match e {
+                SwarmEvent::Behaviour(HostileBehaviourEvent::Invite(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    },
+                )) => Some((*request_id, Some(response.clone()))),
+                SwarmEvent::Behaviour(HostileBehaviourEvent::Invite(
+                    request_response::Event::OutboundFailure { request_id, .. },
+                )) => Some((*request_id, None)),
+                _ => None,
+            })
+            .await?;
+        ids.remove(&r.0);
+        match r
+            .1
+            .map(|b| wire::decode::<JoinResponse>("join", &b, wire::MAX_INVITE_BYTES))
+        {
+            Some(Ok(JoinResponse::Refused {
+                reason: JoinRefusal::WrongSecret,
+            })) => wrong += 1,
+            Some(Ok(JoinResponse::Refused {
+                reason: JoinRefusal::RateLimited,
+            })) => limited += 1,
+            _ => other += 1,
+        }
+    }
+    println!(
+        "1000 guesses: {wrong} checked, {limited} rate limited, {other} other, {:?}",
+        started.elapsed()
+    );
+    assert!(wrong <= 5, "{wrong} guesses were checked");
+    assert!(limited + other >= 995);
+    // nothing else slowed down: the node writes, and a real device still joins
+    a.put("notes", &todo, "/still", json!("serving")).await?;
+    b.join(info.code.as_deref().unwrap_or(""), Duration::from_secs(10))
+        .await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
     Ok(())
 }

@@ -3,4 +3,5 @@
 //! the namespace LAN lab live with the binary they run, in `cli/tests/`.
 
 mod hostile;
+mod pairing;
 mod sync;
