@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A small LAN of network namespaces on a bridge: two devices, A and B, run
-# `shoal up` with mDNS ON and no --peer. B joins A's space (manual grant,
-# until invite codes exist) and a document change made on A must appear on
-# B. All traffic stays inside namespaces this script creates; mDNS runs only
-# there. Needs root and iproute2. Exit 0 on success, 1 on failure, 77 when
+# `shoal up` with mDNS ON and no --peer. A issues an invite code and then
+# restarts on another port, so the address inside the code is stale; B joins
+# with the code and must find A on the LAN by mDNS; then a document change
+# made on A must appear on B. All traffic stays inside namespaces this
+# script creates; mDNS runs only there. Needs root and iproute2. Exit 0 on success, 1 on failure, 77 when
 # it cannot run here (not root, no netns support).
 #
 # usage: scripts/lab/lan.sh            (SHOAL_BIN=path/to/shoal to override)
@@ -50,11 +51,13 @@ done
 
 sh_in() { local ns=$1 home=$2; shift 2; ip netns exec "$ns" "$SHOAL_BIN" --home "$home" "$@"; }
 
-start() { # ns home ip
-  sh_in "$1" "$2" init --name "$(basename "$2")" >/dev/null
-  ip netns exec "$1" "$SHOAL_BIN" --home "$2" --json up --listen "/ip4/$3/tcp/4747" \
-    >"$2.out" 2>"$2.log" &
+start() { # ns home ip [port]
+  [ -e "$2/identity.key" ] || sh_in "$1" "$2" init --name "$(basename "$2")" >/dev/null
+  rm -f "$2.out"
+  ip netns exec "$1" "$SHOAL_BIN" --home "$2" --json up --listen "/ip4/$3/tcp/${4:-4747}" \
+    >"$2.out" 2>>"$2.log" &
   pids+=($!)
+  last_pid=$!
 }
 
 wait_until() { # description, command...
@@ -68,24 +71,35 @@ wait_until() { # description, command...
 
 A="$work/a"; B="$work/b"
 start "$na" "$A" 10.231.0.1
+last_a=$last_pid
 start "$nb" "$B" 10.231.0.2
 wait_until "node A" test -s "$A.out"
 wait_until "node B" test -s "$B.out"
 
-b_id=$(sh_in "$nb" "$B" --json id | sed -n 's/.*"device_id":"\([^"]*\)".*/\1/p')
 a_id=$(sh_in "$na" "$A" --json id | sed -n 's/.*"device_id":"\([^"]*\)".*/\1/p')
 sh_in "$na" "$A" space create lab >/dev/null
-sh_in "$na" "$A" member lab "$b_id" --role editor --name b >/dev/null
-sh_in "$na" "$A" space grant lab --out "$work/grant.json" >/dev/null
-sh_in "$nb" "$B" space import "$work/grant.json" >/dev/null
+code=$(sh_in "$na" "$A" --json invite lab --role editor --expires 10m | sed -n 's/.*"code":"\([^"]*\)".*/\1/p')
+[ -n "$code" ] || { echo "lan lab: FAIL: no invite code" >&2; exit 1; }
 
-# Nobody was told the other's address: mDNS must find it.
+# A moves to another port: the address in the code is now stale.
+kill "$last_a"; wait "$last_a" 2>/dev/null || true
+start "$na" "$A" 10.231.0.1 4848
+wait_until "node A to come back" test -s "$A.out"
+
+# Nobody was told where A is now: mDNS must find it.
+join_start=$(date +%s%3N)
+if ! sh_in "$nb" "$B" join "$code" --timeout "${TIMEOUT}s" >"$work/join.out" 2>&1; then
+  echo "lan lab: FAIL: join with a stale code did not find the inviter"; cat "$work/join.out"
+  echo "--- B log"; tail -20 "$B.log"; exit 1
+fi
+echo "lan lab: joined with a stale-address code in $(( $(date +%s%3N) - join_start )) ms: $(cat "$work/join.out")"
+
 found() { sh_in "$nb" "$B" peers --json 2>/dev/null | grep -q "$a_id"; }
-wait_until "B to find A by mDNS" found || { echo "--- B log"; tail -20 "$B.log"; exit 1; }
+wait_until "B to see A" found || { echo "--- B log"; tail -20 "$B.log"; exit 1; }
 
 start_ms=$(date +%s%3N)
 sh_in "$na" "$A" doc put lab todo /msg '"hello over the LAN"' >/dev/null
 check() { ip netns exec "$nb" "$SHOAL_BIN" --home "$B" doc get lab todo 2>/dev/null | grep -q "hello over the LAN"; }
 wait_until "the change to reach B" check || { echo "--- A log"; tail -20 "$A.log"; echo "--- B log"; tail -20 "$B.log"; exit 1; }
 end_ms=$(date +%s%3N)
-echo "lan lab: PASS: mDNS found the peer and a document change crossed the LAN in $((end_ms - start_ms)) ms"
+echo "lan lab: PASS: mDNS found the inviter behind a stale code, and a document change crossed the LAN in $((end_ms - start_ms)) ms"
