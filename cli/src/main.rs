@@ -494,14 +494,14 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                     .flatten()
                     .map(|m| {
                         format!(
-                            "{}  {}  {}{}",
+                            "{}  {}  {}  {}",
                             m["device"].as_str().unwrap_or(""),
                             m["role"].as_str().unwrap_or(""),
                             m["name"].as_str().unwrap_or(""),
-                            if m["connected"].as_bool() == Some(true) {
-                                "  (connected)"
+                            if m["this_device"].as_bool() == Some(true) {
+                                "this device".to_string()
                             } else {
-                                ""
+                                seen(&m["connected"], &m["last_seen"])
                             }
                         )
                     })
@@ -660,6 +660,22 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
         Cmd::Init { .. } | Cmd::Up(_) => {}
     }
     Ok(())
+}
+
+/// "connected", "last seen 5m ago" or "never seen" for the members list.
+fn seen(connected: &Value, last: &Value) -> String {
+    if connected.as_bool() == Some(true) {
+        return "connected".into();
+    }
+    let Some(t) = last.as_u64() else {
+        return "not seen by this device".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(t);
+    let ago = std::time::Duration::from_secs(now.saturating_sub(t));
+    format!("last seen {} ago", humantime::format_duration(ago))
 }
 
 fn enc(s: &str) -> String {

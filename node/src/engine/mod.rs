@@ -139,6 +139,8 @@ pub struct MemberInfo {
     pub added_by: Option<String>,
     /// Connected now (and proved membership).
     pub connected: bool,
+    /// This is the local device.
+    pub this_device: bool,
     /// When this node last saw it connected (unix seconds); now if connected.
     pub last_seen: Option<u64>,
 }
@@ -641,8 +643,9 @@ impl Engine {
                             connected: self.peers.iter().any(|(p, e)| {
                                 e.proven.contains(&id) && p.to_bytes() == d.as_bytes()
                             }),
+                            this_device: *d == self.me,
                             last_seen: if *d == self.me {
-                                Some(pairing::now_secs())
+                                None
                             } else {
                                 PeerId::from_bytes(d.as_bytes()).ok().and_then(|p| {
                                     if self.peers.contains_key(&p) {
