@@ -1353,21 +1353,24 @@ impl Engine {
                     }
                     parsed.push(c);
                 }
-                if !doc.is_members() {
-                    match s.roster.role_of(&author) {
-                        // Not yet in our view of members: maybe we lag.
-                        None => {
-                            self.kick((propagation, space, DocId::members()), true, outbox);
-                            return Err((
-                                MessageAcceptance::Ignore,
-                                format!("{} is not a member (yet)", author.short()),
-                            ));
-                        }
-                        Some(_) => s
-                            .roster
-                            .check(&doc, &author)
-                            .map_err(|e| reject(e.to_string()))?,
+                match s.roster.role_of(&author) {
+                    // Not in our view of members: maybe we lag (a new
+                    // member), maybe it was removed. Neither spread nor
+                    // penalised; `members` is pulled in case we lag.
+                    None if !doc.is_members() || !s.roster.members.is_empty() => {
+                        self.kick((propagation, space, DocId::members()), true, outbox);
+                        return Err((
+                            MessageAcceptance::Ignore,
+                            format!("{} is not a member (yet)", author.short()),
+                        ));
                     }
+                    // A fresh space's first members changes: checked in
+                    // order when applied.
+                    None => {}
+                    Some(_) => s
+                        .roster
+                        .check(&doc, &author)
+                        .map_err(|e| reject(e.to_string()))?,
                 }
                 let slot = self.gossip_batch.entry((space, doc)).or_default();
                 slot.0.extend(parsed);
@@ -1378,6 +1381,12 @@ impl Engine {
             GossipBody::Heads { docs } => {
                 if docs.len() > wire::MAX_HEADS_DOCS {
                     return Err(reject("heads summary too long".into()));
+                }
+                if !s.roster.members.is_empty() && s.roster.role_of(&author).is_none() {
+                    return Err((
+                        MessageAcceptance::Ignore,
+                        format!("heads from {}, not a member", author.short()),
+                    ));
                 }
                 let mut behind = Vec::new();
                 if let Some(s) = self.spaces.get_mut(&space) {
