@@ -1,0 +1,322 @@
+//! The real-time path: sealing and publishing local changes (and heads
+//! summaries) on the space's topic, checking every gossip message before it
+//! is spread, and applying accepted changes in one batch per document.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use automerge::{Change, ChangeHash};
+use libp2p::gossipsub::{MessageAcceptance, TopicHash};
+use libp2p::PeerId;
+use shoal_protocol::members;
+use shoal_protocol::wire::{self, GossipBody};
+use shoal_protocol::{envelope, DocId, SpaceId};
+use tracing::warn;
+
+use super::{device_of_peer, hex_heads, random, Engine, Event, Gap, Origin, MAX_WANTED};
+use crate::net::NetCommand;
+use shoal_protocol::actor::device_of;
+
+impl Engine {
+    pub(super) fn publish(
+        &mut self,
+        id: SpaceId,
+        doc: &DocId,
+        changes: Vec<Vec<u8>>,
+        heads: &[ChangeHash],
+        outbox: &mut Vec<NetCommand>,
+    ) {
+        // Pack changes into messages under the inline limit, in order.
+        let mut groups: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
+        let mut size = 0;
+        let mut too_big = false;
+        for c in changes {
+            if c.len() > wire::GOSSIP_INLINE_LIMIT {
+                too_big = true;
+                break;
+            }
+            if size + c.len() > wire::GOSSIP_INLINE_LIMIT {
+                groups.push(Vec::new());
+                size = 0;
+            }
+            size += c.len() + 8;
+            if let Some(g) = groups.last_mut() {
+                g.push(c);
+            }
+        }
+        if too_big || groups.len() > 16 {
+            // Too big to inline: announce the heads; receivers pull.
+            let bytes = wire::encode(&GossipBody::Heads {
+                docs: vec![(doc.clone(), heads.iter().map(|h| h.0).collect())],
+            });
+            self.publish_sealed(id, &bytes, outbox);
+            return;
+        }
+        for changes in groups.into_iter().filter(|g| !g.is_empty()) {
+            let bytes = wire::encode(&GossipBody::Changes {
+                doc: doc.clone(),
+                changes,
+            });
+            self.publish_sealed(id, &bytes, outbox);
+        }
+    }
+
+    pub(super) fn publish_sealed(
+        &mut self,
+        id: SpaceId,
+        plaintext: &[u8],
+        outbox: &mut Vec<NetCommand>,
+    ) {
+        let Some(s) = self.spaces.get(&id) else {
+            return;
+        };
+        let (epoch, key) = s.current();
+        let sealed = envelope::seal(&id, epoch, key, random(), plaintext);
+        outbox.push(NetCommand::Publish {
+            topic: s.topic.clone(),
+            data: sealed,
+        });
+    }
+
+    pub(super) fn publish_summaries(&mut self, outbox: &mut Vec<NetCommand>) {
+        let ids: Vec<SpaceId> = self
+            .spaces
+            .keys()
+            .filter(|id| self.peers.values().any(|p| p.proven.contains(id)))
+            .copied()
+            .collect();
+        for id in ids {
+            let mut all: Vec<(DocId, Vec<[u8; 32]>)> = Vec::new();
+            if let Some(s) = self.spaces.get_mut(&id) {
+                for (d, st) in s.docs.iter_mut() {
+                    let h = st.doc.get_heads();
+                    if !h.is_empty() {
+                        all.push((d.clone(), h.iter().map(|c| c.0).collect()));
+                    }
+                }
+            }
+            for chunk in all.chunks(wire::MAX_HEADS_DOCS) {
+                let body = wire::encode(&GossipBody::Heads {
+                    docs: chunk.to_vec(),
+                });
+                self.publish_sealed(id, &body, outbox);
+            }
+        }
+    }
+
+    /// Decides on one gossip message; applies nothing yet (see
+    /// [`Self::apply_gossip_batch`]).
+    pub(super) fn on_gossip(
+        &mut self,
+        propagation: PeerId,
+        source: Option<PeerId>,
+        topic: &TopicHash,
+        data: &[u8],
+        outbox: &mut Vec<NetCommand>,
+    ) -> std::result::Result<(), (MessageAcceptance, String)> {
+        let reject = |r: String| (MessageAcceptance::Reject, r);
+        let Some(space) = self.topics.get(topic).copied() else {
+            return Err((
+                MessageAcceptance::Ignore,
+                "gossip on a topic we do not follow".into(),
+            ));
+        };
+        let source = source.ok_or_else(|| reject("unsigned gossip".into()))?;
+        let author = device_of_peer(&source).map_err(|e| reject(e.to_string()))?;
+        let s = &self.spaces[&space];
+        let epoch = envelope::peek_epoch(data).map_err(|e| reject(e.to_string()))?;
+        let key = s
+            .grant
+            .keys
+            .iter()
+            .find(|(e, _)| *e == epoch)
+            .map(|(_, k)| k)
+            .ok_or_else(|| reject(format!("unknown key epoch {epoch}")))?;
+        let plain = envelope::open(&space, key, data).map_err(|e| reject(e.to_string()))?;
+        let body: GossipBody = wire::decode("gossip body", &plain, wire::MAX_GOSSIP_BYTES)
+            .map_err(|e| reject(e.to_string()))?;
+        match body {
+            GossipBody::Changes { doc, changes } => {
+                let mut parsed = Vec::with_capacity(changes.len());
+                for c in &changes {
+                    let c = Change::try_from(c.as_slice())
+                        .map_err(|e| reject(format!("malformed change: {e}")))?;
+                    let by = device_of(c.actor_id()).map_err(|e| reject(e.to_string()))?;
+                    if by != author {
+                        return Err(reject(format!(
+                            "change by {} published by {}",
+                            by.short(),
+                            author.short()
+                        )));
+                    }
+                    parsed.push(c);
+                }
+                match s.roster.role_of(&author) {
+                    // Not in our view of members: maybe we lag (a new
+                    // member), maybe it was removed. Neither spread nor
+                    // penalised; `members` is pulled in case we lag.
+                    None if !doc.is_members() || !s.roster.members.is_empty() => {
+                        self.kick((propagation, space, DocId::members()), true, outbox);
+                        return Err((
+                            MessageAcceptance::Ignore,
+                            format!("{} is not a member (yet)", author.short()),
+                        ));
+                    }
+                    // A fresh space's first members changes: checked in
+                    // order when applied.
+                    None => {}
+                    Some(_) => s
+                        .roster
+                        .check(&doc, &author)
+                        .map_err(|e| reject(e.to_string()))?,
+                }
+                let slot = self.gossip_batch.entry((space, doc)).or_default();
+                slot.0.extend(parsed);
+                slot.1.insert(propagation);
+                slot.1.insert(source);
+                Ok(())
+            }
+            GossipBody::Heads { docs } => {
+                if docs.len() > wire::MAX_HEADS_DOCS {
+                    return Err(reject("heads summary too long".into()));
+                }
+                if !s.roster.members.is_empty() && s.roster.role_of(&author).is_none() {
+                    return Err((
+                        MessageAcceptance::Ignore,
+                        format!("heads from {}, not a member", author.short()),
+                    ));
+                }
+                let mut behind = Vec::new();
+                if let Some(s) = self.spaces.get_mut(&space) {
+                    for (doc, heads) in docs {
+                        let known = s.docs.get_mut(&doc).is_some_and(|d| {
+                            heads
+                                .iter()
+                                .all(|h| d.doc.get_change_by_hash(&ChangeHash(*h)).is_some())
+                        });
+                        if !known {
+                            behind.push((doc, heads));
+                        }
+                    }
+                }
+                let from = if self.is_proven(&source, &space) {
+                    source
+                } else {
+                    propagation
+                };
+                // Gossip in flight may bring them; pull only if it does not.
+                for (doc, heads) in behind {
+                    let g = self.gaps.entry((space, doc)).or_insert_with(|| Gap {
+                        since: Instant::now(),
+                        peers: HashSet::new(),
+                        wanted: Vec::new(),
+                    });
+                    g.peers.insert(from);
+                    if g.wanted.len() < MAX_WANTED {
+                        g.wanted.extend(heads.into_iter().map(ChangeHash));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn apply_gossip_batch(&mut self, outbox: &mut Vec<NetCommand>) {
+        let batch = std::mem::take(&mut self.gossip_batch);
+        for ((space, doc), (changes, from)) in batch {
+            let fresh = self.new_doc();
+            let Some(s) = self.spaces.get_mut(&space) else {
+                continue;
+            };
+            let d = s.docs.entry(doc.clone()).or_insert(fresh);
+            let before = d.doc.get_heads();
+            let mut raw: Vec<Vec<u8>> = changes
+                .iter()
+                .filter(|c| d.doc.get_change_by_hash(&c.hash()).is_none())
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
+            let r = if doc.is_members() {
+                members::apply_members_changes(&mut d.doc, &s.grant.creator, changes).map(|refused| {
+                    if !refused.is_empty() {
+                        warn!(space = %space.short(), n = refused.len(), "members changes refused");
+                        let bad: HashSet<&[u8]> = refused.iter().map(|c| c.raw_bytes()).collect();
+                        raw.retain(|r| !bad.contains(r.as_slice()));
+                    }
+                })
+            } else {
+                d.doc
+                    .apply_changes(changes)
+                    .map_err(shoal_protocol::Error::from)
+            };
+            if let Err(e) = r {
+                warn!(space = %space.short(), %doc, error = %e, "gossiped changes failed to apply");
+            }
+            let missing = !d.doc.get_missing_deps(&[]).is_empty();
+            let heads = d.doc.get_heads();
+            if missing {
+                // A gap: an earlier change has not reached us. Gossip over
+                // several paths reorders, so give it a moment before pulling.
+                let g = self
+                    .gaps
+                    .entry((space, doc.clone()))
+                    .or_insert_with(|| Gap {
+                        since: Instant::now(),
+                        peers: HashSet::new(),
+                        wanted: Vec::new(),
+                    });
+                g.peers.extend(from);
+            }
+            self.after_remote_change(space, &doc, None, heads != before, &raw, outbox);
+        }
+    }
+
+    /// Persist, update roles, tell watchers; changes that came by sync (from
+    /// `synced_from`) are passed on to the other members we are connected
+    /// to, while gossip (`None`) spreads by itself.
+    pub(super) fn after_remote_change(
+        &mut self,
+        space: SpaceId,
+        doc: &DocId,
+        synced_from: Option<PeerId>,
+        changed: bool,
+        raw: &[Vec<u8>],
+        outbox: &mut Vec<NetCommand>,
+    ) {
+        if let Err(e) = self.persist(space, doc, raw) {
+            warn!(space = %space.short(), %doc, error = %e, "cannot persist remote change");
+        }
+        if !changed {
+            return;
+        }
+        if doc.is_members() {
+            self.refresh_roster(space);
+        }
+        let heads = self
+            .spaces
+            .get_mut(&space)
+            .and_then(|s| s.docs.get_mut(doc))
+            .map(|d| d.doc.get_heads())
+            .unwrap_or_default();
+        self.emit(Event::DocChanged {
+            space: space.to_string(),
+            doc: doc.to_string(),
+            origin: if synced_from.is_some() {
+                Origin::Sync
+            } else {
+                Origin::Gossip
+            },
+            heads: hex_heads(&heads),
+        });
+        if let Some(from) = synced_from {
+            let others: Vec<PeerId> = self
+                .peers
+                .iter()
+                .filter(|(p, e)| **p != from && e.proven.contains(&space))
+                .map(|(p, _)| *p)
+                .collect();
+            for p in others {
+                self.kick((p, space, doc.clone()), false, outbox);
+            }
+        }
+    }
+}

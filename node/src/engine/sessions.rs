@@ -1,0 +1,515 @@
+//! Who may sync, and the sync sessions themselves: the members-only hello
+//! (challenge, proofs, admission against `members`), and per (peer, space,
+//! document) Automerge sync sessions over `/shoal/sync/1`: started on
+//! admission (`members` first), on gaps and announced heads, retried with
+//! backoff, and answered as responder with every change checked first.
+
+use std::time::Instant;
+
+use automerge::sync::{self, SyncDoc};
+use automerge::Change;
+use libp2p::{Multiaddr, PeerId};
+use shoal_protocol::members;
+use shoal_protocol::wire::{
+    self, HelloRequest, HelloResponse, RefuseReason, SyncRequest, SyncResponse,
+};
+use shoal_protocol::{hello, DocId, SpaceId, SpaceKey};
+use tracing::{debug, info, warn};
+
+use super::{
+    device_of_peer, random, Engine, Event, Session, SessionKey, MAX_BACKOFF, RETRY_TICK,
+    SESSION_TIMEOUT,
+};
+use crate::error::{Error, Result};
+use crate::net::{NetCommand, Proto};
+
+impl Engine {
+    /// Challenges `peer` to prove its spaces; `recheck` asks it to challenge
+    /// us back (we joined a space since it last checked us).
+    pub(super) fn send_hello(&mut self, peer: PeerId, recheck: bool, outbox: &mut Vec<NetCommand>) {
+        let challenge: [u8; 32] = random();
+        let tag = self.tag();
+        self.hellos.insert(tag, (peer, challenge));
+        outbox.push(NetCommand::Send {
+            proto: Proto::Hello,
+            peer,
+            tag,
+            data: wire::encode(&HelloRequest::V1 { challenge, recheck }),
+        });
+    }
+
+    pub(super) fn proofs_for(&self, peer: &PeerId, challenge: &[u8; 32]) -> Vec<hello::Proof> {
+        let Ok(verifier) = device_of_peer(peer) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for s in self.spaces.values() {
+            for (e, k) in &s.grant.keys {
+                out.push(hello::proof(
+                    &s.grant.space,
+                    *e,
+                    k,
+                    challenge,
+                    &self.me,
+                    &verifier,
+                ));
+            }
+        }
+        out.truncate(hello::MAX_PROOFS);
+        out
+    }
+
+    pub(super) fn on_hello_response(
+        &mut self,
+        peer: PeerId,
+        tag: u64,
+        result: std::result::Result<Vec<u8>, String>,
+        outbox: &mut Vec<NetCommand>,
+    ) {
+        let Some((_, challenge)) = self.hellos.remove(&tag) else {
+            return;
+        };
+        let bytes = match result {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(%peer, error = %e, "hello failed");
+                return;
+            }
+        };
+        let proofs = match wire::decode::<HelloResponse>("hello", &bytes, wire::MAX_HELLO_BYTES) {
+            Ok(HelloResponse::V1 { proofs }) => proofs,
+            Err(e) => {
+                self.emit(Event::Rejected {
+                    peer: peer.to_string(),
+                    reason: e.to_string(),
+                });
+                return;
+            }
+        };
+        let Ok(prover) = device_of_peer(&peer) else {
+            return;
+        };
+        let mine: Vec<(SpaceId, u32, SpaceKey)> = self
+            .spaces
+            .values()
+            .flat_map(|s| {
+                s.grant
+                    .keys
+                    .iter()
+                    .map(|(e, k)| (s.grant.space, *e, k.clone()))
+            })
+            .collect();
+        let proven = hello::verify(
+            mine.iter().map(|(s, e, k)| (s, *e, k)),
+            &proofs,
+            &challenge,
+            &prover,
+            &self.me,
+        );
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        for (space, _) in proven {
+            if self.is_proven(&peer, &space) {
+                continue;
+            }
+            // Holding the key is not enough once `members` is known: a
+            // revoked device still has old epoch keys.
+            let roster = &self.spaces[&space].roster;
+            if !roster.members.is_empty() && roster.role_of(&prover).is_none() {
+                debug!(%peer, space = %space.short(), "key holder not in members (yet)");
+                self.unadmitted.insert((peer, space));
+                continue;
+            }
+            self.admit(peer, space, outbox);
+        }
+    }
+
+    /// A peer proved membership of `space`: sync with it, members first.
+    pub(super) fn admit(&mut self, peer: PeerId, space: SpaceId, outbox: &mut Vec<NetCommand>) {
+        let Some(entry) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if !entry.proven.insert(space) {
+            return;
+        }
+        self.remember_peer(peer);
+        info!(%peer, space = %space.short(), "member verified");
+        self.emit(Event::MemberVerified {
+            peer: peer.to_string(),
+            space: space.to_string(),
+        });
+        // Members first: roles decide what the other documents accept.
+        self.kick((peer, space, DocId::members()), true, outbox);
+    }
+
+    pub(super) fn remember_peer(&mut self, peer: PeerId) {
+        let Some(e) = self.peers.get(&peer) else {
+            return;
+        };
+        let addrs: Vec<String> = e
+            .listen
+            .iter()
+            .filter(|a| {
+                !a.iter().any(
+                    |p| matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified()),
+                )
+            })
+            .map(|a| a.to_string())
+            .collect();
+        if !addrs.is_empty() {
+            if let Err(e) = self.store.put_peer(&peer.to_bytes(), &addrs) {
+                warn!(%peer, error = %e, "cannot remember peer");
+            }
+        }
+    }
+
+    pub(super) async fn redial_known(&mut self) {
+        let Ok(known) = self.store.peers() else {
+            return;
+        };
+        for (id, addrs) in known {
+            let Ok(peer) = PeerId::from_bytes(&id) else {
+                continue;
+            };
+            if peer == self.my_peer || self.peers.contains_key(&peer) {
+                continue;
+            }
+            for a in addrs {
+                if let Ok(addr) = a.parse::<Multiaddr>() {
+                    let addr = addr.with_p2p(peer).unwrap_or_else(|a| a);
+                    let _ = self.net.dial(addr).await;
+                }
+            }
+        }
+    }
+
+    /// Makes sure a sync session runs for `key`. `fresh` forgets what we
+    /// believe the peer has, forcing a full heads exchange.
+    pub(super) fn kick(&mut self, key: SessionKey, fresh: bool, outbox: &mut Vec<NetCommand>) {
+        if !self.is_proven(&key.0, &key.1) {
+            return;
+        }
+        let s = self
+            .sessions
+            .entry(key.clone())
+            .or_insert_with(Session::new);
+        if s.inflight.is_some() {
+            s.again = true;
+            return;
+        }
+        if fresh {
+            s.state = sync::State::new();
+            s.fresh = true;
+        }
+        self.send_next(key, false, outbox);
+    }
+
+    pub(super) fn send_next(&mut self, key: SessionKey, poll: bool, outbox: &mut Vec<NetCommand>) {
+        let tag = self.next_tag + 1;
+        let (peer, space, doc) = key.clone();
+        let fresh = self.new_doc();
+        let Some(sp) = self.spaces.get_mut(&space) else {
+            return;
+        };
+        let d = sp.docs.entry(doc.clone()).or_insert(fresh);
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let msg = d.doc.sync().generate_sync_message(&mut s.state);
+        if msg.is_none() && !poll {
+            if s.again {
+                s.again = false;
+            }
+            if doc.is_members() {
+                // Members settled with this peer: now the other documents.
+                let docs: Vec<DocId> = sp
+                    .docs
+                    .keys()
+                    .filter(|d| !d.is_members())
+                    .cloned()
+                    .collect();
+                for d in docs {
+                    let k = (peer, space, d);
+                    if !self.sessions.contains_key(&k) {
+                        self.kick(k, true, outbox);
+                    }
+                }
+            }
+            return;
+        }
+        self.next_tag = tag;
+        s.inflight = Some((tag, Instant::now()));
+        let fresh = std::mem::take(&mut s.fresh);
+        self.inflight.insert(tag, key);
+        outbox.push(NetCommand::Send {
+            proto: Proto::Sync,
+            peer,
+            tag,
+            data: wire::encode(&SyncRequest::V1 {
+                space,
+                doc,
+                fresh,
+                message: msg.map(|m| m.encode()),
+            }),
+        });
+    }
+
+    pub(super) fn retry_later(&mut self, key: &SessionKey) {
+        if let Some(s) = self.sessions.get_mut(key) {
+            s.inflight = None;
+            s.state = sync::State::new();
+            s.fresh = true;
+            // 250 ms, doubling to at most 30 s.
+            let backoff = RETRY_TICK * 2u32.saturating_pow(s.failures.min(7));
+            s.failures += 1;
+            s.retry_at = Some(Instant::now() + backoff.min(MAX_BACKOFF));
+        }
+    }
+
+    pub(super) fn on_retry_tick(&mut self, outbox: &mut Vec<NetCommand>) {
+        self.drive_joins(outbox);
+        self.answer_joins();
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (k, s) in self.sessions.iter_mut() {
+            if let Some((tag, at)) = s.inflight {
+                if now.duration_since(at) > SESSION_TIMEOUT {
+                    self.inflight.remove(&tag);
+                    s.inflight = None;
+                    s.retry_at = Some(now);
+                }
+            }
+            if s.inflight.is_none() && s.retry_at.is_some_and(|t| t <= now) {
+                s.retry_at = None;
+                due.push(k.clone());
+            }
+        }
+        for k in due {
+            self.kick(k, true, outbox);
+        }
+        let old: Vec<(SpaceId, DocId)> = self
+            .gaps
+            .iter()
+            .filter(|(_, g)| now.duration_since(g.since) >= RETRY_TICK)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (space, doc) in old {
+            let Some(gap) = self.gaps.remove(&(space, doc.clone())) else {
+                continue;
+            };
+            let still = match self
+                .spaces
+                .get_mut(&space)
+                .and_then(|s| s.docs.get_mut(&doc))
+            {
+                Some(d) => {
+                    !d.doc.get_missing_deps(&[]).is_empty()
+                        || gap
+                            .wanted
+                            .iter()
+                            .any(|h| d.doc.get_change_by_hash(h).is_none())
+                }
+                None => true,
+            };
+            if still {
+                // kick() skips peers that have not proved membership
+                for p in gap.peers {
+                    self.kick((p, space, doc.clone()), true, outbox);
+                }
+            }
+        }
+    }
+
+    /// Checks and applies a peer's sync message to a document; true if the
+    /// document changed.
+    pub(super) fn receive(
+        &mut self,
+        key: &SessionKey,
+        bytes: &[u8],
+        responder: bool,
+    ) -> Result<(bool, Vec<Vec<u8>>)> {
+        let (_, space, doc) = key;
+        let msg = shoal_protocol::sync::decode_message(bytes)?;
+        let changes = shoal_protocol::sync::changes_in(&msg)?;
+        let fresh = self.new_doc();
+        let sp = self
+            .spaces
+            .get_mut(space)
+            .ok_or_else(|| Error::UnknownSpace(space.to_string()))?;
+        let d = sp.docs.entry(doc.clone()).or_insert(fresh);
+        let new: Vec<Change> = changes
+            .into_iter()
+            .filter(|c| d.doc.get_change_by_hash(&c.hash()).is_none())
+            .collect();
+        let raw: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        if doc.is_members() {
+            let mut trial = d.doc.fork();
+            let refused = members::apply_members_changes(&mut trial, &sp.grant.creator, new)?;
+            if !refused.is_empty() {
+                return Err(shoal_protocol::Error::Unauthorized(format!(
+                    "{} members changes by non-owners",
+                    refused.len()
+                ))
+                .into());
+            }
+        } else {
+            sp.roster.check_changes(doc, &new)?;
+        }
+        let before = d.doc.get_heads();
+        let state = if responder {
+            self.responders.entry(key.clone()).or_default()
+        } else {
+            match self.sessions.get_mut(key) {
+                Some(s) => &mut s.state,
+                None => return Ok((false, Vec::new())),
+            }
+        };
+        d.doc
+            .sync()
+            .receive_sync_message(state, msg)
+            .map_err(shoal_protocol::Error::from)?;
+        Ok((d.doc.get_heads() != before, raw))
+    }
+
+    pub(super) fn on_sync_request(
+        &mut self,
+        peer: PeerId,
+        data: &[u8],
+        outbox: &mut Vec<NetCommand>,
+    ) -> SyncResponse {
+        let refuse = |reason| SyncResponse::Refused { reason };
+        let (space, doc, message) =
+            match wire::decode::<SyncRequest>("sync request", data, wire::MAX_SYNC_BYTES) {
+                Ok(SyncRequest::V1 {
+                    space,
+                    doc,
+                    fresh,
+                    message,
+                }) => {
+                    if fresh {
+                        // The peer starts over (it may have refused what we
+                        // sent before): forget what we think it has.
+                        self.responders.remove(&(peer, space, doc.clone()));
+                    }
+                    (space, doc, message)
+                }
+                Err(e) => {
+                    self.emit(Event::Rejected {
+                        peer: peer.to_string(),
+                        reason: e.to_string(),
+                    });
+                    return refuse(RefuseReason::BadMessage);
+                }
+            };
+        if !self.is_proven(&peer, &space) {
+            return refuse(RefuseReason::NotAllowed);
+        }
+        let key = (peer, space, doc.clone());
+        if let Some(m) = message {
+            match self.receive(&key, &m, true) {
+                Ok((changed, raw)) => {
+                    self.after_remote_change(space, &doc, Some(peer), changed, &raw, outbox)
+                }
+                Err(e) => {
+                    self.responders.remove(&key);
+                    self.drop_if_empty(&space, &doc);
+                    self.emit(Event::Rejected {
+                        peer: peer.to_string(),
+                        reason: e.to_string(),
+                    });
+                    return refuse(RefuseReason::BadMessage);
+                }
+            }
+        }
+        let fresh = self.new_doc();
+        let Some(sp) = self.spaces.get_mut(&space) else {
+            return refuse(RefuseReason::NotAllowed);
+        };
+        let d = sp.docs.entry(doc.clone()).or_insert(fresh);
+        let state = self.responders.entry(key).or_default();
+        let reply = d.doc.sync().generate_sync_message(state);
+        self.drop_if_empty(&space, &doc);
+        SyncResponse::V1 {
+            message: reply.map(|m| m.encode()),
+        }
+    }
+
+    /// Forgets a document entry that holds no change (created by a peer's
+    /// request for a document we do not have).
+    pub(super) fn drop_if_empty(&mut self, space: &SpaceId, doc: &DocId) {
+        if let Some(sp) = self.spaces.get_mut(space) {
+            if sp.docs.get(doc).is_some_and(|d| d.doc.is_empty()) {
+                sp.docs.remove(doc);
+            }
+        }
+    }
+
+    pub(super) fn on_sync_response(
+        &mut self,
+        peer: PeerId,
+        tag: u64,
+        result: std::result::Result<Vec<u8>, String>,
+        outbox: &mut Vec<NetCommand>,
+    ) {
+        let Some(key) = self.inflight.remove(&tag) else {
+            return;
+        };
+        let (_, space, doc) = key.clone();
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.inflight = None;
+        }
+        let bytes = match result {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(%peer, error = %e, "sync request failed");
+                if self.peers.contains_key(&peer) {
+                    self.retry_later(&key);
+                }
+                return;
+            }
+        };
+        let message =
+            match wire::decode::<SyncResponse>("sync response", &bytes, wire::MAX_SYNC_BYTES) {
+                Ok(SyncResponse::V1 { message }) => message,
+                Ok(SyncResponse::Refused { reason }) => {
+                    debug!(%peer, ?reason, "sync refused");
+                    self.retry_later(&key);
+                    return;
+                }
+                Err(e) => {
+                    self.emit(Event::Rejected {
+                        peer: peer.to_string(),
+                        reason: e.to_string(),
+                    });
+                    self.retry_later(&key);
+                    return;
+                }
+            };
+        let had = message.is_some();
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.failures = 0;
+        }
+        if let Some(m) = message {
+            match self.receive(&key, &m, false) {
+                Ok((changed, raw)) => {
+                    self.after_remote_change(space, &doc, Some(peer), changed, &raw, outbox)
+                }
+                Err(e) => {
+                    self.emit(Event::Rejected {
+                        peer: peer.to_string(),
+                        reason: e.to_string(),
+                    });
+                    self.drop_if_empty(&space, &doc);
+                    self.retry_later(&key);
+                    return;
+                }
+            }
+        }
+        let again = self
+            .sessions
+            .get_mut(&key)
+            .is_some_and(|s| std::mem::take(&mut s.again));
+        self.send_next(key, had || again, outbox);
+    }
+}
