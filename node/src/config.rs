@@ -26,7 +26,7 @@ pub struct ConfigFile {
     pub listen: Vec<String>,
     /// Peers to dial at start.
     pub peers: Vec<String>,
-    /// Bootstrap nodes (multiaddrs ending in /p2p/<id>). Empty by default:
+    /// Bootstrap nodes (multiaddrs ending in `/p2p/<id>`). Empty by default:
     /// shoal ships no public addresses.
     pub bootstrap: Vec<String>,
     /// LAN discovery.

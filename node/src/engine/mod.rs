@@ -7,11 +7,11 @@
 //! together are handled in one turn: one store flush acknowledges every
 //! write of the turn (group commit), one gossip message per document carries
 //! its local changes, and remote changes apply in one batch per document.
-//! The task ends on [`Command::Shutdown`], after a final flush.
+//! The task ends on a shutdown command, after a final flush.
 //!
 //! This file holds the state, the loop, commands and local edits;
-//! [`gossip`] the real-time path, [`sessions`] the hello and the Automerge
-//! sync sessions, [`pairing`] invites, roles and revocation.
+//! `gossip` the real-time path, `sessions` the hello and the Automerge
+//! sync sessions, `pairing` invites, roles and revocation.
 //!
 //! [`Node`]: crate::Node
 
