@@ -181,34 +181,61 @@ impl Hostile {
         .context("hostile peer timed out")?
     }
 
+    /// The request-response outcome of `id`, if `ev` is it.
+    fn outcome(
+        ev: &mut SwarmEvent<HostileBehaviourEvent>,
+        id: request_response::OutboundRequestId,
+    ) -> Option<std::result::Result<Vec<u8>, String>> {
+        let rr = match ev {
+            SwarmEvent::Behaviour(HostileBehaviourEvent::Hello(e))
+            | SwarmEvent::Behaviour(HostileBehaviourEvent::Sync(e))
+            | SwarmEvent::Behaviour(HostileBehaviourEvent::Invite(e)) => e,
+            _ => return None,
+        };
+        match rr {
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } if *request_id == id => Some(Ok(std::mem::take(response))),
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } if *request_id == id => Some(Err(error.to_string())),
+            _ => None,
+        }
+    }
+
+    /// Sends one request and waits for its answer (or failure).
+    async fn request(
+        &mut self,
+        proto: &str,
+        target: libp2p::PeerId,
+        bytes: Vec<u8>,
+    ) -> Result<std::result::Result<Vec<u8>, String>> {
+        let b = self.swarm.behaviour_mut();
+        let id = match proto {
+            wire::HELLO_PROTOCOL => b.hello.send_request(&target, bytes),
+            wire::SYNC_PROTOCOL => b.sync.send_request(&target, bytes),
+            _ => b.invite.send_request(&target, bytes),
+        };
+        self.pump(|ev| Self::outcome(ev, id)).await
+    }
+
     async fn sync_request(
         &mut self,
         target: libp2p::PeerId,
         bytes: Vec<u8>,
     ) -> Result<std::result::Result<SyncResponse, String>> {
-        let id = self.swarm.behaviour_mut().sync.send_request(&target, bytes);
-        self.pump(|ev| match ev {
-            SwarmEvent::Behaviour(HostileBehaviourEvent::Sync(
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                },
-            )) if *request_id == id => Some(
-                wire::decode::<SyncResponse>("sync", response, wire::MAX_SYNC_BYTES)
-                    .map_err(|e| e.to_string()),
-            ),
-            SwarmEvent::Behaviour(HostileBehaviourEvent::Sync(
-                request_response::Event::OutboundFailure {
-                    request_id, error, ..
-                },
-            )) if *request_id == id => Some(Err(error.to_string())),
-            _ => None,
-        })
-        .await
+        Ok(self
+            .request(wire::SYNC_PROTOCOL, target, bytes)
+            .await?
+            .and_then(|r| {
+                wire::decode::<SyncResponse>("sync", &r, wire::MAX_SYNC_BYTES)
+                    .map_err(|e| e.to_string())
+            }))
     }
 
     fn publish(&mut self, topic: &str, data: Vec<u8>) -> Result<()> {
@@ -380,30 +407,15 @@ async fn a_stranger_gets_no_proofs_and_no_documents() -> Result<()> {
     let a_peer = a.peer_id();
     // Our challenge to a: a answers with proofs that name nothing we know.
     let me_challenge = [3u8; 32];
-    let id = h.swarm.behaviour_mut().hello.send_request(
-        &a_peer,
-        wire::encode(&HelloRequest::V1 {
-            challenge: me_challenge,
-            recheck: false,
-        }),
-    );
-    let proofs = h
-        .pump(|e| match e {
-            SwarmEvent::Behaviour(HostileBehaviourEvent::Hello(
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                },
-            )) if *request_id == id => {
-                wire::decode::<HelloResponse>("hello", response, wire::MAX_HELLO_BYTES).ok()
-            }
-            _ => None,
-        })
-        .await?;
+    let req = wire::encode(&HelloRequest::V1 {
+        challenge: me_challenge,
+        recheck: false,
+    });
+    let resp = h
+        .request(wire::HELLO_PROTOCOL, a_peer, req)
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    let proofs: HelloResponse = wire::decode("hello", &resp, wire::MAX_HELLO_BYTES)?;
     let HelloResponse::V1 { proofs } = proofs;
     assert_eq!(proofs.len(), 1);
     // Without the key, the proof matches no guess of the space.
@@ -469,22 +481,12 @@ async fn a_flood_of_wrong_invite_secrets_is_rate_limited_and_slows_nothing() -> 
     let mut other = 0;
     let started = std::time::Instant::now();
     while !ids.is_empty() {
+        let pending: Vec<_> = ids.iter().copied().collect();
         let r = h
-            .pump(|e| match e {
-                SwarmEvent::Behaviour(HostileBehaviourEvent::Invite(
-                    request_response::Event::Message {
-                        message:
-                            request_response::Message::Response {
-                                request_id,
-                                response,
-                            },
-                        ..
-                    },
-                )) => Some((*request_id, Some(response.clone()))),
-                SwarmEvent::Behaviour(HostileBehaviourEvent::Invite(
-                    request_response::Event::OutboundFailure { request_id, .. },
-                )) => Some((*request_id, None)),
-                _ => None,
+            .pump(|e| {
+                pending
+                    .iter()
+                    .find_map(|id| Hostile::outcome(e, *id).map(|o| (*id, o.ok())))
             })
             .await?;
         ids.remove(&r.0);
