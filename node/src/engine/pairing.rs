@@ -489,10 +489,21 @@ impl Engine {
             warn!(%peer, "join with a wrong secret");
             return refuse(JoinRefusal::WrongSecret);
         }
+        // The same device redeeming again (its answer was lost) gets its
+        // grant again, but only while it is still a member: a revoked
+        // device must not fetch the new epoch keys with its old code.
         let again = rec
             .used_by
             .iter()
             .any(|d| d.as_slice() == joiner.as_bytes());
+        if again
+            && self
+                .spaces
+                .get(&rec.space)
+                .is_none_or(|s| s.roster.role_of(&joiner).is_none())
+        {
+            return refuse(JoinRefusal::Used);
+        }
         if !again {
             if rec.cancelled {
                 return refuse(JoinRefusal::Cancelled);

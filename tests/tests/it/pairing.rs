@@ -209,7 +209,8 @@ async fn revoked_device_gets_nothing_written_after_and_the_rest_keep_syncing() -
     let (a, b, c) = (&n[0].node, &n[1].node, &n[2].node);
     a.create_space("notes").await?;
     b.join(&invite(a, Role::Editor).await?, SHORT).await?;
-    c.join(&invite(a, Role::Editor).await?, SHORT).await?;
+    let c_code = invite(a, Role::Editor).await?;
+    c.join(&c_code, SHORT).await?;
     connect(b, c).await?;
     a.put("notes", &todo(), "/before", json!(true)).await?;
     wait_converged(&[a, b, c], "notes", "todo").await?;
@@ -258,5 +259,22 @@ async fn revoked_device_gets_nothing_written_after_and_the_rest_keep_syncing() -
         .await?
         .iter()
         .all(|m| m.device != c.device_id().to_string()));
+
+    // c, on a fresh home with the same device key, redeems its old code to
+    // fetch the new epoch key: refused.
+    n[2].stop().await;
+    let fresh = n[2].dir.path().join("again");
+    std::fs::create_dir_all(&fresh)?;
+    for f in ["identity.key", "x25519.key", "api-token", "config.toml"] {
+        std::fs::copy(n[2].home.dir().join(f), fresh.join(f))?;
+    }
+    let again = shoal_node::Node::start(
+        &shoal_node::Home::at(&fresh),
+        shoal_node::NodeConfig::for_tests("again"),
+    )
+    .await?;
+    let e = again.join(&c_code, SHORT).await.unwrap_err().to_string();
+    assert!(e.contains("already been used"), "{e}");
+    assert!(again.spaces().await?.is_empty());
     Ok(())
 }
