@@ -16,16 +16,24 @@ pub const MAX_DEPTH: usize = 64;
 
 /// The whole document as JSON.
 pub fn to_json(doc: &impl ReadDoc) -> Json {
-    obj_to_json(doc, &ROOT, ObjType::Map)
+    obj_to_json(doc, &ROOT, ObjType::Map, 0)
 }
 
-fn obj_to_json(doc: &impl ReadDoc, obj: &ObjId, ty: ObjType) -> Json {
+/// Deepest nesting read back; deeper objects (only a hostile peer writes
+/// them, local puts stop at [`MAX_DEPTH`]) read as null instead of
+/// overflowing the stack.
+pub const MAX_READ_DEPTH: usize = 2 * MAX_DEPTH;
+
+fn obj_to_json(doc: &impl ReadDoc, obj: &ObjId, ty: ObjType, depth: usize) -> Json {
+    if depth > MAX_READ_DEPTH {
+        return Json::Null;
+    }
     match ty {
         ObjType::Map | ObjType::Table => {
             let mut m = Map::new();
             for k in doc.keys(obj) {
                 if let Ok(Some((v, id))) = doc.get(obj, k.as_str()) {
-                    m.insert(k, value_to_json(doc, v, &id));
+                    m.insert(k, value_to_json(doc, v, &id, depth));
                 }
             }
             Json::Object(m)
@@ -33,16 +41,16 @@ fn obj_to_json(doc: &impl ReadDoc, obj: &ObjId, ty: ObjType) -> Json {
         ObjType::List => Json::Array(
             (0..doc.length(obj))
                 .filter_map(|i| doc.get(obj, i).ok().flatten())
-                .map(|(v, id)| value_to_json(doc, v, &id))
+                .map(|(v, id)| value_to_json(doc, v, &id, depth))
                 .collect(),
         ),
         ObjType::Text => Json::String(doc.text(obj).unwrap_or_default()),
     }
 }
 
-fn value_to_json(doc: &impl ReadDoc, v: Value<'_>, id: &ObjId) -> Json {
+fn value_to_json(doc: &impl ReadDoc, v: Value<'_>, id: &ObjId, depth: usize) -> Json {
     match v {
-        Value::Object(ty) => obj_to_json(doc, id, ty),
+        Value::Object(ty) => obj_to_json(doc, id, ty, depth + 1),
         Value::Scalar(s) => match s.as_ref() {
             ScalarValue::Str(s) => Json::String(s.to_string()),
             ScalarValue::Int(i) => Json::from(*i),

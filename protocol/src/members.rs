@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::actor::device_of;
-use crate::doc::{delete_at, put_json, to_json};
+use crate::doc::{put_json, to_json};
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DocId};
 
@@ -93,14 +93,26 @@ pub struct Roster {
     pub creator: DeviceId,
     /// Devices by id.
     pub members: BTreeMap<DeviceId, Member>,
+    /// Devices that could write once and no longer can (removed or
+    /// demoted): their past changes to documents stay valid, so a device
+    /// that joins later can still sync the history they wrote. Their new
+    /// changes are kept out at the network: they are not admitted to sync,
+    /// and gossip moves to a new epoch when a device is removed.
+    pub former_writers: std::collections::BTreeSet<DeviceId>,
 }
 
 impl Roster {
     /// Reads the roster from a members document.
     pub fn read(creator: DeviceId, doc: &AutoCommit) -> Self {
         let mut members = BTreeMap::new();
+        let mut former_writers = std::collections::BTreeSet::new();
         if let Some(devs) = to_json(doc).get("devices").and_then(|d| d.as_object()) {
             for (id, m) in devs {
+                if m.get("was_writer").and_then(|w| w.as_bool()) == Some(true) {
+                    if let Ok(d) = id.parse::<DeviceId>() {
+                        former_writers.insert(d);
+                    }
+                }
                 let (Ok(id), Some(role)) = (
                     id.parse::<DeviceId>(),
                     m.get("role")
@@ -134,7 +146,11 @@ impl Roster {
                 );
             }
         }
-        Self { creator, members }
+        Self {
+            creator,
+            members,
+            former_writers,
+        }
     }
 
     /// The role of `device`, if it is a member. The creator is an owner
@@ -169,10 +185,15 @@ impl Roster {
         }
     }
 
-    /// Checks the author of every change; the first refusal wins.
+    /// Checks the author of every change of a document's history (as sync
+    /// carries it): a current writer, or a former one (see
+    /// [`Roster::former_writers`]). The first refusal wins.
     pub fn check_changes(&self, doc: &DocId, changes: &[Change]) -> Result<()> {
         for c in changes {
             let author = device_of(c.actor_id())?;
+            if !doc.is_members() && self.former_writers.contains(&author) {
+                continue;
+            }
             self.check(doc, &author)?;
         }
         Ok(())
@@ -255,8 +276,19 @@ pub fn epoch_keys_for(doc: &AutoCommit, me: &DeviceId) -> Vec<(u32, Vec<u8>)> {
 }
 
 /// Removes a device.
-pub fn remove_member(doc: &mut AutoCommit, device: &DeviceId) -> Result<()> {
-    delete_at(doc, &format!("/devices/{device}"))
+/// Removes a device, keeping a tombstone that says whether it could write
+/// (see [`Roster::former_writers`]).
+pub fn remove_member(doc: &mut AutoCommit, device: &DeviceId, was_writer: bool) -> Result<()> {
+    put_json(
+        doc,
+        &format!("/devices/{device}"),
+        &json!({"role": "removed", "was_writer": was_writer}),
+    )
+}
+
+/// Records that a device could write, before a demotion.
+pub fn mark_former_writer(doc: &mut AutoCommit, device: &DeviceId) -> Result<()> {
+    put_json(doc, &format!("/devices/{device}/was_writer"), &json!(true))
 }
 
 /// Applies remote changes to the members document, accepting a change only

@@ -249,7 +249,10 @@ impl Engine {
                     .map_err(shoal_protocol::Error::from)
             };
             if let Err(e) = r {
+                // Not stored either: a bad chunk in the log would take good
+                // changes down with it at load. Sync fetches them again.
                 warn!(space = %space.short(), %doc, error = %e, "gossiped changes failed to apply");
+                raw.clear();
             }
             let missing = !d.doc.get_missing_deps(&[]).is_empty();
             let heads = d.doc.get_heads();

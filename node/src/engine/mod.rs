@@ -409,6 +409,7 @@ impl Engine {
             None => Roster {
                 creator: grant.creator.clone(),
                 members: BTreeMap::new(),
+                former_writers: Default::default(),
             },
         };
         let (e, k) = grant
@@ -537,10 +538,14 @@ impl Engine {
                 ack(err.clone());
             }
             // Answers that promise durable state (a join's grant) go only
-            // after the flush.
-            for cmd in std::mem::take(&mut self.after_flush) {
-                if self.net.send(cmd).await.is_err() {
-                    break;
+            // after a successful flush; otherwise the request fails and the
+            // joiner retries.
+            let after = std::mem::take(&mut self.after_flush);
+            if err.is_none() {
+                for cmd in after {
+                    if self.net.send(cmd).await.is_err() {
+                        break;
+                    }
                 }
             }
         }
@@ -933,7 +938,9 @@ impl Engine {
             return Ok(());
         }
         let bytes = raw.concat();
-        if d.log_len >= COMPACT_AFTER {
+        // save() leaves out changes still waiting for their dependencies:
+        // compact only when none wait, or they would be lost from disk.
+        if d.log_len >= COMPACT_AFTER && d.doc.get_missing_deps(&[]).is_empty() {
             let snap = d.doc.save();
             self.store.compact_doc(&id, doc, &snap)?;
             d.log_len = 0;

@@ -30,8 +30,9 @@ use crate::store::InviteRecord;
 
 /// Failed join attempts one peer may make per window.
 const PEER_FAILURES: u32 = 5;
-/// Failed join attempts all peers together may make per window.
-const TOTAL_FAILURES: u32 = 50;
+/// Failed join attempts all peers together may make per window and invite
+/// (per invite, so strangers cannot lock everyone out of pairing).
+const INVITE_FAILURES: u32 = 20;
 /// The rate-limit window.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How long a join waits for `members` before answering anyway.
@@ -94,7 +95,10 @@ pub(super) struct Join {
     ephemeral: StaticSecret,
     reply: Option<Reply<SpaceInfo>>,
     deadline: Instant,
+    /// No request before this (after a failure or a rate limit).
     next_try: Instant,
+    /// No dial before this.
+    next_dial: Instant,
     backoff: Duration,
     inflight: bool,
     last_error: String,
@@ -104,36 +108,40 @@ pub(super) struct Join {
 #[derive(Default)]
 pub(super) struct Failures {
     per_peer: HashMap<PeerId, (Instant, u32)>,
-    total: Option<(Instant, u32)>,
+    per_invite: HashMap<[u8; 8], (Instant, u32)>,
 }
 
 impl Failures {
-    fn limited(&mut self, peer: &PeerId, now: Instant) -> bool {
+    fn limited(&mut self, peer: &PeerId, invite: Option<&[u8; 8]>, now: Instant) -> bool {
         if self.per_peer.len() > 4096 {
             self.per_peer
+                .retain(|_, (t, _)| now.duration_since(*t) < FAILURE_WINDOW);
+        }
+        if self.per_invite.len() > 4096 {
+            self.per_invite
                 .retain(|_, (t, _)| now.duration_since(*t) < FAILURE_WINDOW);
         }
         let peer_over = self
             .per_peer
             .get(peer)
             .is_some_and(|(t, n)| now.duration_since(*t) < FAILURE_WINDOW && *n >= PEER_FAILURES);
-        let total_over = self
-            .total
-            .is_some_and(|(t, n)| now.duration_since(t) < FAILURE_WINDOW && n >= TOTAL_FAILURES);
-        peer_over || total_over
+        let invite_over = invite
+            .and_then(|i| self.per_invite.get(i))
+            .is_some_and(|(t, n)| now.duration_since(*t) < FAILURE_WINDOW && *n >= INVITE_FAILURES);
+        peer_over || invite_over
     }
 
-    fn record(&mut self, peer: PeerId, now: Instant) {
-        let e = self.per_peer.entry(peer).or_insert((now, 0));
-        if now.duration_since(e.0) >= FAILURE_WINDOW {
-            *e = (now, 0);
+    fn record(&mut self, peer: PeerId, invite: Option<[u8; 8]>, now: Instant) {
+        let bump = |e: &mut (Instant, u32)| {
+            if now.duration_since(e.0) >= FAILURE_WINDOW {
+                *e = (now, 0);
+            }
+            e.1 += 1;
+        };
+        bump(self.per_peer.entry(peer).or_insert((now, 0)));
+        if let Some(i) = invite {
+            bump(self.per_invite.entry(i).or_insert((now, 0)));
         }
-        e.1 += 1;
-        let t = self.total.get_or_insert((now, 0));
-        if now.duration_since(t.0) >= FAILURE_WINDOW {
-            *t = (now, 0);
-        }
-        t.1 += 1;
     }
 }
 
@@ -271,6 +279,7 @@ impl Engine {
                 reply: Some(reply),
                 deadline: now + timeout,
                 next_try: now,
+                next_dial: now,
                 backoff: Duration::from_millis(250),
                 inflight: false,
                 last_error: "no answer yet".into(),
@@ -293,9 +302,6 @@ impl Engine {
             let Some(j) = self.joins.get_mut(&jid) else {
                 continue;
             };
-            if j.inflight {
-                continue;
-            }
             if now >= j.deadline {
                 let j = self.joins.remove(&jid);
                 if let Some(mut j) = j {
@@ -310,7 +316,8 @@ impl Engine {
                 }
                 continue;
             }
-            if now < j.next_try && !connected {
+            // A request in flight whose answer was lost ends at the deadline.
+            if j.inflight || now < j.next_try || (!connected && now < j.next_dial) {
                 continue;
             }
             if connected {
@@ -350,7 +357,7 @@ impl Engine {
                 }
                 // Stale addresses: mDNS and the DHT may know better.
                 outbox.push(NetCommand::Find(j.inviter));
-                j.next_try = now + j.backoff;
+                j.next_dial = now + j.backoff;
                 j.backoff = (j.backoff * 2).min(MAX_JOIN_BACKOFF);
             }
         }
@@ -458,7 +465,7 @@ impl Engine {
     pub(super) fn on_join_request(&mut self, peer: PeerId, data: &[u8]) -> JoinResponse {
         let refuse = |reason| JoinResponse::Refused { reason };
         let now = Instant::now();
-        if self.join_failures.limited(&peer, now) {
+        if self.join_failures.limited(&peer, None, now) {
             return refuse(JoinRefusal::RateLimited);
         }
         let Ok(JoinRequest::V1 {
@@ -469,23 +476,26 @@ impl Engine {
             proof,
         }) = wire::decode::<JoinRequest>("join request", data, wire::MAX_INVITE_BYTES)
         else {
-            self.join_failures.record(peer, now);
+            self.join_failures.record(peer, None, now);
             return refuse(JoinRefusal::Unknown);
         };
+        if self.join_failures.limited(&peer, Some(&invite_id), now) {
+            return refuse(JoinRefusal::RateLimited);
+        }
         let Ok(joiner) = device_of_peer(&peer) else {
             return refuse(JoinRefusal::Unknown);
         };
         let rec = match self.store.invite(&invite_id) {
             Ok(Some(r)) => r,
             _ => {
-                self.join_failures.record(peer, now);
+                self.join_failures.record(peer, None, now);
                 return refuse(JoinRefusal::Unknown);
             }
         };
         let secret = InviteSecret(rec.secret);
         let expected = invite::join_proof(&secret, &invite_id, &ephemeral, &joiner, &self.me);
         if !invite::proofs_equal(&expected, &proof) {
-            self.join_failures.record(peer, now);
+            self.join_failures.record(peer, Some(invite_id), now);
             warn!(%peer, "join with a wrong secret");
             return refuse(JoinRefusal::WrongSecret);
         }
@@ -531,7 +541,9 @@ impl Engine {
             let mut rec = rec.clone();
             rec.used_by.push(joiner.as_bytes().to_vec());
             if let Err(e) = self.store.put_invite(&invite_id, &rec) {
+                // Without the record the code could be used again: refuse.
                 warn!(error = %e, "cannot record the invite's use");
+                return refuse(JoinRefusal::Unknown);
             }
         }
         let Some(s) = self.spaces.get(&rec.space) else {
@@ -585,7 +597,11 @@ impl Engine {
                 &m.name,
                 m.added_by.as_ref(),
                 m.x25519.as_ref(),
-            )
+            )?;
+            if m.role.can_write() && !role.can_write() {
+                members::mark_former_writer(d, device)?;
+            }
+            Ok(())
         })?;
         Ok(())
     }
@@ -608,7 +624,11 @@ impl Engine {
         }
         // New epoch key, sealed to every remaining member that has an x25519 key.
         let s = &self.spaces[&id];
-        let epoch = s.current().0 + 1;
+        let epoch = s
+            .current()
+            .0
+            .checked_add(1)
+            .ok_or_else(|| Error::Forbidden("the space has used up its key epochs".into()))?;
         let key = SpaceKey::from_bytes(random());
         let plain = postcard::to_stdvec(&(epoch, key.expose())).unwrap_or_default();
         let sealed: Vec<(DeviceId, Vec<u8>)> = roster
@@ -633,7 +653,7 @@ impl Engine {
             );
         }
         self.edit_doc(id, &DocId::members(), |d| {
-            members::remove_member(d, device)?;
+            members::remove_member(d, device, m.role.can_write())?;
             members::put_epoch_keys(d, epoch, &sealed)
         })?;
         self.add_epoch(id, epoch, key, outbox)?;

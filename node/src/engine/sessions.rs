@@ -235,6 +235,11 @@ impl Engine {
                         self.kick(k, true, outbox);
                     }
                 }
+            } else if d.doc.is_empty() {
+                // A document named in a heads summary that the peer did not
+                // have either: forget it rather than keep an empty entry.
+                sp.docs.remove(&doc);
+                self.sessions.remove(&key);
             }
             return;
         }

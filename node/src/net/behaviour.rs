@@ -76,9 +76,17 @@ impl Behaviour {
             .validate_messages()
             .max_transmit_size(MAX_GOSSIP_BYTES)
             .heartbeat_interval(config.gossip_heartbeat)
-            // Content-addressed ids: every envelope carries a random nonce,
-            // so equal bytes are the same message.
-            .message_id_fn(|m| MessageId::from(&blake3::hash(&m.data).as_bytes()[..20]))
+            // Content-addressed ids (every envelope carries a random nonce),
+            // bound to the author, so a copy re-signed by someone else does
+            // not shadow the real message.
+            .message_id_fn(|m| {
+                let mut h = blake3::Hasher::new();
+                if let Some(s) = &m.source {
+                    h.update(&s.to_bytes());
+                }
+                h.update(&m.data);
+                MessageId::from(&h.finalize().as_bytes()[..20])
+            })
             .build()
             .map_err(|e| Error::Network(format!("gossipsub config: {e}")))?;
         let gossipsub =

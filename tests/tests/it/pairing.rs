@@ -213,6 +213,7 @@ async fn revoked_device_gets_nothing_written_after_and_the_rest_keep_syncing() -
     c.join(&c_code, SHORT).await?;
     connect(b, c).await?;
     a.put("notes", &todo(), "/before", json!(true)).await?;
+    c.put("notes", &todo(), "/by_c_before", json!(true)).await?;
     wait_converged(&[a, b, c], "notes", "todo").await?;
 
     let epoch = a.revoke("notes", c.device_id()).await?;
@@ -259,6 +260,16 @@ async fn revoked_device_gets_nothing_written_after_and_the_rest_keep_syncing() -
         .await?
         .iter()
         .all(|m| m.device != c.device_id().to_string()));
+
+    // a device that joins later still gets the history c wrote before it
+    // was removed (c's past changes stay valid)
+    let d = TestNode::spawn("d").await?;
+    d.node.join(&invite(a, Role::Editor).await?, SHORT).await?;
+    wait_converged(&[a, &d.node], "notes", "todo").await?;
+    assert_eq!(
+        d.node.get("notes", &todo()).await?["by_c_before"],
+        json!(true)
+    );
 
     // c, on a fresh home with the same device key, redeems its old code to
     // fetch the new epoch key: refused.
