@@ -61,10 +61,10 @@ impl Node {
             .await
             .map_err(|e| Error::Network(format!("store open task: {e}")))??;
         let peer_id = key.public().to_peer_id();
-        let (net, net_events) = net::spawn(key, &config).await?;
+        let (net, net_events) = net::spawn(key.clone(), &config).await?;
         let (events, _) = broadcast::channel(engine::EVENT_CAPACITY);
         let engine = Engine::load(
-            peer_id,
+            key.clone(),
             &config,
             store,
             net.clone(),

@@ -7,6 +7,7 @@
 //!   kind 0 is the compacted snapshot (seq 0) and kind 1 an incremental save
 //! - `peers`: peer id bytes -> listen addresses of a member we met
 //! - `invites`: invite id -> [`InviteRecord`] (postcard)
+//! - `sigs`: change hash -> its author's signature
 //!
 //! Durability: sled syncs every 500 ms on its own; callers that acknowledge
 //! a write to a user call [`Store::flush`] first.
@@ -30,6 +31,7 @@ pub struct Store {
     docs: sled::Tree,
     peers: sled::Tree,
     invites: sled::Tree,
+    sigs: sled::Tree,
 }
 
 /// An invite this node issued.
@@ -89,6 +91,7 @@ impl Store {
             docs: db.open_tree("docs")?,
             peers: db.open_tree("peers")?,
             invites: db.open_tree("invites")?,
+            sigs: db.open_tree("sigs")?,
             db,
         })
     }
@@ -192,6 +195,24 @@ impl Store {
         batch.insert(doc_key(space, doc, KIND_SNAPSHOT, 0), snapshot);
         self.docs.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Records changes' signatures.
+    pub fn put_sigs<'a>(
+        &self,
+        sigs: impl IntoIterator<Item = (&'a [u8; 32], &'a [u8])>,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (h, s) in sigs {
+            batch.insert(&h[..], s);
+        }
+        self.sigs.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// A change's signature, if we have it.
+    pub fn sig(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>> {
+        Ok(self.sigs.get(hash)?.map(|v| v.to_vec()))
     }
 
     /// Records an invite.

@@ -68,7 +68,25 @@ pub enum SyncRequest {
         fresh: bool,
         /// An encoded `automerge::sync::Message`, or none to poll.
         message: Option<Vec<u8>>,
+        /// The authors' signatures of the changes the message carries.
+        sigs: Vec<ChangeSig>,
     },
+}
+
+/// A change hash and its author's signature over
+/// [`change_sig_message`]: lets a change relayed by anyone be checked
+/// against the device its actor id names.
+pub type ChangeSig = ([u8; 32], Vec<u8>);
+
+/// Most bytes of one signature.
+pub const MAX_SIG_LEN: usize = 128;
+
+/// What an author signs for a change of `space`.
+pub fn change_sig_message(space: &SpaceId, hash: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"shoal change signature v1".to_vec();
+    m.extend_from_slice(&space.0);
+    m.extend_from_slice(hash);
+    m
 }
 
 /// The answer to a [`SyncRequest`].
@@ -78,6 +96,8 @@ pub enum SyncResponse {
     V1 {
         /// An encoded `automerge::sync::Message`.
         message: Option<Vec<u8>>,
+        /// The authors' signatures of the changes it carries.
+        sigs: Vec<ChangeSig>,
     },
     /// The request was refused; the reason is for logs.
     Refused {
@@ -179,6 +199,8 @@ pub enum GossipBody {
         doc: DocId,
         /// Raw change chunks.
         changes: Vec<Vec<u8>>,
+        /// The author's signature of each change, in the same order.
+        sigs: Vec<Vec<u8>>,
     },
     /// The sender's heads per document: a receiver that lacks any of them
     /// pulls with the sync protocol. Used for changes too large to inline
@@ -222,6 +244,7 @@ mod tests {
             doc: "todo".parse().unwrap(),
             fresh: true,
             message: Some(vec![1, 2, 3]),
+            sigs: vec![([4; 32], vec![5; 64])],
         };
         let b = encode(&m);
         assert_eq!(
@@ -241,6 +264,7 @@ mod tests {
         let body = GossipBody::Changes {
             doc: "ok".parse().unwrap(),
             changes: vec![],
+            sigs: vec![],
         };
         let mut b = encode(&body);
         // the doc id string starts after the variant tag and its length byte

@@ -13,7 +13,9 @@ use shoal_protocol::wire::{self, GossipBody};
 use shoal_protocol::{envelope, DocId, SpaceId};
 use tracing::warn;
 
-use super::{device_of_peer, hex_heads, random, Engine, Event, Gap, Origin, MAX_WANTED};
+use super::{
+    device_of_peer, hex_heads, random, verify_change_sig, Engine, Event, Gap, Origin, MAX_WANTED,
+};
 use crate::net::NetCommand;
 use shoal_protocol::actor::device_of;
 
@@ -23,25 +25,27 @@ impl Engine {
         id: SpaceId,
         doc: &DocId,
         changes: Vec<Vec<u8>>,
+        sigs: Vec<Vec<u8>>,
         heads: &[ChangeHash],
         outbox: &mut Vec<NetCommand>,
     ) {
         // Pack changes into messages under the inline limit, in order.
-        let mut groups: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
+        let mut groups: Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)> = vec![Default::default()];
         let mut size = 0;
         let mut too_big = false;
-        for c in changes {
+        for (c, sig) in changes.into_iter().zip(sigs) {
             if c.len() > wire::GOSSIP_INLINE_LIMIT {
                 too_big = true;
                 break;
             }
             if size + c.len() > wire::GOSSIP_INLINE_LIMIT {
-                groups.push(Vec::new());
+                groups.push(Default::default());
                 size = 0;
             }
-            size += c.len() + 8;
+            size += c.len() + sig.len() + 8;
             if let Some(g) = groups.last_mut() {
-                g.push(c);
+                g.0.push(c);
+                g.1.push(sig);
             }
         }
         if too_big || groups.len() > 16 {
@@ -52,10 +56,11 @@ impl Engine {
             self.publish_sealed(id, &bytes, outbox);
             return;
         }
-        for changes in groups.into_iter().filter(|g| !g.is_empty()) {
+        for (changes, sigs) in groups.into_iter().filter(|g| !g.0.is_empty()) {
             let bytes = wire::encode(&GossipBody::Changes {
                 doc: doc.clone(),
                 changes,
+                sigs,
             });
             self.publish_sealed(id, &bytes, outbox);
         }
@@ -136,11 +141,17 @@ impl Engine {
         let body: GossipBody = wire::decode("gossip body", &plain, wire::MAX_GOSSIP_BYTES)
             .map_err(|e| reject(e.to_string()))?;
         match body {
-            GossipBody::Changes { doc, changes } => {
+            GossipBody::Changes { doc, changes, sigs } => {
+                if sigs.len() != changes.len() {
+                    return Err(reject("changes without signatures".into()));
+                }
                 let mut parsed = Vec::with_capacity(changes.len());
-                for c in &changes {
+                for (c, sig) in changes.iter().zip(&sigs) {
                     let c = Change::try_from(c.as_slice())
                         .map_err(|e| reject(format!("malformed change: {e}")))?;
+                    if !verify_change_sig(&space, &author, &c.hash().0, sig) {
+                        return Err(reject("a change's signature does not verify".into()));
+                    }
                     let by = device_of(c.actor_id()).map_err(|e| reject(e.to_string()))?;
                     if by != author {
                         return Err(reject(format!(
@@ -170,6 +181,9 @@ impl Engine {
                         .check(&doc, &author)
                         .map_err(|e| reject(e.to_string()))?,
                 }
+                let sigs: Vec<([u8; 32], Vec<u8>)> =
+                    parsed.iter().map(|c| c.hash().0).zip(sigs).collect();
+                self.store_sigs(&sigs);
                 let slot = self.gossip_batch.entry((space, doc)).or_default();
                 slot.0.extend(parsed);
                 slot.1.insert(propagation);

@@ -268,7 +268,7 @@ struct Gap {
 }
 
 /// Raw local changes of one document in this turn, and its heads after them.
-type LocalChanges = (Vec<Vec<u8>>, Vec<ChangeHash>);
+type LocalChanges = (Vec<Vec<u8>>, Vec<ChangeHash>, Vec<Vec<u8>>);
 
 /// Work a loop turn leaves for after the flush.
 type Ack = Box<dyn FnOnce(Option<String>) + Send>;
@@ -276,6 +276,8 @@ type Ack = Box<dyn FnOnce(Option<String>) + Send>;
 pub(crate) struct Engine {
     me: DeviceId,
     my_peer: PeerId,
+    /// The device key: signs every change this device makes.
+    keypair: libp2p::identity::Keypair,
     name: String,
     session_salt: [u8; 8],
     store: Store,
@@ -322,6 +324,23 @@ fn device_of_peer(p: &PeerId) -> Result<DeviceId> {
     Ok(DeviceId::from_bytes(p.to_bytes())?)
 }
 
+/// Whether `sig` is `author`'s signature of change `hash` in `space`. The
+/// author's public key is inside its device id (an identity-multihash
+/// libp2p peer id).
+fn verify_change_sig(space: &SpaceId, author: &DeviceId, hash: &[u8; 32], sig: &[u8]) -> bool {
+    let Ok(peer) = PeerId::from_bytes(author.as_bytes()) else {
+        return false;
+    };
+    let mh: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    if mh.code() != 0 || sig.len() > wire::MAX_SIG_LEN {
+        return false;
+    }
+    match libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()) {
+        Ok(pk) => pk.verify(&wire::change_sig_message(space, hash), sig),
+        Err(_) => false,
+    }
+}
+
 fn hex_heads(h: &[ChangeHash]) -> Vec<String> {
     h.iter().map(|c| hex::encode(c.0)).collect()
 }
@@ -334,7 +353,7 @@ fn random<const N: usize>() -> [u8; N] {
 
 impl Engine {
     pub(crate) fn load(
-        my_peer: PeerId,
+        keypair: libp2p::identity::Keypair,
         config: &crate::config::NodeConfig,
         store: Store,
         net: NetHandle,
@@ -343,8 +362,9 @@ impl Engine {
     ) -> Result<Self> {
         let (anti_entropy, redial) = (config.anti_entropy, config.redial);
         let mut e = Self {
-            me: device_of_peer(&my_peer)?,
-            my_peer,
+            me: device_of_peer(&keypair.public().to_peer_id())?,
+            my_peer: keypair.public().to_peer_id(),
+            keypair,
             name: config.name.clone(),
             session_salt: random(),
             store,
@@ -517,12 +537,12 @@ impl Engine {
     /// write the turn acknowledged.
     async fn finish_turn(&mut self, outbox: &mut Vec<NetCommand>) {
         let mut err = None;
-        for ((id, doc), (changes, heads)) in std::mem::take(&mut self.local_batch) {
+        for ((id, doc), (changes, heads, sigs)) in std::mem::take(&mut self.local_batch) {
             if let Err(e) = self.persist(id, &doc, &changes) {
                 warn!(space = %id.short(), %doc, error = %e, "cannot persist local changes");
                 err = Some(e.to_string());
             }
-            self.publish(id, &doc, changes, &heads, outbox);
+            self.publish(id, &doc, changes, sigs, &heads, outbox);
         }
         outbox.append(&mut self.deferred);
         for cmd in outbox.drain(..) {
@@ -769,6 +789,23 @@ impl Engine {
         }
     }
 
+    /// Keeps changes' signatures, so this node can relay them by sync.
+    fn store_sigs(&self, sigs: &[([u8; 32], Vec<u8>)]) {
+        if let Err(e) = self
+            .store
+            .put_sigs(sigs.iter().map(|(h, s)| (h, s.as_slice())))
+        {
+            warn!(error = %e, "cannot store change signatures");
+        }
+    }
+
+    fn sign_change(&self, space: &SpaceId, hash: &ChangeHash) -> Vec<u8> {
+        // Signing with an in-memory ed25519 key cannot fail.
+        self.keypair
+            .sign(&wire::change_sig_message(space, &hash.0))
+            .unwrap_or_default()
+    }
+
     fn new_doc(&self) -> DocState {
         DocState {
             doc: AutoCommit::new().with_actor(actor_for(&self.me, self.session_salt)),
@@ -894,17 +931,20 @@ impl Engine {
         let change = d
             .doc
             .get_last_local_change()
-            .map(|c| c.raw_bytes().to_vec());
+            .map(|c| (c.hash(), c.raw_bytes().to_vec()));
         let heads = d.doc.get_heads();
         // Persisted (one store write per document) and published (one
         // gossip message per document) at the end of the turn.
         if doc.is_members() {
             self.refresh_roster(id);
         }
-        if let Some(c) = change {
+        if let Some((hash, c)) = change {
+            let sig = self.sign_change(&id, &hash);
+            self.store_sigs(&[(hash.0, sig.clone())]);
             let slot = self.local_batch.entry((id, doc.clone())).or_default();
             slot.0.push(c);
             slot.1 = heads.clone();
+            slot.2.push(sig);
         }
         self.emit(Event::DocChanged {
             space: id.to_string(),

@@ -17,8 +17,8 @@ use shoal_protocol::{hello, DocId, SpaceId, SpaceKey};
 use tracing::{debug, info, warn};
 
 use super::{
-    device_of_peer, random, Engine, Event, Session, SessionKey, MAX_BACKOFF, RETRY_TICK,
-    SESSION_TIMEOUT,
+    device_of_peer, random, verify_change_sig, Engine, Event, Session, SessionKey, MAX_BACKOFF,
+    RETRY_TICK, SESSION_TIMEOUT,
 };
 use crate::error::{Error, Result};
 use crate::net::{NetCommand, Proto};
@@ -247,6 +247,7 @@ impl Engine {
         s.inflight = Some((tag, Instant::now()));
         let fresh = std::mem::take(&mut s.fresh);
         self.inflight.insert(tag, key);
+        let sigs = msg.as_ref().map(|m| self.sigs_for(m)).unwrap_or_default();
         outbox.push(NetCommand::Send {
             proto: Proto::Sync,
             peer,
@@ -256,6 +257,7 @@ impl Engine {
                 doc,
                 fresh,
                 message: msg.map(|m| m.encode()),
+                sigs,
             }),
         });
     }
@@ -332,6 +334,7 @@ impl Engine {
         &mut self,
         key: &SessionKey,
         bytes: &[u8],
+        sigs: &[wire::ChangeSig],
         responder: bool,
     ) -> Result<(bool, Vec<Vec<u8>>)> {
         let (_, space, doc) = key;
@@ -348,6 +351,28 @@ impl Engine {
             .filter(|c| d.doc.get_change_by_hash(&c.hash()).is_none())
             .collect();
         let raw: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        // Every new change must carry its author's signature: whoever
+        // relays it, the actor id alone proves nothing.
+        let by_hash: std::collections::HashMap<&[u8; 32], &Vec<u8>> =
+            sigs.iter().map(|(h, s)| (h, s)).collect();
+        let mut verified = Vec::with_capacity(new.len());
+        for c in &new {
+            let author = shoal_protocol::actor::device_of(c.actor_id())?;
+            let sig = by_hash.get(&c.hash().0).ok_or_else(|| {
+                shoal_protocol::Error::Unauthorized(format!(
+                    "an unsigned change by {}",
+                    author.short()
+                ))
+            })?;
+            if !verify_change_sig(space, &author, &c.hash().0, sig) {
+                return Err(shoal_protocol::Error::Unauthorized(format!(
+                    "a change claiming {} as author is not signed by it",
+                    author.short()
+                ))
+                .into());
+            }
+            verified.push((c.hash().0, (*sig).clone()));
+        }
         if doc.is_members() {
             let mut trial = d.doc.fork();
             let refused = members::apply_members_changes(&mut trial, &sp.grant.creator, new)?;
@@ -374,7 +399,23 @@ impl Engine {
             .sync()
             .receive_sync_message(state, msg)
             .map_err(shoal_protocol::Error::from)?;
-        Ok((d.doc.get_heads() != before, raw))
+        let changed = d.doc.get_heads() != before;
+        self.store_sigs(&verified);
+        Ok((changed, raw))
+    }
+
+    /// The signatures of the changes an outgoing sync message carries.
+    pub(super) fn sigs_for(&self, msg: &sync::Message) -> Vec<wire::ChangeSig> {
+        let Ok(changes) = shoal_protocol::sync::changes_in(msg) else {
+            return Vec::new();
+        };
+        changes
+            .iter()
+            .filter_map(|c| {
+                let h = c.hash().0;
+                self.store.sig(&h).ok().flatten().map(|s| (h, s))
+            })
+            .collect()
     }
 
     pub(super) fn on_sync_request(
@@ -384,20 +425,21 @@ impl Engine {
         outbox: &mut Vec<NetCommand>,
     ) -> SyncResponse {
         let refuse = |reason| SyncResponse::Refused { reason };
-        let (space, doc, message) =
+        let (space, doc, message, sigs) =
             match wire::decode::<SyncRequest>("sync request", data, wire::MAX_SYNC_BYTES) {
                 Ok(SyncRequest::V1 {
                     space,
                     doc,
                     fresh,
                     message,
+                    sigs,
                 }) => {
                     if fresh {
                         // The peer starts over (it may have refused what we
                         // sent before): forget what we think it has.
                         self.responders.remove(&(peer, space, doc.clone()));
                     }
-                    (space, doc, message)
+                    (space, doc, message, sigs)
                 }
                 Err(e) => {
                     self.emit(Event::Rejected {
@@ -412,7 +454,7 @@ impl Engine {
         }
         let key = (peer, space, doc.clone());
         if let Some(m) = message {
-            match self.receive(&key, &m, true) {
+            match self.receive(&key, &m, &sigs, true) {
                 Ok((changed, raw)) => {
                     self.after_remote_change(space, &doc, Some(peer), changed, &raw, outbox)
                 }
@@ -435,8 +477,10 @@ impl Engine {
         let state = self.responders.entry(key).or_default();
         let reply = d.doc.sync().generate_sync_message(state);
         self.drop_if_empty(&space, &doc);
+        let sigs = reply.as_ref().map(|m| self.sigs_for(m)).unwrap_or_default();
         SyncResponse::V1 {
             message: reply.map(|m| m.encode()),
+            sigs,
         }
     }
 
@@ -474,9 +518,9 @@ impl Engine {
                 return;
             }
         };
-        let message =
+        let (message, sigs) =
             match wire::decode::<SyncResponse>("sync response", &bytes, wire::MAX_SYNC_BYTES) {
-                Ok(SyncResponse::V1 { message }) => message,
+                Ok(SyncResponse::V1 { message, sigs }) => (message, sigs),
                 Ok(SyncResponse::Refused { reason }) => {
                     debug!(%peer, ?reason, "sync refused");
                     self.retry_later(&key);
@@ -496,7 +540,7 @@ impl Engine {
             s.failures = 0;
         }
         if let Some(m) = message {
-            match self.receive(&key, &m, false) {
+            match self.receive(&key, &m, &sigs, false) {
                 Ok((changed, raw)) => {
                     self.after_remote_change(space, &doc, Some(peer), changed, &raw, outbox)
                 }

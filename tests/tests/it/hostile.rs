@@ -266,6 +266,12 @@ async fn rejected(
     }
 }
 
+/// `key`'s signature of a raw change, as shoal's wire carries it.
+fn sign(key: &Keypair, space: &shoal_protocol::SpaceId, raw: &[u8]) -> Result<wire::ChangeSig> {
+    let hash = automerge::Change::try_from(raw)?.hash().0;
+    Ok((hash, key.sign(&wire::change_sig_message(space, &hash))?))
+}
+
 fn a_change_by(device: &DeviceId) -> Result<Vec<u8>> {
     let mut d = AutoCommit::new().with_actor(actor_for(device, [7; 8]));
     jdoc::put_json(&mut d, "/forged", &json!("by a non-writer"))?;
@@ -290,6 +296,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
 
     // A viewer: a real member who may not write.
     let vkey = Keypair::generate_ed25519();
+    let vkey_copy = vkey.clone();
     let viewer = DeviceId::from_bytes(vkey.public().to_peer_id().to_bytes())?;
     a.add_member("notes", &viewer, Role::Viewer, "evil").await?;
     let grant = a.export_grant("notes").await?;
@@ -319,9 +326,12 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
     h.publish(&topic, vec![0xFF; 100])?;
     rejected(&mut h, &mut ev, "envelope").await?;
     // 2. a well-formed envelope under the wrong key, and under an unknown epoch
+    let by_viewer = a_change_by(&viewer)?;
+    let sig_viewer = sign(&vkey_copy, &space, &by_viewer)?;
     let body = wire::encode(&GossipBody::Changes {
         doc: todo.clone(),
-        changes: vec![a_change_by(&viewer)?],
+        changes: vec![by_viewer.clone()],
+        sigs: vec![sig_viewer.1.clone()],
     });
     h.publish(
         &topic,
@@ -335,9 +345,11 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
     rejected(&mut h, &mut ev, "viewer").await?;
     // 4. a change that claims another author
     let a_dev = a.device_id().clone();
+    let as_owner = a_change_by(&a_dev)?;
     let forged = wire::encode(&GossipBody::Changes {
         doc: todo.clone(),
-        changes: vec![a_change_by(&a_dev)?],
+        changes: vec![as_owner.clone()],
+        sigs: vec![sign(&vkey_copy, &space, &as_owner)?.1],
     });
     h.publish(&topic, envelope::seal(&space, 0, &key, [4; 24], &forged))?;
     rejected(&mut h, &mut ev, "published by").await?;
@@ -355,7 +367,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
         heads: vec![],
         need: vec![],
         have: vec![],
-        changes: ChunkList::from(vec![a_change_by(&viewer)?]),
+        changes: ChunkList::from(vec![by_viewer.clone()]),
         flags: None,
         version: MessageVersion::V1,
     }
@@ -365,6 +377,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
         space,
         doc: todo.clone(),
         message: Some(msg[..msg.len() / 2].to_vec()),
+        sigs: vec![],
     });
     let r = h.sync_request(a_peer, truncated).await?;
     assert!(matches!(r, Ok(SyncResponse::Refused { .. })), "{r:?}");
@@ -374,10 +387,40 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
         space,
         doc: todo.clone(),
         message: Some(msg),
+        sigs: vec![sig_viewer.clone()],
     });
     let r = h.sync_request(a_peer, whole).await?;
     assert!(matches!(r, Ok(SyncResponse::Refused { .. })), "{r:?}");
     rejected(&mut h, &mut ev, "viewer").await?;
+    // 6b. impersonation by sync: the viewer relays a change under the
+    // owner's actor id, unsigned and then signed with its own key
+    let imp = Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![],
+        changes: ChunkList::from(vec![as_owner.clone()]),
+        flags: None,
+        version: MessageVersion::V1,
+    }
+    .encode();
+    for (sigs, why) in [
+        (vec![], "unsigned"),
+        (
+            vec![sign(&vkey_copy, &space, &as_owner)?],
+            "not signed by it",
+        ),
+    ] {
+        let req = wire::encode(&SyncRequest::V1 {
+            fresh: true,
+            space,
+            doc: todo.clone(),
+            message: Some(imp.clone()),
+            sigs,
+        });
+        let r = h.sync_request(a_peer, req).await?;
+        assert!(matches!(r, Ok(SyncResponse::Refused { .. })), "{r:?}");
+        rejected(&mut h, &mut ev, why).await?;
+    }
     // 7. an oversized request: the codec cuts it off before buffering it
     let huge = vec![0u8; wire::MAX_SYNC_BYTES + 1024];
     let r = h.sync_request(a_peer, huge).await?;
@@ -430,6 +473,7 @@ async fn a_stranger_gets_no_proofs_and_no_documents() -> Result<()> {
         space,
         doc: todo.clone(),
         message: None,
+        sigs: vec![],
     });
     let r = h.sync_request(a_peer, req).await?;
     assert!(
