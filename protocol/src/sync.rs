@@ -7,6 +7,45 @@ use automerge::{Automerge, Change};
 
 use crate::error::{Error, Result};
 
+/// The changes of `changes` that no signature vouches for.
+///
+/// An author signs the last change of each batch it publishes, not every
+/// change: a change's hash covers its dependencies, and an author's earlier
+/// changes are always among its later changes' ancestors. So a change by
+/// device D is vouched for when it is signed by D (`signed_by` says which
+/// hashes carry a verified signature of their own author) or when a change
+/// signed by D reaches it through dependencies inside `changes`. A change
+/// by D reached from a change signed by someone else is not.
+pub fn unvouched(
+    changes: &[Change],
+    signed: &std::collections::HashSet<automerge::ChangeHash>,
+) -> Vec<automerge::ChangeHash> {
+    use std::collections::{HashMap, HashSet};
+    let by_hash: HashMap<automerge::ChangeHash, &Change> =
+        changes.iter().map(|c| (c.hash(), c)).collect();
+    let mut vouched: HashSet<automerge::ChangeHash> = HashSet::new();
+    for tip in changes.iter().filter(|c| signed.contains(&c.hash())) {
+        let author = tip.actor_id();
+        let mut seen = HashSet::new();
+        let mut stack = vec![tip.hash()];
+        while let Some(h) = stack.pop() {
+            if !seen.insert(h) {
+                continue;
+            }
+            let Some(c) = by_hash.get(&h) else { continue };
+            if c.actor_id() == author {
+                vouched.insert(h);
+            }
+            stack.extend(c.deps().iter().copied());
+        }
+    }
+    changes
+        .iter()
+        .map(|c| c.hash())
+        .filter(|h| !vouched.contains(h))
+        .collect()
+}
+
 /// Most changes one sync message may carry before it is refused.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 200_000;
 
@@ -111,6 +150,39 @@ mod tests {
         let whole = d.save();
         let parts = split_chunks(&whole).unwrap();
         assert_eq!(parts[0].0, CHUNK_DOCUMENT);
+    }
+
+    #[test]
+    fn a_signed_tip_vouches_for_its_authors_ancestors_only() {
+        use crate::actor::actor_for;
+        use crate::ids::DeviceId;
+        let dev = |b: u8| DeviceId::from_bytes(vec![b; 38]).unwrap();
+        let mut a = AutoCommit::new().with_actor(actor_for(&dev(1), [0; 8]));
+        for i in 0..3 {
+            a.put(ROOT, "k", i).unwrap();
+            a.commit();
+        }
+        let mut b = a.fork().with_actor(actor_for(&dev(2), [0; 8]));
+        b.put(ROOT, "b", 1).unwrap();
+        b.commit();
+        // a forger writes under a's actor id, off the signed chain
+        let mut f = AutoCommit::new().with_actor(actor_for(&dev(1), [9; 8]));
+        f.put(ROOT, "forged", 1).unwrap();
+        f.commit();
+        let a_changes = a.get_changes(&[]);
+        let tip = a_changes.last().unwrap().hash();
+        let b_change = b.get_last_local_change().unwrap();
+        let forged = f.get_last_local_change().unwrap();
+        let mut all = a_changes.clone();
+        all.push(b_change.clone());
+        all.push(forged.clone());
+        let signed: std::collections::HashSet<_> = [tip].into_iter().collect();
+        let left = unvouched(&all, &signed);
+        assert_eq!(left.len(), 2, "only b's change and the forgery are left");
+        assert!(left.contains(&b_change.hash()) && left.contains(&forged.hash()));
+        // b's own signature on its change vouches for it, not for a's chain
+        let signed: std::collections::HashSet<_> = [b_change.hash()].into_iter().collect();
+        assert_eq!(unvouched(&all, &signed).len(), 4);
     }
 
     proptest::proptest! {

@@ -199,8 +199,9 @@ pub enum GossipBody {
         doc: DocId,
         /// Raw change chunks.
         changes: Vec<Vec<u8>>,
-        /// The author's signature of each change, in the same order.
-        sigs: Vec<Vec<u8>>,
+        /// The author's signature of the last change (it vouches for the
+        /// others through their hashes).
+        sigs: Vec<ChangeSig>,
     },
     /// The sender's heads per document: a receiver that lacks any of them
     /// pulls with the sync protocol. Used for changes too large to inline

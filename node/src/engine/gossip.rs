@@ -25,30 +25,39 @@ impl Engine {
         id: SpaceId,
         doc: &DocId,
         changes: Vec<Vec<u8>>,
-        sigs: Vec<Vec<u8>>,
         heads: &[ChangeHash],
         outbox: &mut Vec<NetCommand>,
     ) {
-        // Pack changes into messages under the inline limit, in order.
-        let mut groups: Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)> = vec![Default::default()];
+        let changes_tip = changes
+            .last()
+            .and_then(|c| Change::try_from(c.as_slice()).ok())
+            .map(|c| c.hash());
+        // Pack changes into messages under the inline limit, in order; the
+        // last change of each message is signed.
+        let mut groups: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
         let mut size = 0;
         let mut too_big = false;
-        for (c, sig) in changes.into_iter().zip(sigs) {
+        for c in changes {
             if c.len() > wire::GOSSIP_INLINE_LIMIT {
                 too_big = true;
                 break;
             }
             if size + c.len() > wire::GOSSIP_INLINE_LIMIT {
-                groups.push(Default::default());
+                groups.push(Vec::new());
                 size = 0;
             }
-            size += c.len() + sig.len() + 8;
+            size += c.len() + 8;
             if let Some(g) = groups.last_mut() {
-                g.0.push(c);
-                g.1.push(sig);
+                g.push(c);
             }
         }
         if too_big || groups.len() > 16 {
+            // Pulled by sync, which carries the signature of the last change:
+            // it vouches for the others (`shoal_protocol::sync::unvouched`).
+            if let Some(last) = changes_tip {
+                let sig = self.sign_change(&id, &last);
+                self.store_sigs(&[(last.0, sig)]);
+            }
             // Too big to inline: announce the heads; receivers pull.
             let bytes = wire::encode(&GossipBody::Heads {
                 docs: vec![(doc.clone(), heads.iter().map(|h| h.0).collect())],
@@ -56,11 +65,19 @@ impl Engine {
             self.publish_sealed(id, &bytes, outbox);
             return;
         }
-        for (changes, sigs) in groups.into_iter().filter(|g| !g.0.is_empty()) {
+        for changes in groups.into_iter().filter(|g| !g.is_empty()) {
+            let Some(tip) = changes
+                .last()
+                .and_then(|c| Change::try_from(c.as_slice()).ok())
+            else {
+                continue;
+            };
+            let sig = self.sign_change(&id, &tip.hash());
+            self.store_sigs(&[(tip.hash().0, sig.clone())]);
             let bytes = wire::encode(&GossipBody::Changes {
                 doc: doc.clone(),
                 changes,
-                sigs,
+                sigs: vec![(tip.hash().0, sig)],
             });
             self.publish_sealed(id, &bytes, outbox);
         }
@@ -142,16 +159,13 @@ impl Engine {
             .map_err(|e| reject(e.to_string()))?;
         match body {
             GossipBody::Changes { doc, changes, sigs } => {
-                if sigs.len() != changes.len() {
-                    return Err(reject("changes without signatures".into()));
+                if sigs.len() > changes.len() {
+                    return Err(reject("more signatures than changes".into()));
                 }
                 let mut parsed = Vec::with_capacity(changes.len());
-                for (c, sig) in changes.iter().zip(&sigs) {
+                for c in &changes {
                     let c = Change::try_from(c.as_slice())
                         .map_err(|e| reject(format!("malformed change: {e}")))?;
-                    if !verify_change_sig(&space, &author, &c.hash().0, sig) {
-                        return Err(reject("a change's signature does not verify".into()));
-                    }
                     let by = device_of(c.actor_id()).map_err(|e| reject(e.to_string()))?;
                     if by != author {
                         return Err(reject(format!(
@@ -181,8 +195,18 @@ impl Engine {
                         .check(&doc, &author)
                         .map_err(|e| reject(e.to_string()))?,
                 }
-                let sigs: Vec<([u8; 32], Vec<u8>)> =
-                    parsed.iter().map(|c| c.hash().0).zip(sigs).collect();
+                // The author signs its batch's last change; that signature,
+                // checked once, vouches for the batch.
+                let mut signed = HashSet::new();
+                for (h, sig) in &sigs {
+                    if !verify_change_sig(&space, &author, h, sig) {
+                        return Err(reject("a change's signature does not verify".into()));
+                    }
+                    signed.insert(ChangeHash(*h));
+                }
+                if !shoal_protocol::sync::unvouched(&parsed, &signed).is_empty() {
+                    return Err(reject("changes no signature vouches for".into()));
+                }
                 self.store_sigs(&sigs);
                 let slot = self.gossip_batch.entry((space, doc)).or_default();
                 slot.0.extend(parsed);

@@ -268,7 +268,7 @@ struct Gap {
 }
 
 /// Raw local changes of one document in this turn, and its heads after them.
-type LocalChanges = (Vec<Vec<u8>>, Vec<ChangeHash>, Vec<Vec<u8>>);
+type LocalChanges = (Vec<Vec<u8>>, Vec<ChangeHash>);
 
 /// Work a loop turn leaves for after the flush.
 type Ack = Box<dyn FnOnce(Option<String>) + Send>;
@@ -537,12 +537,12 @@ impl Engine {
     /// write the turn acknowledged.
     async fn finish_turn(&mut self, outbox: &mut Vec<NetCommand>) {
         let mut err = None;
-        for ((id, doc), (changes, heads, sigs)) in std::mem::take(&mut self.local_batch) {
+        for ((id, doc), (changes, heads)) in std::mem::take(&mut self.local_batch) {
             if let Err(e) = self.persist(id, &doc, &changes) {
                 warn!(space = %id.short(), %doc, error = %e, "cannot persist local changes");
                 err = Some(e.to_string());
             }
-            self.publish(id, &doc, changes, sigs, &heads, outbox);
+            self.publish(id, &doc, changes, &heads, outbox);
         }
         outbox.append(&mut self.deferred);
         for cmd in outbox.drain(..) {
@@ -938,13 +938,11 @@ impl Engine {
         if doc.is_members() {
             self.refresh_roster(id);
         }
-        if let Some((hash, c)) = change {
-            let sig = self.sign_change(&id, &hash);
-            self.store_sigs(&[(hash.0, sig.clone())]);
+        if let Some((_, c)) = change {
+            // Signed (the batch's last change) when published.
             let slot = self.local_batch.entry((id, doc.clone())).or_default();
             slot.0.push(c);
             slot.1 = heads.clone();
-            slot.2.push(sig);
         }
         self.emit(Event::DocChanged {
             space: id.to_string(),

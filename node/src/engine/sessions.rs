@@ -351,27 +351,36 @@ impl Engine {
             .filter(|c| d.doc.get_change_by_hash(&c.hash()).is_none())
             .collect();
         let raw: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
-        // Every new change must carry its author's signature: whoever
-        // relays it, the actor id alone proves nothing.
-        let by_hash: std::collections::HashMap<&[u8; 32], &Vec<u8>> =
-            sigs.iter().map(|(h, s)| (h, s)).collect();
-        let mut verified = Vec::with_capacity(new.len());
-        for c in &new {
+        // Every new change must be vouched for by its author's signature
+        // (on it, or on a later change of the author that depends on it):
+        // whoever relays it, the actor id alone proves nothing.
+        let by_hash: std::collections::HashMap<[u8; 32], &Change> =
+            new.iter().map(|c| (c.hash().0, c)).collect();
+        let mut verified = Vec::new();
+        let mut signed = std::collections::HashSet::new();
+        for (h, sig) in sigs {
+            let Some(c) = by_hash.get(h) else { continue };
             let author = shoal_protocol::actor::device_of(c.actor_id())?;
-            let sig = by_hash.get(&c.hash().0).ok_or_else(|| {
-                shoal_protocol::Error::Unauthorized(format!(
-                    "an unsigned change by {}",
-                    author.short()
-                ))
-            })?;
-            if !verify_change_sig(space, &author, &c.hash().0, sig) {
+            if !verify_change_sig(space, &author, h, sig) {
                 return Err(shoal_protocol::Error::Unauthorized(format!(
                     "a change claiming {} as author is not signed by it",
                     author.short()
                 ))
                 .into());
             }
-            verified.push((c.hash().0, (*sig).clone()));
+            signed.insert(c.hash());
+            verified.push((*h, sig.clone()));
+        }
+        if let Some(h) = shoal_protocol::sync::unvouched(&new, &signed).first() {
+            let author = by_hash
+                .get(&h.0)
+                .and_then(|c| shoal_protocol::actor::device_of(c.actor_id()).ok())
+                .map(|d| d.short())
+                .unwrap_or_default();
+            return Err(shoal_protocol::Error::Unauthorized(format!(
+                "an unsigned change by {author}"
+            ))
+            .into());
         }
         if doc.is_members() {
             let mut trial = d.doc.fork();

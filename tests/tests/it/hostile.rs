@@ -331,7 +331,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
     let body = wire::encode(&GossipBody::Changes {
         doc: todo.clone(),
         changes: vec![by_viewer.clone()],
-        sigs: vec![sig_viewer.1.clone()],
+        sigs: vec![sig_viewer.clone()],
     });
     h.publish(
         &topic,
@@ -349,7 +349,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
     let forged = wire::encode(&GossipBody::Changes {
         doc: todo.clone(),
         changes: vec![as_owner.clone()],
-        sigs: vec![sign(&vkey_copy, &space, &as_owner)?.1],
+        sigs: vec![sign(&vkey_copy, &space, &as_owner)?],
     });
     h.publish(&topic, envelope::seal(&space, 0, &key, [4; 24], &forged))?;
     rejected(&mut h, &mut ev, "published by").await?;
