@@ -651,10 +651,17 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                 )
                 .await?;
             print(json_out, v.clone(), || {
-                format!(
+                let mut out = format!(
                     "{device} removed from {space}; the space key is now at epoch {}",
                     v["epoch"]
-                )
+                );
+                for d in v["not_rekeyed"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\nwarning: {} has no x25519 key in members and did not get the new key; invite it again",
+                        d.as_str().unwrap_or("")
+                    ));
+                }
+                out
             });
         }
         Cmd::Init { .. } | Cmd::Up(_) => {}

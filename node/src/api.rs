@@ -291,10 +291,13 @@ async fn revoke(
     Path((space, device)): Path<(String, String)>,
 ) -> ApiResult<Value> {
     let device: DeviceId = device.parse()?;
-    let epoch = st.node.revoke(&space, &device).await?;
-    Ok(Json(
-        json!({"device": device.to_string(), "revoked": true, "epoch": epoch}),
-    ))
+    let r = st.node.revoke(&space, &device).await?;
+    Ok(Json(json!({
+        "device": device.to_string(),
+        "revoked": true,
+        "epoch": r.epoch,
+        "not_rekeyed": r.not_rekeyed,
+    })))
 }
 
 async fn members(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {

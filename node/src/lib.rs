@@ -295,7 +295,7 @@ impl Node {
 
     /// Removes a device from a space and rotates the space key to a new
     /// epoch sealed to the remaining members; returns the new epoch.
-    pub async fn revoke(&self, space: &str, device: &DeviceId) -> Result<u32> {
+    pub async fn revoke(&self, space: &str, device: &DeviceId) -> Result<engine::Revoked> {
         let (space, device) = (space.to_string(), device.clone());
         self.ask(|r| Command::Revoke(space, device, r)).await
     }

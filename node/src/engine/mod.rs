@@ -45,7 +45,7 @@ pub const COMMAND_CAPACITY: usize = 1024;
 mod gossip;
 mod pairing;
 mod sessions;
-pub use pairing::InviteInfo;
+pub use pairing::{InviteInfo, Revoked};
 /// Capacity of the event broadcast (slow subscribers lag, never block).
 pub const EVENT_CAPACITY: usize = 4096;
 /// Most network events applied in one batch.
@@ -199,7 +199,7 @@ pub(crate) enum Command {
         Reply<SpaceInfo>,
     ),
     SetRole(String, DeviceId, Role, Reply<()>),
-    Revoke(String, DeviceId, Reply<u32>),
+    Revoke(String, DeviceId, Reply<Revoked>),
     Shutdown(oneshot::Sender<()>),
 }
 

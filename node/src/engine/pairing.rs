@@ -88,6 +88,16 @@ fn info_of(id: &[u8; 8], r: &InviteRecord, code: Option<String>) -> InviteInfo {
     }
 }
 
+/// The outcome of a revocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Revoked {
+    /// The space key's new epoch.
+    pub epoch: u32,
+    /// Remaining members the new key could not be sealed to (added without
+    /// an x25519 key): they must be invited again to keep up.
+    pub not_rekeyed: Vec<String>,
+}
+
 /// A join in progress on the joiner's side.
 pub(super) struct Join {
     code: InviteCode,
@@ -611,7 +621,7 @@ impl Engine {
         space: &str,
         device: &DeviceId,
         outbox: &mut Vec<NetCommand>,
-    ) -> Result<u32> {
+    ) -> Result<Revoked> {
         let id = self.resolve(space)?;
         self.require_owner(&id)?;
         let roster = self.spaces[&id].roster.clone();
@@ -644,7 +654,7 @@ impl Engine {
             .members
             .iter()
             .filter(|(d, m)| *d != device && m.x25519.is_none())
-            .map(|(d, _)| d.short())
+            .map(|(d, _)| d.to_string())
             .collect();
         if !left_out.is_empty() {
             warn!(
@@ -669,7 +679,10 @@ impl Engine {
             self.kick((p, id, DocId::members()), true, outbox);
         }
         info!(space = %id.short(), device = %device.short(), epoch, "device revoked, key rotated");
-        Ok(epoch)
+        Ok(Revoked {
+            epoch,
+            not_rekeyed: left_out,
+        })
     }
 
     /// Adopts a new epoch key: persisted, current for publishing, its topic

@@ -216,8 +216,9 @@ async fn revoked_device_gets_nothing_written_after_and_the_rest_keep_syncing() -
     c.put("notes", &todo(), "/by_c_before", json!(true)).await?;
     wait_converged(&[a, b, c], "notes", "todo").await?;
 
-    let epoch = a.revoke("notes", c.device_id()).await?;
-    assert_eq!(epoch, 1);
+    let r = a.revoke("notes", c.device_id()).await?;
+    assert_eq!(r.epoch, 1);
+    assert!(r.not_rekeyed.is_empty(), "{:?}", r.not_rekeyed);
     // b learns the new key from members (sealed to its x25519 key)
     wait_for(b, TIMEOUT, || async {
         b.spaces().await.ok().map(|s| s[0].epoch) == Some(1)
