@@ -181,7 +181,9 @@ impl Engine {
                     // member), maybe it was removed. Neither spread nor
                     // penalised; `members` is pulled in case we lag.
                     None if !doc.is_members() || !s.roster.members.is_empty() => {
-                        self.kick((propagation, space, DocId::members()), true, outbox);
+                        // Not fresh: an up-to-date session costs nothing, so a
+                        // peer forwarding such messages cannot force full syncs.
+                        self.kick((propagation, space, DocId::members()), false, outbox);
                         return Err((
                             MessageAcceptance::Ignore,
                             format!("{} is not a member (yet)", author.short()),

@@ -32,6 +32,8 @@ use crate::error::{Error, Result};
 pub const COMMAND_CAPACITY: usize = 1024;
 /// Capacity of the event channel out of the network actor.
 pub const EVENT_CAPACITY: usize = 8192;
+/// Most control events held back while the engine is busy.
+const BACKLOG_CAPACITY: usize = 65_536;
 /// How long `start` waits for the listeners to come up.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -278,6 +280,7 @@ pub async fn spawn(
         inbound: HashMap::new(),
         outbound: HashMap::new(),
         next_inbound: 0,
+        backlog: std::collections::VecDeque::new(),
         peers: HashMap::new(),
         bootstrapped: false,
     };
@@ -355,6 +358,8 @@ struct Actor {
     /// requests on its own, so ids of different protocols collide.
     outbound: HashMap<(Proto, OutboundRequestId), u64>,
     next_inbound: InboundId,
+    /// Control events waiting for room in the event channel.
+    backlog: std::collections::VecDeque<NetEvent>,
     peers: HashMap<PeerId, PeerState>,
     bootstrapped: bool,
 }
@@ -362,7 +367,16 @@ struct Actor {
 impl Actor {
     async fn run(mut self, mut commands: mpsc::Receiver<NetCommand>) {
         loop {
+            let events = self.events.clone();
+            let waiting = !self.backlog.is_empty();
             tokio::select! {
+                // Control events that found the channel full go out as soon
+                // as the engine makes room, in order.
+                permit = events.reserve(), if waiting => {
+                    if let (Ok(permit), Some(ev)) = (permit, self.backlog.pop_front()) {
+                        permit.send(ev);
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     Some(NetCommand::Shutdown(done)) => {
                         let _ = done.send(());
@@ -375,6 +389,22 @@ impl Actor {
             }
         }
         debug!("network actor stopped");
+    }
+
+    /// Hands a control event (connections, responses) to the engine without
+    /// waiting; if the channel is full it waits in a bounded backlog instead
+    /// of being lost.
+    fn emit_control(&mut self, ev: NetEvent) {
+        if self.backlog.is_empty() {
+            match self.emit(ev) {
+                Ok(()) => {}
+                Err(ev) => self.backlog.push_back(*ev),
+            }
+        } else if self.backlog.len() < BACKLOG_CAPACITY {
+            self.backlog.push_back(ev);
+        } else {
+            warn!("engine far behind: control event dropped");
+        }
     }
 
     /// Hands an event to the engine without ever waiting; returns it back if
@@ -484,9 +514,7 @@ impl Actor {
                 st.addrs.push(endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
                     debug!(peer = %peer_id, "connected");
-                    if self.emit(NetEvent::Connected { peer: peer_id }).is_err() {
-                        warn!(peer = %peer_id, "engine busy: connect event dropped");
-                    }
+                    self.emit_control(NetEvent::Connected { peer: peer_id });
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -504,9 +532,7 @@ impl Actor {
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
                     debug!(peer = %peer_id, "disconnected");
-                    if self.emit(NetEvent::Disconnected { peer: peer_id }).is_err() {
-                        warn!(peer = %peer_id, "engine busy: disconnect event dropped");
-                    }
+                    self.emit_control(NetEvent::Disconnected { peer: peer_id });
                 }
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour(ev),
@@ -655,8 +681,6 @@ impl Actor {
             tag,
             result,
         };
-        if self.emit(ev).is_err() {
-            warn!(%peer, "engine busy: response dropped");
-        }
+        self.emit_control(ev);
     }
 }
