@@ -57,6 +57,28 @@ impl Client {
         Ok(body)
     }
 
+    /// Opens a server-sent event stream.
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "no shoal node is running on {} ({e}); start one with `shoal up`",
+                    self.home
+                )
+            })?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap_or_default();
+            bail!("{}", body["error"].as_str().unwrap_or(status.as_str()));
+        }
+        Ok(resp)
+    }
+
     pub async fn get(&self, path: &str) -> Result<Value> {
         self.send(self.http.get(format!("{}{path}", self.base)))
             .await

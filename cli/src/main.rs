@@ -83,6 +83,20 @@ enum Cmd {
         /// Device id.
         device: String,
     },
+    /// Print live events as they happen (Ctrl-C to stop).
+    Watch {
+        /// Only this space (name or id).
+        space: Option<String>,
+        /// Event types, comma-separated: doc, peer, member, rejected.
+        #[arg(long = "type")]
+        types: Option<String>,
+        /// Only documents whose id matches this glob.
+        #[arg(long)]
+        doc: Option<String>,
+        /// Only changes written by this device.
+        #[arg(long)]
+        author: Option<String>,
+    },
     /// Add a device to a space, or change its role (owners only).
     Member {
         /// Space name or id.
@@ -663,6 +677,54 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                 }
                 out
             });
+        }
+        Cmd::Watch {
+            space,
+            types,
+            doc,
+            author,
+        } => {
+            use eventsource_stream::Eventsource;
+            use futures::StreamExt;
+            let q: Vec<String> = [
+                ("space", space),
+                ("types", types),
+                ("doc", doc),
+                ("author", author),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k}={}", enc(&v))))
+            .collect();
+            let resp = c.stream(&format!("/v1/events?{}", q.join("&"))).await?;
+            let mut events = resp.bytes_stream().eventsource();
+            while let Some(ev) = events.next().await {
+                let ev = ev.context("the event stream broke")?;
+                if json_out {
+                    println!("{}", ev.data);
+                    continue;
+                }
+                let v: Value = serde_json::from_str(&ev.data).unwrap_or_default();
+                let t = v["type"].as_str().unwrap_or("");
+                let line = match t {
+                    "doc_changed" => format!(
+                        "{} {} changed ({}) by {}",
+                        v["space"].as_str().unwrap_or("").get(..8).unwrap_or(""),
+                        v["doc"].as_str().unwrap_or(""),
+                        v["origin"].as_str().unwrap_or(""),
+                        v["authors"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "))
+                            .unwrap_or_default()
+                    ),
+                    "lagged" => format!("(too slow: {} events missed)", v["dropped"]),
+                    _ => format!("{t} {}", v["peer"].as_str().unwrap_or("")),
+                };
+                println!("{line}");
+            }
         }
         Cmd::Init { .. } | Cmd::Up(_) => {}
     }

@@ -362,3 +362,54 @@ fn invite_join_roles_and_revoke_through_the_cli() -> Result<()> {
     assert!(err_text(hb, &["revoke", "notes", &c_id])?.contains("owner"));
     Ok(())
 }
+
+#[test]
+fn watch_json_prints_one_event_per_line() -> Result<()> {
+    let t = tempfile::tempdir()?;
+    let h = t.path().join("solo");
+    ok_json(&h, &["init", "--name", "solo"])?;
+    let _up = Up::start(&h)?;
+    ok_json(&h, &["space", "create", "notes"])?;
+    let mut watch = Command::new(shoal_bin()?)
+        .arg("--home")
+        .arg(&h)
+        .args(["--json", "watch", "notes", "--type", "doc", "--doc", "to*"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = watch.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The stream may attach after a write: keep writing until a line comes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        ok_json(&h, &["doc", "put", "notes", "other", "/x", "1"])?;
+        ok_json(&h, &["doc", "put", "notes", "todo", "/x", "1"])?;
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            break l;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = watch.kill();
+            bail!("`shoal watch` printed nothing");
+        }
+    };
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let v: Value = serde_json::from_str(&line)?;
+    assert_eq!(v["type"], "doc_changed");
+    assert_eq!(
+        v["doc"], "todo",
+        "the doc filter let another document through"
+    );
+    assert_eq!(v["origin"], "local");
+    Ok(())
+}

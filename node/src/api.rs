@@ -20,6 +20,9 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+
+use crate::engine::Event;
 use crate::error::Error;
 use crate::Node;
 
@@ -68,6 +71,7 @@ pub fn router(node: Node, token: String) -> Router {
     };
     Router::new()
         .route("/v1/id", get(id))
+        .route("/v1/events", get(events))
         .route("/v1/peers", get(peers))
         .route("/v1/spaces", get(spaces).post(create_space))
         .route("/v1/spaces/{space}", get(space))
@@ -146,6 +150,139 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
 
 fn doc_id(s: &str) -> Result<DocId, ApiError> {
     s.parse().map_err(ApiError::from)
+}
+
+/// Filters of the event stream; all optional, all must match.
+#[derive(Deserialize, Default)]
+pub struct EventQuery {
+    /// Comma-separated event types: `doc`, `peer`, `member`, `rejected`, or
+    /// exact type names such as `doc_changed`.
+    pub types: Option<String>,
+    /// A space, by name or id.
+    pub space: Option<String>,
+    /// A glob over document ids (`notes*`).
+    pub doc: Option<String>,
+    /// A device id: only changes it wrote.
+    pub author: Option<String>,
+}
+
+/// A compiled [`EventQuery`].
+pub struct EventFilter {
+    types: Option<Vec<String>>,
+    space: Option<String>,
+    doc: Option<globset::GlobMatcher>,
+    author: Option<String>,
+}
+
+impl EventFilter {
+    /// Compiles a query; names a space the node does not know as a 404.
+    pub async fn new(node: &Node, q: EventQuery) -> Result<Self, ApiError> {
+        let space = match q.space {
+            None => None,
+            Some(s) => Some(
+                node.spaces()
+                    .await?
+                    .into_iter()
+                    .find(|i| i.name == s || i.id == s)
+                    .map(|i| i.id)
+                    .ok_or(Error::UnknownSpace(s))?,
+            ),
+        };
+        let doc = match q.doc {
+            None => None,
+            Some(g) => Some(
+                globset::Glob::new(&g)
+                    .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("doc glob {g:?}: {e}")))?
+                    .compile_matcher(),
+            ),
+        };
+        let types = q.types.map(|t| {
+            t.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        });
+        Ok(Self {
+            types,
+            space,
+            doc,
+            author: q.author,
+        })
+    }
+
+    /// Whether `ev` passes.
+    pub fn matches(&self, ev: &Event) -> bool {
+        let (kind, group, space, doc, authors): (
+            &str,
+            &str,
+            Option<&str>,
+            Option<&str>,
+            &[String],
+        ) = match ev {
+            Event::DocChanged {
+                space,
+                doc,
+                authors,
+                ..
+            } => ("doc_changed", "doc", Some(space), Some(doc), authors),
+            Event::PeerConnected { .. } => ("peer_connected", "peer", None, None, &[]),
+            Event::PeerDisconnected { .. } => ("peer_disconnected", "peer", None, None, &[]),
+            Event::MemberVerified { space, .. } => {
+                ("member_verified", "member", Some(space), None, &[])
+            }
+            Event::Rejected { .. } => ("rejected", "rejected", None, None, &[]),
+        };
+        if let Some(t) = &self.types {
+            if !t.iter().any(|t| t == kind || t == group) {
+                return false;
+            }
+        }
+        if let Some(s) = &self.space {
+            if space != Some(s.as_str()) {
+                return false;
+            }
+        }
+        if let Some(g) = &self.doc {
+            if !doc.is_some_and(|d| g.is_match(d)) {
+                return false;
+            }
+        }
+        if let Some(a) = &self.author {
+            if !authors.iter().any(|x| x == a) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Live events as server-sent events, one JSON object each. A consumer too
+/// slow for the node's bounded event buffer gets a `lagged` event saying how
+/// many it missed; the node never buffers more for it.
+async fn events(
+    State(st): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<EventQuery>,
+) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>>, ApiError>
+{
+    let filter = EventFilter::new(&st.node, q).await?;
+    let rx = st.node.events();
+    let stream = futures::stream::unfold((rx, filter), |(mut rx, f)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if f.matches(&ev) => {
+                    let data = serde_json::to_string(&ev).unwrap_or_default();
+                    return Some((Ok(SseEvent::default().data(data)), (rx, f)));
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let data = json!({"type": "lagged", "dropped": n}).to_string();
+                    return Some((Ok(SseEvent::default().data(data)), (rx, f)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn id(State(st): State<AppState>) -> ApiResult<Value> {

@@ -14,7 +14,8 @@ use shoal_protocol::{envelope, DocId, SpaceId};
 use tracing::warn;
 
 use super::{
-    device_of_peer, hex_heads, random, verify_change_sig, Engine, Event, Gap, Origin, MAX_WANTED,
+    device_of_peer, hex_heads, random, verify_change_sig, Applied, Engine, Event, Gap, Origin,
+    MAX_WANTED,
 };
 use crate::net::NetCommand;
 use shoal_protocol::actor::device_of;
@@ -270,11 +271,12 @@ impl Engine {
             };
             let d = s.docs.entry(doc.clone()).or_insert(fresh);
             let before = d.doc.get_heads();
-            let mut raw: Vec<Vec<u8>> = changes
+            let authored: Vec<Change> = changes
                 .iter()
                 .filter(|c| d.doc.get_change_by_hash(&c.hash()).is_none())
-                .map(|c| c.raw_bytes().to_vec())
+                .cloned()
                 .collect();
+            let mut raw: Vec<Vec<u8>> = authored.iter().map(|c| c.raw_bytes().to_vec()).collect();
             let r = if doc.is_members() {
                 members::apply_members_changes(&mut d.doc, &s.grant.creator, changes).map(|refused| {
                     if !refused.is_empty() {
@@ -309,7 +311,8 @@ impl Engine {
                     });
                 g.peers.extend(from);
             }
-            self.after_remote_change(space, &doc, None, heads != before, &raw, outbox);
+            let applied = Applied::new(raw, &authored);
+            self.after_remote_change(space, &doc, None, heads != before, &applied, outbox);
         }
     }
 
@@ -322,10 +325,10 @@ impl Engine {
         doc: &DocId,
         synced_from: Option<PeerId>,
         changed: bool,
-        raw: &[Vec<u8>],
+        applied: &Applied,
         outbox: &mut Vec<NetCommand>,
     ) {
-        if let Err(e) = self.persist(space, doc, raw) {
+        if let Err(e) = self.persist(space, doc, &applied.raw) {
             warn!(space = %space.short(), %doc, error = %e, "cannot persist remote change");
         }
         if !changed {
@@ -349,6 +352,7 @@ impl Engine {
                 Origin::Gossip
             },
             heads: hex_heads(&heads),
+            authors: applied.authors.clone(),
         });
         if let Some(from) = synced_from {
             let others: Vec<PeerId> = self

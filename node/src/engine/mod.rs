@@ -104,6 +104,8 @@ pub enum Event {
         origin: Origin,
         /// Heads after the change, hex.
         heads: Vec<String>,
+        /// Devices that wrote the change(s).
+        authors: Vec<String>,
     },
     /// Input from the network was refused.
     Rejected {
@@ -265,6 +267,27 @@ struct Gap {
     peers: HashSet<PeerId>,
     /// Announced heads we did not have.
     wanted: Vec<ChangeHash>,
+}
+
+/// Changes just taken from a peer: their bytes, to store, and their
+/// authors, for watchers.
+#[derive(Debug, Default)]
+pub(super) struct Applied {
+    raw: Vec<Vec<u8>>,
+    authors: Vec<String>,
+}
+
+impl Applied {
+    fn new(raw: Vec<Vec<u8>>, changes: &[Change]) -> Self {
+        let mut authors: Vec<String> = changes
+            .iter()
+            .filter_map(|c| shoal_protocol::actor::device_of(c.actor_id()).ok())
+            .map(|d| d.to_string())
+            .collect();
+        authors.sort();
+        authors.dedup();
+        Self { raw, authors }
+    }
 }
 
 /// Raw local changes of one document in this turn, and its heads after them.
@@ -949,6 +972,7 @@ impl Engine {
             doc: doc.to_string(),
             origin: Origin::Local,
             heads: hex_heads(&heads),
+            authors: vec![self.me.to_string()],
         });
         Ok(hex_heads(&heads))
     }

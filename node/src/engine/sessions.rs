@@ -17,8 +17,8 @@ use shoal_protocol::{hello, DocId, SpaceId, SpaceKey};
 use tracing::{debug, info, warn};
 
 use super::{
-    device_of_peer, random, verify_change_sig, Engine, Event, Session, SessionKey, MAX_BACKOFF,
-    RETRY_TICK, SESSION_TIMEOUT,
+    device_of_peer, random, verify_change_sig, Applied, Engine, Event, Session, SessionKey,
+    MAX_BACKOFF, RETRY_TICK, SESSION_TIMEOUT,
 };
 use crate::error::{Error, Result};
 use crate::net::{NetCommand, Proto};
@@ -336,7 +336,7 @@ impl Engine {
         bytes: &[u8],
         sigs: &[wire::ChangeSig],
         responder: bool,
-    ) -> Result<(bool, Vec<Vec<u8>>)> {
+    ) -> Result<(bool, Applied)> {
         let (_, space, doc) = key;
         let msg = shoal_protocol::sync::decode_message(bytes)?;
         let changes = shoal_protocol::sync::changes_in(&msg)?;
@@ -351,6 +351,7 @@ impl Engine {
             .filter(|c| d.doc.get_change_by_hash(&c.hash()).is_none())
             .collect();
         let raw: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let authored = new.clone();
         // Every new change must be vouched for by its author's signature
         // (on it, or on a later change of the author that depends on it):
         // whoever relays it, the actor id alone proves nothing.
@@ -401,7 +402,7 @@ impl Engine {
         } else {
             match self.sessions.get_mut(key) {
                 Some(s) => &mut s.state,
-                None => return Ok((false, Vec::new())),
+                None => return Ok((false, Applied::default())),
             }
         };
         d.doc
@@ -410,7 +411,7 @@ impl Engine {
             .map_err(shoal_protocol::Error::from)?;
         let changed = d.doc.get_heads() != before;
         self.store_sigs(&verified);
-        Ok((changed, raw))
+        Ok((changed, Applied::new(raw, &authored)))
     }
 
     /// The signatures of the changes an outgoing sync message carries.

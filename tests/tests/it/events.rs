@@ -1,0 +1,68 @@
+//! The live event stream (server-sent events) through the real router,
+//! with two real nodes: filters honoured, auth enforced.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use shoal_protocol::DocId;
+use shoal_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_change_reaches_a_filtered_event_stream() -> Result<()> {
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    a.put("notes", &"todo".parse()?, "/x", json!(0)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, _task) =
+        shoal_node::api::serve(b.clone(), "t0ken".into(), "127.0.0.1:0".parse()?, async {
+            let _ = stopped.await;
+        })
+        .await?;
+    let http = reqwest::Client::new();
+    let base = format!("http://{addr}/v1/events");
+    // no token: 401; an unknown space: 404 naming it
+    let r = http.get(&base).send().await?;
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(format!("{base}?space=nope"))
+        .bearer_auth("t0ken")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await?.contains("nope"));
+
+    let url = format!(
+        "{base}?space=notes&types=doc&doc=to*&author={}",
+        a.device_id()
+    );
+    let resp = http.get(url).bearer_auth("t0ken").send().await?;
+    assert_eq!(resp.status(), 200);
+    let mut events = resp.bytes_stream().eventsource();
+    // a change to another document, then one b writes itself, then the one we want
+    let other: DocId = "other".parse()?;
+    a.put("notes", &other, "/y", json!(1)).await?;
+    b.put("notes", &"todo".parse()?, "/by_b", json!(2)).await?;
+    a.put("notes", &"todo".parse()?, "/x", json!(3)).await?;
+    let first = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .context("no event within the timeout")?
+        .context("stream ended")??;
+    let v: Value = serde_json::from_str(&first.data)?;
+    assert_eq!(v["type"], "doc_changed");
+    assert_eq!(v["doc"], "todo");
+    assert_eq!(v["authors"], json!([a.device_id().to_string()]));
+    assert_ne!(
+        v["origin"], "local",
+        "b's own write passed the author filter: {v}"
+    );
+    let _ = stop.send(());
+    Ok(())
+}
