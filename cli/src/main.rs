@@ -289,7 +289,7 @@ async fn up(home: Home, args: UpArgs, json_out: bool) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,shoal_node=info,shoal=info".into()),
+                .unwrap_or_else(|_| "warn,shoal_node=info,shoal=info,libp2p_kad=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -189,8 +189,10 @@ fn cli_end_to_end_init_up_space_doc_lock_kill9_restart() -> Result<()> {
 fn api_refuses_a_wrong_token() -> Result<()> {
     let t = tempfile::tempdir()?;
     let home = t.path().join("h");
-    ok_json(&home, &["init", "--name", "h"])?;
+    // no `init`: a fresh home initialises itself on the first `up`
     let _up = Up::start(&home)?;
+    assert!(home.join("identity.key").exists() && home.join("api-token").exists());
+    ok_json(&home, &["space", "list"])?;
     std::fs::write(home.join("api-token"), "not-the-token")?;
     let e = err_text(&home, &["space", "list"])?;
     assert!(e.contains("token"), "{e}");

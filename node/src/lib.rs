@@ -141,8 +141,11 @@ impl Node {
         self.ask(Command::Spaces).await
     }
 
-    /// Adds a device to a space (or changes its role). Owners only; the
-    /// invite flow calls this once the joiner has proven its code.
+    /// Adds a device to a space by id (or changes its role). Owners only.
+    /// No key exchange happens: the device must get the grant some other
+    /// way ([`Node::export_grant`]) and has no x25519 key in `members`, so
+    /// it misses key rotations. Invites ([`Node::create_invite`],
+    /// [`Node::join`]) are the normal path.
     pub async fn add_member(
         &self,
         space: &str,
@@ -168,7 +171,8 @@ impl Node {
     }
 
     /// The grant (id, name, creator, keys) a new member needs. Owners only;
-    /// the invite flow seals it to the joiner. Secret: never log it.
+    /// used for pairing by file (invites seal it to the joiner themselves).
+    /// Secret: never log it.
     pub async fn export_grant(&self, space: &str) -> Result<SpaceGrant> {
         let space = space.to_string();
         self.ask(|r| Command::ExportGrant(space, r)).await

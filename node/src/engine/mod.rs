@@ -335,7 +335,7 @@ pub(crate) struct Engine {
     awaiting_members: HashMap<SpaceId, (Reply<SpaceInfo>, Instant)>,
     /// Peers that proved a space's key but are not (yet) in its members.
     unadmitted: HashSet<(PeerId, SpaceId)>,
-    /// When each device was last connected (unix seconds).
+    /// When each member device was last connected (unix seconds).
     last_seen: HashMap<PeerId, u64>,
     /// Local changes of this turn, published together per document.
     local_batch: BTreeMap<(SpaceId, DocId), LocalChanges>,
@@ -1020,7 +1020,6 @@ impl Engine {
         match ev {
             NetEvent::Connected { peer } => {
                 self.peers.entry(peer).or_default();
-                self.last_seen.insert(peer, pairing::now_secs());
                 self.emit(Event::PeerConnected {
                     peer: peer.to_string(),
                 });
@@ -1028,8 +1027,14 @@ impl Engine {
                 self.drive_joins(outbox);
             }
             NetEvent::Disconnected { peer } => {
-                self.peers.remove(&peer);
-                self.last_seen.insert(peer, pairing::now_secs());
+                // Remembered for members only, so strangers cannot grow it.
+                if self
+                    .peers
+                    .remove(&peer)
+                    .is_some_and(|e| !e.proven.is_empty())
+                {
+                    self.last_seen.insert(peer, pairing::now_secs());
+                }
                 self.unadmitted.retain(|(p, _)| *p != peer);
                 self.sessions.retain(|(p, _, _), _| *p != peer);
                 self.responders.retain(|(p, _, _), _| *p != peer);

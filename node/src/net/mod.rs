@@ -180,8 +180,6 @@ pub enum NetCommand {
     /// Dial a peer by id alone (mDNS and the DHT supply addresses), and ask
     /// the DHT where it is.
     Find(PeerId),
-    /// Close every connection to a peer.
-    Disconnect(PeerId),
     /// Stop the actor.
     Shutdown(oneshot::Sender<()>),
 }
@@ -494,9 +492,6 @@ impl Actor {
                 }
                 let opts = DialOpts::peer_id(peer).allocate_new_port().build();
                 let _ = self.swarm.dial(opts);
-            }
-            NetCommand::Disconnect(peer) => {
-                let _ = self.swarm.disconnect_peer_id(peer);
             }
             NetCommand::Shutdown(_) => {}
         }
