@@ -162,6 +162,8 @@ pub struct EventQuery {
     pub space: Option<String>,
     /// A glob over document ids (`notes*`).
     pub doc: Option<String>,
+    /// A glob over file paths in a folder (`docs/**`).
+    pub path: Option<String>,
     /// A device id: only changes it wrote.
     pub author: Option<String>,
 }
@@ -171,6 +173,7 @@ pub struct EventFilter {
     types: Option<Vec<String>>,
     space: Option<String>,
     doc: Option<globset::GlobMatcher>,
+    path: Option<globset::GlobMatcher>,
     author: Option<String>,
 }
 
@@ -188,14 +191,20 @@ impl EventFilter {
                     .ok_or(Error::UnknownSpace(s))?,
             ),
         };
-        let doc = match q.doc {
-            None => None,
-            Some(g) => Some(
-                globset::Glob::new(&g)
-                    .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("doc glob {g:?}: {e}")))?
-                    .compile_matcher(),
-            ),
+        let glob = |what: &str, g: Option<String>| -> Result<_, ApiError> {
+            g.map(|g| {
+                globset::GlobBuilder::new(&g)
+                    .literal_separator(what == "path")
+                    .build()
+                    .map(|m| m.compile_matcher())
+                    .map_err(|e| {
+                        ApiError(StatusCode::BAD_REQUEST, format!("{what} glob {g:?}: {e}"))
+                    })
+            })
+            .transpose()
         };
+        let doc = glob("doc", q.doc)?;
+        let path = glob("path", q.path)?;
         let types = q.types.map(|t| {
             t.split(',')
                 .map(|s| s.trim().to_string())
@@ -206,13 +215,14 @@ impl EventFilter {
             types,
             space,
             doc,
+            path,
             author: q.author,
         })
     }
 
     /// Whether `ev` passes.
     pub fn matches(&self, ev: &Event) -> bool {
-        let (kind, group, space, doc, authors): (
+        let (kind, group, space, name, authors): (
             &str,
             &str,
             Option<&str>,
@@ -231,6 +241,43 @@ impl EventFilter {
                 ("member_verified", "member", Some(space), None, &[])
             }
             Event::Rejected { .. } => ("rejected", "rejected", None, None, &[]),
+            Event::FileChanged {
+                space,
+                path,
+                device,
+                ..
+            } => (
+                "file_changed",
+                "file",
+                Some(space),
+                Some(path),
+                std::slice::from_ref(device),
+            ),
+            Event::Conflict {
+                space,
+                path,
+                device,
+                ..
+            } => (
+                "conflict",
+                "file",
+                Some(space),
+                Some(path),
+                std::slice::from_ref(device),
+            ),
+            Event::TransferStarted { space, path, .. } => {
+                ("transfer_started", "transfer", Some(space), Some(path), &[])
+            }
+            Event::TransferFinished { space, path, .. } => (
+                "transfer_finished",
+                "transfer",
+                Some(space),
+                Some(path),
+                &[],
+            ),
+            Event::FolderError { space, path, .. } => {
+                ("folder_error", "error", Some(space), Some(path), &[])
+            }
         };
         if let Some(t) = &self.types {
             if !t.iter().any(|t| t == kind || t == group) {
@@ -242,8 +289,15 @@ impl EventFilter {
                 return false;
             }
         }
+        // Documents are named by `doc`, files by `path`.
+        let is_file = matches!(group, "file" | "transfer" | "error");
         if let Some(g) = &self.doc {
-            if !doc.is_some_and(|d| g.is_match(d)) {
+            if is_file || !name.is_some_and(|d| g.is_match(d)) {
+                return false;
+            }
+        }
+        if let Some(g) = &self.path {
+            if !is_file || !name.is_some_and(|p| g.is_match(p)) {
                 return false;
             }
         }

@@ -37,6 +37,14 @@ pub struct ConfigFile {
     pub anti_entropy_secs: u64,
     /// Seconds between redials of known members that are offline.
     pub redial_secs: u64,
+    /// Milliseconds of quiet after a file changes before it is scanned.
+    pub debounce_ms: u64,
+    /// Seconds between full rescans of each folder.
+    pub rescan_secs: u64,
+    /// Old versions kept per file under `.shoal/versions/`.
+    pub versions_keep: usize,
+    /// Days an old version is kept.
+    pub versions_max_days: u64,
 }
 
 impl Default for ConfigFile {
@@ -51,6 +59,10 @@ impl Default for ConfigFile {
             api: "127.0.0.1:0".into(),
             anti_entropy_secs: 10,
             redial_secs: 30,
+            debounce_ms: 30,
+            rescan_secs: 300,
+            versions_keep: 10,
+            versions_max_days: 30,
         }
     }
 }
@@ -121,6 +133,13 @@ impl ConfigFile {
             redial: Duration::from_secs(self.redial_secs.max(1)),
             idle_timeout: Duration::from_secs(3600),
             gossip_heartbeat: Duration::from_millis(1000),
+            folders: crate::folder::FolderSettings {
+                debounce: Duration::from_millis(self.debounce_ms),
+                rescan: Duration::from_secs(self.rescan_secs.max(1)),
+                versions_keep: self.versions_keep,
+                versions_max_age: Duration::from_secs(self.versions_max_days * 24 * 3600),
+                ..Default::default()
+            },
         })
     }
 }
@@ -164,6 +183,8 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     /// Gossipsub heartbeat.
     pub gossip_heartbeat: Duration,
+    /// Folder sync.
+    pub folders: crate::folder::FolderSettings,
 }
 
 impl NodeConfig {
@@ -184,6 +205,10 @@ impl NodeConfig {
             redial: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(3600),
             gossip_heartbeat: Duration::from_millis(200),
+            folders: crate::folder::FolderSettings {
+                rescan: Duration::from_secs(2),
+                ..Default::default()
+            },
         }
     }
 }

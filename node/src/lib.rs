@@ -13,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod folder;
 pub mod home;
 pub mod net;
 pub mod store;
@@ -48,6 +49,7 @@ struct Inner {
     device: DeviceId,
     name: String,
     lock: std::sync::Mutex<Option<home::HomeLock>>,
+    folders: folder::Folders,
 }
 
 impl Node {
@@ -71,16 +73,27 @@ impl Node {
             events.clone(),
             home.x25519_secret()?,
         )?;
+        let blobs = engine.blobs()?;
         let (tx, rx) = mpsc::channel(engine::COMMAND_CAPACITY);
+        let device = DeviceId::from_bytes(peer_id.to_bytes())?;
+        let folders = folder::Folders::start(
+            blobs,
+            engine::Client(tx.clone()),
+            events.clone(),
+            config.folders.clone(),
+            net.streams(),
+            device.clone(),
+        )?;
         tokio::spawn(engine.run(rx, net_events));
         Ok(Node {
             inner: Arc::new(Inner {
                 commands: tx,
                 events,
                 net,
-                device: DeviceId::from_bytes(peer_id.to_bytes())?,
+                device,
                 name: config.name,
                 lock: std::sync::Mutex::new(Some(lock)),
+                folders,
             }),
         })
     }
@@ -305,7 +318,60 @@ impl Node {
     }
 
     /// Stops the node after flushing the store.
+    /// Gives a space a folder on this device (created if missing) and
+    /// starts syncing it.
+    pub async fn attach_folder(
+        &self,
+        space: &str,
+        path: &std::path::Path,
+    ) -> Result<folder::FolderStatus> {
+        self.inner.folders.attach(space, path).await
+    }
+
+    /// Status of every folder on this device.
+    pub async fn folder_status(&self) -> Vec<folder::FolderStatus> {
+        self.inner.folders.status().await
+    }
+
+    /// Folder-sync counters (chunks served, fetched, copied locally...).
+    pub fn folder_counters(&self) -> std::sync::Arc<folder::Counters> {
+        self.inner.folders.counters()
+    }
+
+    /// The synced tree of a space as the index sees it, under `prefix`.
+    pub async fn files(&self, space: &str, prefix: &str) -> Result<Vec<folder::FileInfo>> {
+        let (id, _) = self.resolve(space).await?;
+        let prefix = prefix.trim_start_matches('/').to_string();
+        let list = self
+            .client()
+            .index(|reply| engine::IndexCommand::List {
+                space: id,
+                prefix,
+                reply,
+            })
+            .await?;
+        Ok(folder::file_infos(list))
+    }
+
+    /// Conflict copies in a space's folder: which file, which device, when.
+    pub async fn conflicts(&self, space: &str) -> Result<Vec<folder::ConflictInfo>> {
+        let files = self.files(space, "").await?;
+        Ok(folder::conflicts_of(&files))
+    }
+
+    async fn resolve(&self, space: &str) -> Result<(shoal_protocol::SpaceId, Option<Role>)> {
+        let space = space.to_string();
+        self.client()
+            .index(|reply| engine::IndexCommand::Resolve { space, reply })
+            .await
+    }
+
+    fn client(&self) -> engine::Client {
+        engine::Client(self.inner.commands.clone())
+    }
+
     pub async fn shutdown(&self) {
+        self.inner.folders.shutdown().await;
         let (tx, rx) = oneshot::channel();
         if self
             .inner

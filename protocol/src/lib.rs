@@ -10,6 +10,7 @@ pub mod actor;
 pub mod doc;
 pub mod envelope;
 pub mod error;
+pub mod files;
 pub mod hello;
 pub mod ids;
 pub mod invite;

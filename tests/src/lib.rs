@@ -188,3 +188,52 @@ pub async fn wait_converged(nodes: &[&Node], space: &str, doc: &str) -> Result<V
     ok.with_context(|| format!("not converged: {last:?}"))?;
     Ok(nodes[0].heads(space, &doc).await?)
 }
+
+/// Two or more nodes sharing space `space`, each with its own folder (a
+/// temp dir that lives as long as the returned guard).
+pub async fn folder_nodes(
+    n: usize,
+    space: &str,
+) -> Result<(Vec<TestNode>, Vec<std::path::PathBuf>, TempDir)> {
+    let nodes = spawn_nodes(n).await?;
+    nodes[0].node.create_space(space).await?;
+    let others: Vec<&Node> = nodes[1..].iter().map(|t| &t.node).collect();
+    share_space(&nodes[0].node, space, &others).await?;
+    for i in 1..n {
+        connect(&nodes[i].node, &nodes[0].node).await?;
+    }
+    let dirs = tempfile::tempdir()?;
+    let mut roots = Vec::new();
+    for (i, t) in nodes.iter().enumerate() {
+        let root = dirs.path().join(format!("folder{i}"));
+        t.node.attach_folder(space, &root).await?;
+        roots.push(root.canonicalize()?);
+    }
+    Ok((nodes, roots, dirs))
+}
+
+/// Waits until the file at `path` holds exactly `content` (re-checked on
+/// every event of `node`).
+pub async fn wait_file(node: &Node, path: &std::path::Path, content: &[u8]) -> Result<()> {
+    wait_for(node, TIMEOUT, || async {
+        std::fs::read(path).is_ok_and(|b| b == content)
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "{} never held the expected {} bytes (has {:?} bytes)",
+            path.display(),
+            content.len(),
+            std::fs::metadata(path).map(|m| m.len()).ok()
+        )
+    })
+}
+
+/// Waits until nothing is at `path`.
+pub async fn wait_gone(node: &Node, path: &std::path::Path) -> Result<()> {
+    wait_for(node, TIMEOUT, || async {
+        std::fs::symlink_metadata(path).is_err()
+    })
+    .await
+    .with_context(|| format!("{} is still there", path.display()))
+}

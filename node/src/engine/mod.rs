@@ -43,8 +43,11 @@ use crate::store::Store;
 pub const COMMAND_CAPACITY: usize = 1024;
 
 mod gossip;
+mod index;
 mod pairing;
 mod sessions;
+pub(crate) use index::IndexCommand;
+pub use index::{ShardChanges, Values};
 pub use pairing::{InviteInfo, Revoked};
 /// Capacity of the event broadcast (slow subscribers lag, never block).
 pub const EVENT_CAPACITY: usize = 4096;
@@ -114,6 +117,72 @@ pub enum Event {
         /// Why, for humans.
         reason: String,
     },
+    /// A file in a synced folder changed: found by the scanner (local) or
+    /// placed from a peer's version (remote).
+    FileChanged {
+        /// The space id.
+        space: String,
+        /// Normalised path in the folder.
+        path: String,
+        /// `local` or `remote`.
+        origin: FileOrigin,
+        /// The device that wrote this version.
+        device: String,
+        /// Size in bytes.
+        size: u64,
+        /// The path was deleted.
+        deleted: bool,
+    },
+    /// Two versions of a file conflicted; the loser was kept as `copy`.
+    Conflict {
+        /// The space id.
+        space: String,
+        /// The path both versions were written to.
+        path: String,
+        /// Where the losing version now is.
+        copy: String,
+        /// The device that wrote the losing version.
+        device: String,
+    },
+    /// A file transfer started.
+    TransferStarted {
+        /// The space id.
+        space: String,
+        /// The file.
+        path: String,
+        /// Its size.
+        bytes: u64,
+    },
+    /// A file transfer finished and the file was placed.
+    TransferFinished {
+        /// The space id.
+        space: String,
+        /// The file.
+        path: String,
+        /// Its size.
+        bytes: u64,
+        /// How long it took.
+        millis: u64,
+    },
+    /// Something in a folder could not be synced (and is retried).
+    FolderError {
+        /// The space id.
+        space: String,
+        /// The path, when one is concerned.
+        path: String,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Where a file change came from.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FileOrigin {
+    /// This device's folder.
+    Local,
+    /// A peer's version, placed here.
+    Remote,
 }
 
 /// A space as the API shows it.
@@ -152,7 +221,7 @@ pub struct MemberInfo {
     pub last_seen: Option<u64>,
 }
 
-type Reply<T> = oneshot::Sender<Result<T>>;
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
 
 /// Requests to the engine.
 #[derive(Debug)]
@@ -202,7 +271,54 @@ pub(crate) enum Command {
     ),
     SetRole(String, DeviceId, Role, Reply<()>),
     Revoke(String, DeviceId, Reply<Revoked>),
+    Index(IndexCommand),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// A cloneable way to ask the engine, for the node's other tasks.
+#[derive(Clone, Debug)]
+pub(crate) struct Client(pub(crate) mpsc::Sender<Command>);
+
+impl Client {
+    /// Sends a command built around a reply channel and waits for the answer.
+    pub(crate) async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(make(tx)).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Asks an index question.
+    pub(crate) async fn index<T>(&self, make: impl FnOnce(Reply<T>) -> IndexCommand) -> Result<T> {
+        self.ask(|r| Command::Index(make(r))).await
+    }
+
+    /// Admitted, connected peers of a space.
+    pub(crate) async fn peers(&self, space: SpaceId) -> Result<Vec<PeerId>> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send(Command::Index(IndexCommand::Peers { space, reply: tx }))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Whether `peer` may exchange `space`'s blobs.
+    pub(crate) async fn admitted(&self, peer: PeerId, space: SpaceId) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .0
+            .send(Command::Index(IndexCommand::Admitted {
+                peer,
+                space,
+                reply: tx,
+            }))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
 }
 
 struct DocState {
@@ -423,6 +539,11 @@ impl Engine {
         Ok(e)
     }
 
+    /// The blob index on the engine's store, for the folder workers.
+    pub(crate) fn blobs(&self) -> Result<crate::store::Blobs> {
+        self.store.blobs()
+    }
+
     fn load_space(&mut self, grant: SpaceGrant) -> Result<()> {
         let space = grant.space;
         let mut docs = BTreeMap::new();
@@ -631,7 +752,9 @@ impl Engine {
             docs: s
                 .docs
                 .iter()
-                .filter(|(d, st)| !d.is_members() && !st.doc.is_empty())
+                .filter(|(d, st)| {
+                    !d.is_members() && !shoal_protocol::files::is_index(d) && !st.doc.is_empty()
+                })
                 .map(|(d, _)| d.to_string())
                 .collect(),
             peers: self
@@ -774,6 +897,7 @@ impl Engine {
                 let r = self.revoke(&space, &device, outbox);
                 self.ack_after_flush(reply, r);
             }
+            Command::Index(cmd) => self.on_index_command(cmd),
             Command::Shutdown(_) => {}
         }
     }

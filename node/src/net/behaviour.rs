@@ -42,6 +42,8 @@ pub struct Behaviour {
     pub sync: request_response::Behaviour<BytesCodec>,
     /// Invite pairing.
     pub invite: request_response::Behaviour<BytesCodec>,
+    /// Raw streams for bulk data (blob exchange).
+    pub stream: libp2p_stream::Behaviour,
 }
 
 impl Behaviour {
@@ -108,6 +110,7 @@ impl Behaviour {
             hello: rr(HELLO_PROTOCOL, MAX_HELLO_BYTES, Duration::from_secs(10)),
             sync: rr(SYNC_PROTOCOL, MAX_SYNC_BYTES, Duration::from_secs(60)),
             invite: rr(INVITE_PROTOCOL, MAX_INVITE_BYTES, Duration::from_secs(20)),
+            stream: libp2p_stream::Behaviour::new(),
         })
     }
 }

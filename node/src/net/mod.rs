@@ -185,16 +185,31 @@ pub enum NetCommand {
 }
 
 /// Cheap, cloneable handle to the network actor.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NetHandle {
     tx: mpsc::Sender<NetCommand>,
     peer_id: PeerId,
+    streams: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for NetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetHandle")
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NetHandle {
     /// Our peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Opens and accepts raw streams (bulk data), without going through the
+    /// actor.
+    pub fn streams(&self) -> libp2p_stream::Control {
+        self.streams.clone()
     }
 
     /// Sends a command; fails only when the actor has stopped.
@@ -272,6 +287,7 @@ pub async fn spawn(
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
     let peer_id = *swarm.local_peer_id();
+    let streams = swarm.behaviour().stream.new_control();
     let actor = Actor {
         swarm,
         events: ev_tx,
@@ -287,6 +303,7 @@ pub async fn spawn(
         NetHandle {
             tx: cmd_tx,
             peer_id,
+            streams,
         },
         ev_rx,
     ))

@@ -3,6 +3,7 @@
 //! the namespace LAN lab live with the binary they run, in `cli/tests/`.
 
 mod events;
+mod folders;
 mod hostile;
 mod pairing;
 mod sync;

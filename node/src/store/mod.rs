@@ -8,6 +8,7 @@
 //! - `peers`: peer id bytes -> listen addresses of a member we met
 //! - `invites`: invite id -> [`InviteRecord`] (postcard)
 //! - `sigs`: change hash -> its author's signature
+//! - `f.*`: the blob index of synced folders ([`blobs`])
 //!
 //! Durability: sled syncs every 500 ms on its own; callers that acknowledge
 //! a write to a user call [`Store::flush`] first.
@@ -19,6 +20,9 @@ use shoal_protocol::keys::SpaceGrant;
 use shoal_protocol::{DocId, Role, SpaceId};
 
 use crate::error::{Error, Result};
+
+pub mod blobs;
+pub use blobs::Blobs;
 
 const KIND_SNAPSHOT: u8 = 0;
 const KIND_LOG: u8 = 1;
@@ -94,6 +98,11 @@ impl Store {
             sigs: db.open_tree("sigs")?,
             db,
         })
+    }
+
+    /// The blob index, on the same database.
+    pub fn blobs(&self) -> Result<Blobs> {
+        Blobs::open(&self.db)
     }
 
     /// Waits until everything written so far is on disk.

@@ -1,0 +1,329 @@
+//! Assembling one file version in a temp file inside the folder.
+//!
+//! Chunks already written (recorded in the store, or found intact in the
+//! temp file after a crash) are kept; chunks this node has in any other
+//! file are copied locally; the rest are fetched from every admitted peer
+//! at once, round-robin, with a window of requests in flight. Each chunk is
+//! verified before it is written, and the whole file before it is placed.
+
+use std::collections::{HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use libp2p::PeerId;
+use shoal_protocol::files::{BlobKind, Entry, Manifest, CHUNK_MAX};
+
+use super::links::FetchError;
+use super::place::TMP_DIR;
+use super::worker::Worker;
+use crate::Event;
+
+/// Why a transfer stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// No admitted peer is connected.
+    #[error("no peer that has it is connected")]
+    NoPeers,
+    /// The disk (or quota) is full: the transfer waits.
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    /// Anything else; retried later.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn io_err(what: &str, e: std::io::Error) -> TransferError {
+    if matches!(e.raw_os_error(), Some(28) | Some(122)) {
+        TransferError::DiskFull(format!("{what}: {e}"))
+    } else {
+        TransferError::Failed(format!("{what}: {e}"))
+    }
+}
+
+/// A file version assembled and verified in its temp file.
+pub struct Fetched {
+    /// The temp file (inside `.shoal/tmp/`).
+    pub temp: PathBuf,
+    /// Its transfer record's name.
+    pub part: String,
+    /// (chunk hash, offset, length) of the content.
+    pub chunks: Vec<([u8; 32], u64, u32)>,
+}
+
+impl Worker {
+    /// The chunks of version `e`: from its manifest (fetched if needed) or,
+    /// for a one-chunk file, the file itself.
+    async fn chunks_of(
+        &self,
+        e: &Entry,
+    ) -> Result<(Vec<([u8; 32], u64, u32)>, [u8; 32]), TransferError> {
+        if !e.chunked {
+            if e.size > u64::from(CHUNK_MAX) {
+                return Err(TransferError::Failed(
+                    "unchunked entry larger than a chunk".into(),
+                ));
+            }
+            let chunks = if e.size == 0 {
+                Vec::new()
+            } else {
+                vec![(e.hash, 0, e.size as u32)]
+            };
+            return Ok((chunks, e.hash));
+        }
+        let sh = &self.shared;
+        let m = match sh.blobs.manifest(&self.space, &e.hash) {
+            Ok(Some(m)) => m,
+            _ => {
+                let peers = self.peers().await?;
+                let mut got = None;
+                for p in peers {
+                    match sh
+                        .links
+                        .get(p, self.space, BlobKind::Manifest, e.hash)
+                        .await
+                    {
+                        Ok(bytes) => match Manifest::decode(&bytes, &e.hash) {
+                            Ok(m) => {
+                                got = Some(m);
+                                break;
+                            }
+                            Err(err) => self.note_bad_peer(p, &format!("bad manifest: {err}")),
+                        },
+                        Err(_) => continue,
+                    }
+                }
+                let m = got.ok_or(TransferError::NoPeers)?;
+                sh.blobs
+                    .put_manifest(&self.space, &m)
+                    .map_err(|e| TransferError::Failed(e.to_string()))?;
+                m
+            }
+        };
+        if m.size != e.size {
+            return Err(TransferError::Failed(
+                "manifest size differs from the entry".into(),
+            ));
+        }
+        let offsets = m.offsets();
+        let chunks = m
+            .chunks
+            .iter()
+            .zip(offsets)
+            .map(|((h, l), o)| (*h, o, *l))
+            .collect();
+        Ok((chunks, m.file_hash))
+    }
+
+    async fn peers(&self) -> Result<Vec<PeerId>, TransferError> {
+        let peers = self
+            .shared
+            .engine
+            .peers(self.space)
+            .await
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        if peers.is_empty() {
+            return Err(TransferError::NoPeers);
+        }
+        Ok(peers)
+    }
+
+    fn note_bad_peer(&self, peer: PeerId, why: &str) {
+        tracing::warn!(%peer, space = %self.space.short(), why, "peer served bad data");
+        self.shared.emit(Event::Rejected {
+            peer: peer.to_string(),
+            reason: why.to_string(),
+        });
+    }
+
+    /// Assembles version `e` of `rel` in a temp file, verified.
+    pub(super) async fn fetch(&self, rel: &str, e: &Entry) -> Result<Fetched, TransferError> {
+        let (chunks, file_hash) = self.chunks_of(e).await?;
+        let part = format!(
+            "{}-{}",
+            hex::encode(&e.hash[..12]),
+            hex::encode(&blake3::hash(rel.as_bytes()).as_bytes()[..6])
+        );
+        let temp = self.root.join(TMP_DIR).join(format!("{part}.part"));
+        let size = e.size;
+        let n = chunks.len();
+
+        // Resume and local copies, off the async threads.
+        let (file, mut bits, need) = {
+            let (sh, space, temp, part, chunks) = (
+                Arc::clone(&self.shared),
+                self.space,
+                temp.clone(),
+                part.clone(),
+                chunks.clone(),
+            );
+            tokio::task::spawn_blocking(move || -> Result<_, TransferError> {
+                if let Some(dir) = temp.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| io_err("create temp folder", e))?;
+                }
+                let resumed = temp.exists();
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&temp)
+                    .map_err(|e| io_err("open temp file", e))?;
+                let len = f.metadata().map_err(|e| io_err("stat temp file", e))?.len();
+                if len != size {
+                    f.set_len(size).map_err(|e| io_err("size temp file", e))?;
+                }
+                let mut bits = sh.blobs.part(&space, &part).unwrap_or_default();
+                bits.resize(n.div_ceil(8), 0);
+                let mut need = Vec::new();
+                for (i, (h, off, l)) in chunks.iter().enumerate() {
+                    if bits[i / 8] & (1 << (i % 8)) != 0 {
+                        continue;
+                    }
+                    if resumed {
+                        let mut buf = vec![0u8; *l as usize];
+                        if f.read_exact_at(&mut buf, *off).is_ok()
+                            && blake3::hash(&buf).as_bytes() == h
+                        {
+                            bits[i / 8] |= 1 << (i % 8);
+                            sh.counters.chunks_resumed.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                    if let Some(data) = sh.read_chunk(None, h) {
+                        f.write_all_at(&data, *off)
+                            .map_err(|e| io_err("write temp file", e))?;
+                        bits[i / 8] |= 1 << (i % 8);
+                        sh.counters.chunks_local.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    need.push(i);
+                }
+                let _ = sh.blobs.set_part(&space, &part, &bits);
+                Ok((f, bits, need))
+            })
+            .await
+            .map_err(|e| TransferError::Failed(e.to_string()))??
+        };
+
+        let local_bytes: u64 = (0..n)
+            .filter(|i| !need.contains(i))
+            .map(|i| u64::from(chunks[i].2))
+            .sum();
+        self.progress(local_bytes);
+        if !need.is_empty() {
+            self.fetch_chunks(&file, &chunks, need, &mut bits, &part)
+                .await?;
+        }
+
+        // Durable, then verified as a whole.
+        let (sh, space, t, p) = (
+            Arc::clone(&self.shared),
+            self.space,
+            temp.clone(),
+            part.clone(),
+        );
+        tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
+            let _ = sh.blobs.set_part(&space, &p, &bits);
+            file.sync_all().map_err(|e| io_err("sync temp file", e))?;
+            let mut h = blake3::Hasher::new();
+            if size > 0 {
+                h.update_mmap_rayon(&t)
+                    .map_err(|e| io_err("read temp file", e))?;
+            }
+            if *h.finalize().as_bytes() != file_hash {
+                let _ = std::fs::remove_file(&t);
+                let _ = sh.blobs.remove_part(&space, &p);
+                return Err(TransferError::Failed("whole-file hash mismatch".into()));
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| TransferError::Failed(e.to_string()))??;
+        Ok(Fetched { temp, part, chunks })
+    }
+
+    async fn fetch_chunks(
+        &self,
+        file: &File,
+        chunks: &[([u8; 32], u64, u32)],
+        need: Vec<usize>,
+        bits: &mut [u8],
+        part: &str,
+    ) -> Result<(), TransferError> {
+        let sh = &self.shared;
+        let peers = self.peers().await?;
+        let mut bad: HashSet<PeerId> = HashSet::new();
+        let mut queue: VecDeque<(usize, Vec<PeerId>)> =
+            need.into_iter().map(|i| (i, Vec::new())).collect();
+        let mut inflight = FuturesUnordered::new();
+        let mut rr = 0usize;
+        let mut since_save = Instant::now();
+        loop {
+            while inflight.len() < sh.settings.window {
+                let Some((i, tried)) = queue.pop_front() else {
+                    break;
+                };
+                let candidates: Vec<PeerId> = peers
+                    .iter()
+                    .filter(|p| !tried.contains(p) && !bad.contains(p))
+                    .copied()
+                    .collect();
+                if candidates.is_empty() {
+                    return Err(TransferError::Failed(format!(
+                        "no connected peer could serve chunk {} of {}",
+                        i,
+                        chunks.len()
+                    )));
+                }
+                let peer = candidates[rr % candidates.len()];
+                rr += 1;
+                let links = Arc::clone(&sh.links);
+                let (hash, space) = (chunks[i].0, self.space);
+                inflight.push(async move {
+                    let r = links.get(peer, space, BlobKind::Chunk, hash).await;
+                    (i, tried, peer, r)
+                });
+            }
+            let Some((i, mut tried, peer, r)) = inflight.next().await else {
+                break;
+            };
+            let (hash, off, len) = chunks[i];
+            match r {
+                Ok(data)
+                    if data.len() == len as usize && *blake3::hash(&data).as_bytes() == hash =>
+                {
+                    file.write_all_at(&data, off)
+                        .map_err(|e| io_err("write temp file", e))?;
+                    bits[i / 8] |= 1 << (i % 8);
+                    sh.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                    sh.counters
+                        .bytes_fetched
+                        .fetch_add(u64::from(len), Ordering::Relaxed);
+                    self.progress(u64::from(len));
+                    if since_save.elapsed() > Duration::from_millis(200) {
+                        let _ = sh.blobs.set_part(&self.space, part, bits);
+                        since_save = Instant::now();
+                    }
+                }
+                Ok(_) => {
+                    sh.counters.chunks_corrupt.fetch_add(1, Ordering::Relaxed);
+                    self.note_bad_peer(peer, "served a chunk that failed verification");
+                    bad.insert(peer);
+                    tried.push(peer);
+                    queue.push_back((i, tried));
+                }
+                Err(FetchError::Missing) | Err(FetchError::Refused) | Err(FetchError::Link(_)) => {
+                    tried.push(peer);
+                    queue.push_back((i, tried));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,316 @@
+//! Blob exchange over raw libp2p streams (`/shoal/blob/1`).
+//!
+//! A fetching node keeps one stream per peer and pipelines requests on it:
+//! a writer task sends request frames as callers ask, a reader task reads
+//! the answers in order and hands each to its caller. A serving node answers
+//! each stream's requests in order, reading and re-verifying every chunk
+//! from the synced file it lives in.
+//!
+//! Frames: a request is `u16 length | postcard BlobRequest`; an answer is
+//! `u16 length | postcard BlobResponse`, followed by the bytes when found.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use shoal_protocol::files::{
+    max_blob_len, BlobKind, BlobRequest, BlobResponse, BLOB_PROTOCOL, MAX_BLOB_REQUEST,
+};
+use shoal_protocol::{wire, SpaceId};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::Shared;
+
+/// Requests queued on one peer's stream before callers wait.
+const LINK_QUEUE: usize = 64;
+/// Answers prepared ahead of the one being written, per served stream.
+const SERVE_AHEAD: usize = 4;
+
+/// Why a blob could not be had from a peer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    /// The peer does not have it.
+    #[error("peer does not have it")]
+    Missing,
+    /// The peer does not admit us to the space.
+    #[error("peer refused: not admitted to the space")]
+    Refused,
+    /// The stream failed or the peer broke the protocol.
+    #[error("stream: {0}")]
+    Link(String),
+}
+
+struct Req {
+    space: SpaceId,
+    kind: BlobKind,
+    hash: [u8; 32],
+    reply: oneshot::Sender<Result<Vec<u8>, FetchError>>,
+}
+
+type Waiter = (BlobKind, oneshot::Sender<Result<Vec<u8>, FetchError>>);
+
+/// One pipelined stream per peer, opened on first use.
+pub struct Links {
+    control: Mutex<libp2p_stream::Control>,
+    map: Mutex<HashMap<PeerId, (u64, mpsc::Sender<Req>)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Links {
+    /// Links opened through `control`.
+    pub fn new(control: libp2p_stream::Control) -> Self {
+        Self {
+            control: Mutex::new(control),
+            map: Mutex::new(HashMap::new()),
+            next: Default::default(),
+        }
+    }
+
+    /// Fetches one blob from `peer`.
+    pub async fn get(
+        self: &Arc<Self>,
+        peer: PeerId,
+        space: SpaceId,
+        kind: BlobKind,
+        hash: [u8; 32],
+    ) -> Result<Vec<u8>, FetchError> {
+        let tx = self.link(peer).await?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Req {
+            space,
+            kind,
+            hash,
+            reply,
+        })
+        .await
+        .map_err(|_| FetchError::Link("stream closed".into()))?;
+        rx.await
+            .map_err(|_| FetchError::Link("stream closed".into()))?
+    }
+
+    async fn link(self: &Arc<Self>, peer: PeerId) -> Result<mpsc::Sender<Req>, FetchError> {
+        if let Some((_, tx)) = self.lock_map().get(&peer) {
+            if !tx.is_closed() {
+                return Ok(tx.clone());
+            }
+        }
+        let mut control = self
+            .control
+            .lock()
+            .map_err(|_| FetchError::Link("poisoned".into()))?
+            .clone();
+        let stream = control
+            .open_stream(peer, StreamProtocol::new(BLOB_PROTOCOL))
+            .await
+            .map_err(|e| FetchError::Link(e.to_string()))?;
+        let gen = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let mut map = self.lock_map();
+        // Another caller may have opened one meanwhile: use theirs.
+        if let Some((_, t)) = map.get(&peer) {
+            if !t.is_closed() {
+                return Ok(t.clone());
+            }
+        }
+        map.insert(peer, (gen, tx.clone()));
+        drop(map);
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            run_link(stream, rx).await;
+            let mut map = me.lock_map();
+            if map.get(&peer).is_some_and(|(g, _)| *g == gen) {
+                map.remove(&peer);
+            }
+        });
+        Ok(tx)
+    }
+
+    fn lock_map(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, (u64, mpsc::Sender<Req>)>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn run_link(stream: Stream, mut rx: mpsc::Receiver<Req>) {
+    let (mut r, mut w) = stream.split();
+    let (wait_tx, mut wait_rx) = mpsc::unbounded_channel::<Waiter>();
+    let reader = async move {
+        while let Some((kind, reply)) = wait_rx.recv().await {
+            let answer = read_answer(&mut r, kind).await;
+            let broken = matches!(answer, Err(FetchError::Link(_)));
+            let _ = reply.send(answer);
+            if broken {
+                // Fail everyone still waiting on this stream.
+                while let Ok((_, reply)) = wait_rx.try_recv() {
+                    let _ = reply.send(Err(FetchError::Link("stream broke".into())));
+                }
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some(req) = rx.recv().await {
+            let frame = wire::encode(&BlobRequest::V1 {
+                space: req.space,
+                kind: req.kind,
+                hash: req.hash,
+            });
+            let mut buf = (frame.len() as u16).to_be_bytes().to_vec();
+            buf.extend(frame);
+            if let Err(e) = w.write_all(&buf).await {
+                let _ = req.reply.send(Err(FetchError::Link(e.to_string())));
+                break;
+            }
+            if wait_tx.send((req.kind, req.reply)).is_err() {
+                break;
+            }
+            if rx.is_empty() {
+                if let Err(e) = w.flush().await {
+                    debug!(error = %e, "blob stream flush failed");
+                    break;
+                }
+            }
+        }
+        let _ = w.close().await;
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+    }
+}
+
+async fn read_answer(
+    r: &mut (impl futures::AsyncRead + Unpin),
+    kind: BlobKind,
+) -> Result<Vec<u8>, FetchError> {
+    let link = |e: std::io::Error| FetchError::Link(e.to_string());
+    let mut len = [0u8; 2];
+    r.read_exact(&mut len).await.map_err(link)?;
+    let mut head = vec![0u8; u16::from_be_bytes(len) as usize];
+    r.read_exact(&mut head).await.map_err(link)?;
+    let resp: BlobResponse = wire::decode("blob response", &head, MAX_BLOB_REQUEST)
+        .map_err(|e| FetchError::Link(e.to_string()))?;
+    match resp {
+        BlobResponse::Found { len } => {
+            if len as usize > max_blob_len(kind) {
+                return Err(FetchError::Link(format!(
+                    "answer of {len} bytes is too large"
+                )));
+            }
+            let mut data = vec![0u8; len as usize];
+            r.read_exact(&mut data).await.map_err(link)?;
+            Ok(data)
+        }
+        BlobResponse::Missing => Err(FetchError::Missing),
+        BlobResponse::Refused => Err(FetchError::Refused),
+    }
+}
+
+/// Accepts blob streams and serves them until the node stops.
+pub async fn serve(shared: Arc<Shared>, mut control: libp2p_stream::Control) {
+    let mut incoming = match control.accept(StreamProtocol::new(BLOB_PROTOCOL)) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!(error = %e, "cannot serve blobs");
+            return;
+        }
+    };
+    // Stream tasks live in this set: stopping the server stops them all.
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            next = incoming.next() => {
+                let Some((peer, stream)) = next else { break };
+                let shared = Arc::clone(&shared);
+                tasks.spawn(async move {
+                    if let Err(e) = serve_stream(shared, peer, stream).await {
+                        debug!(%peer, error = %e, "blob stream ended");
+                    }
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std::io::Result<()> {
+    let (mut r, mut w) = stream.split();
+    let (tx, mut rx) = mpsc::channel::<(BlobResponse, Option<Vec<u8>>)>(SERVE_AHEAD);
+    let reader = async move {
+        let mut allowed: HashMap<SpaceId, bool> = HashMap::new();
+        loop {
+            let mut len = [0u8; 2];
+            if r.read_exact(&mut len).await.is_err() {
+                return;
+            }
+            let n = u16::from_be_bytes(len) as usize;
+            if n > MAX_BLOB_REQUEST {
+                return;
+            }
+            let mut buf = vec![0u8; n];
+            if r.read_exact(&mut buf).await.is_err() {
+                return;
+            }
+            let Ok(BlobRequest::V1 { space, kind, hash }) =
+                wire::decode::<BlobRequest>("blob request", &buf, MAX_BLOB_REQUEST)
+            else {
+                return;
+            };
+            let ok = match allowed.get(&space) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = shared.engine.admitted(peer, space).await;
+                    allowed.insert(space, ok);
+                    ok
+                }
+            };
+            let answer = if !ok {
+                (BlobResponse::Refused, None)
+            } else {
+                let s = Arc::clone(&shared);
+                let found = tokio::task::spawn_blocking(move || s.read_blob(&space, kind, &hash))
+                    .await
+                    .ok()
+                    .flatten();
+                match found {
+                    Some(mut data) => {
+                        if shared.settings.serve_corrupt_chunks && kind == BlobKind::Chunk {
+                            if let Some(b) = data.first_mut() {
+                                *b ^= 0xff;
+                            }
+                        }
+                        shared.counters.add_served(data.len());
+                        (
+                            BlobResponse::Found {
+                                len: data.len() as u32,
+                            },
+                            Some(data),
+                        )
+                    }
+                    None => (BlobResponse::Missing, None),
+                }
+            };
+            if tx.send(answer).await.is_err() {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((head, data)) = rx.recv().await {
+            let h = wire::encode(&head);
+            let mut buf = (h.len() as u16).to_be_bytes().to_vec();
+            buf.extend(h);
+            w.write_all(&buf).await?;
+            if let Some(d) = data {
+                w.write_all(&d).await?;
+            }
+            if rx.is_empty() {
+                w.flush().await?;
+            }
+        }
+        w.close().await
+    };
+    let (_, res) = tokio::join!(reader, writer);
+    res
+}

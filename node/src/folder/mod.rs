@@ -1,0 +1,483 @@
+//! Folder sync: a folder on each device that stays identical on all of them.
+//!
+//! One worker task per space with a folder ([`worker`]) watches the folder
+//! (notify, debounced, plus a periodic rescan), hashes changed files into
+//! content-defined chunks ([`scan`]), and writes one packed entry per path
+//! into the space's sharded `index-*` documents through the engine. When
+//! the index changes (locally or from peers), the worker reconciles each
+//! changed path with the disk: it fetches missing chunks from every
+//! admitted peer at once over pipelined streams ([`links`], [`fetch`]),
+//! copies chunks it already has from local files, verifies every chunk and
+//! the whole file, and places the result atomically ([`place`]), keeping
+//! what it replaces under `.shoal/versions/` and what lost a conflict as a
+//! `sync-conflict` copy.
+//!
+//! The bytes live only in the synced files; the blob index in the store
+//! says where each chunk is ([`crate::store::blobs`]).
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use shoal_protocol::files::BlobKind;
+use shoal_protocol::{DeviceId, Role, SpaceId};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::engine::{self, IndexCommand};
+use crate::error::{Error, Result};
+use crate::store::Blobs;
+use crate::Event;
+
+pub mod fetch;
+pub mod links;
+pub mod place;
+pub mod scan;
+pub mod worker;
+
+/// Folder-sync settings.
+#[derive(Debug, Clone)]
+pub struct FolderSettings {
+    /// Quiet time after a filesystem event before the path is scanned.
+    pub debounce: Duration,
+    /// Interval of full rescans (catches what the watcher missed).
+    pub rescan: Duration,
+    /// Old versions kept per path.
+    pub versions_keep: usize,
+    /// Old versions older than this are removed.
+    pub versions_max_age: Duration,
+    /// Files transferred at once.
+    pub transfers: usize,
+    /// Chunk requests in flight per file.
+    pub window: usize,
+    /// Fault injection for tests: flip a byte of every chunk served.
+    #[doc(hidden)]
+    pub serve_corrupt_chunks: bool,
+}
+
+impl Default for FolderSettings {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(30),
+            rescan: Duration::from_secs(300),
+            versions_keep: 10,
+            versions_max_age: Duration::from_secs(30 * 24 * 3600),
+            transfers: 32,
+            window: 64,
+            serve_corrupt_chunks: false,
+        }
+    }
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Chunks served to peers.
+    pub chunks_served: AtomicU64,
+    /// Bytes served to peers.
+    pub bytes_served: AtomicU64,
+    /// Chunks fetched from peers.
+    pub chunks_fetched: AtomicU64,
+    /// Bytes fetched from peers.
+    pub bytes_fetched: AtomicU64,
+    /// Chunks copied from local files instead of fetched.
+    pub chunks_local: AtomicU64,
+    /// Chunks found already written in a resumed transfer.
+    pub chunks_resumed: AtomicU64,
+    /// Chunks a peer served that failed verification.
+    pub chunks_corrupt: AtomicU64,
+    /// Files placed from remote changes.
+    pub files_placed: AtomicU64,
+    /// Conflicts resolved.
+    pub conflicts: AtomicU64,
+}
+
+impl Counters {
+    fn add_served(&self, n: usize) {
+        self.chunks_served.fetch_add(1, Ordering::Relaxed);
+        self.bytes_served.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// A snapshot of every counter, by name.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("chunks_served", g(&self.chunks_served)),
+            ("bytes_served", g(&self.bytes_served)),
+            ("chunks_fetched", g(&self.chunks_fetched)),
+            ("bytes_fetched", g(&self.bytes_fetched)),
+            ("chunks_local", g(&self.chunks_local)),
+            ("chunks_resumed", g(&self.chunks_resumed)),
+            ("chunks_corrupt", g(&self.chunks_corrupt)),
+            ("files_placed", g(&self.files_placed)),
+            ("conflicts", g(&self.conflicts)),
+        ]
+    }
+}
+
+/// What one folder is doing, for `shoal status`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct FolderStatus {
+    /// Space id.
+    pub space: String,
+    /// The folder.
+    pub path: String,
+    /// `scanning`, `syncing`, `in sync`, `paused` or `waiting for peers`.
+    pub state: String,
+    /// Why it is paused, or what it is doing.
+    pub detail: Option<String>,
+    /// Files waiting to be reconciled or transferred.
+    pub files_left: u64,
+    /// Bytes still to fetch or copy.
+    pub bytes_left: u64,
+    /// Bytes per second, averaged over the last 10 seconds.
+    pub rate: u64,
+    /// Seconds to go at that rate.
+    pub eta_secs: Option<u64>,
+    /// Admitted peers connected now.
+    pub peers: usize,
+    /// Files in the folder as the index sees it (last scan).
+    pub files: u64,
+    /// Problems (unreadable files, refused names), newest last.
+    pub problems: Vec<String>,
+}
+
+/// One path of a synced tree.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileInfo {
+    /// Normalised path.
+    pub path: String,
+    /// `file`, `dir` or `symlink`.
+    pub kind: &'static str,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, Unix seconds.
+    pub mtime: i64,
+    /// The device that wrote this version.
+    pub device: String,
+    /// Content hash (hex), for files.
+    pub hash: Option<String>,
+    /// A symbolic link's target.
+    pub target: Option<String>,
+    /// Versions written concurrently that are still unresolved (the winner
+    /// is shown; every device picks the same one).
+    pub versions: usize,
+}
+
+/// A conflict copy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConflictInfo {
+    /// The copy's path.
+    pub copy: String,
+    /// The path both versions were written to.
+    pub original: String,
+    /// Short id of the device whose version lost.
+    pub device: String,
+    /// When that version was written (UTC, `YYYYMMDD-HHMMSS`).
+    pub when: String,
+    /// Its size.
+    pub size: u64,
+}
+
+/// Live (not deleted) paths of an index listing, each with its winner.
+pub(crate) fn file_infos(list: Vec<(String, engine::Values)>) -> Vec<FileInfo> {
+    use shoal_protocol::files::{winner, Entry, Kind};
+    list.into_iter()
+        .filter_map(|(path, values)| {
+            let all: Vec<Entry> = values
+                .iter()
+                .filter_map(|v| Entry::decode(v).ok())
+                .collect();
+            let w = winner(&all)?;
+            if w.deleted {
+                return None;
+            }
+            Some(FileInfo {
+                kind: match w.kind {
+                    Kind::File => "file",
+                    Kind::Dir => "dir",
+                    Kind::Symlink => "symlink",
+                },
+                size: w.size,
+                mtime: w.mtime_ns / 1_000_000_000,
+                device: w.device.to_string(),
+                hash: (w.kind == Kind::File).then(|| hex::encode(w.hash)),
+                target: w.target.clone(),
+                versions: all.len(),
+                path,
+            })
+        })
+        .collect()
+}
+
+/// The conflict copies among `files`.
+pub(crate) fn conflicts_of(files: &[FileInfo]) -> Vec<ConflictInfo> {
+    files
+        .iter()
+        .filter_map(|f| {
+            let (original, device, when) = place::parse_conflict(&f.path)?;
+            Some(ConflictInfo {
+                copy: f.path.clone(),
+                original,
+                device,
+                when,
+                size: f.size,
+            })
+        })
+        .collect()
+}
+
+/// State every folder worker and the blob server share.
+pub struct Shared {
+    pub(crate) blobs: Blobs,
+    pub(crate) engine: engine::Client,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) settings: FolderSettings,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) links: Arc<links::Links>,
+    pub(crate) me: DeviceId,
+    roots: RwLock<HashMap<SpaceId, PathBuf>>,
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, ev: Event) {
+        let _ = self.events.send(ev);
+    }
+
+    fn root(&self, space: &SpaceId) -> Option<PathBuf> {
+        self.roots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(space)
+            .cloned()
+    }
+
+    /// Reads a blob to serve: a manifest from the store, or a chunk from a
+    /// file that holds it, re-verified. A location that no longer holds its
+    /// chunk is dropped.
+    fn read_blob(&self, space: &SpaceId, kind: BlobKind, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        match kind {
+            BlobKind::Manifest => self.blobs.manifest_bytes(space, hash).ok().flatten(),
+            BlobKind::Chunk => self.read_chunk(Some(space), hash),
+        }
+    }
+
+    /// A verified copy of chunk `hash` from any local file (of `space` when
+    /// given).
+    pub(crate) fn read_chunk(&self, space: Option<&SpaceId>, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        for loc in self.blobs.locations(hash).ok()? {
+            let Ok(Some(rec)) = self.blobs.file(loc.fid) else {
+                continue;
+            };
+            if space.is_some_and(|s| *s != rec.space) {
+                continue;
+            }
+            let Some(root) = self.root(&rec.space) else {
+                continue;
+            };
+            let mut buf = vec![0u8; loc.len as usize];
+            let ok = std::fs::File::open(root.join(&rec.rel))
+                .and_then(|f| f.read_exact_at(&mut buf, loc.offset))
+                .is_ok()
+                && blake3::hash(&buf).as_bytes() == hash;
+            if ok {
+                return Some(buf);
+            }
+            let _ = self.blobs.drop_location(hash, loc.fid);
+        }
+        None
+    }
+}
+
+struct Running {
+    worker: Arc<worker::Worker>,
+    task: JoinHandle<()>,
+}
+
+/// The node's folders: starts a worker per space with a folder.
+pub struct Folders {
+    /// Taken at shutdown, so the store closes even while handles live.
+    shared: Mutex<Option<Arc<Shared>>>,
+    running: Mutex<HashMap<SpaceId, Running>>,
+    server: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Folders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Folders").finish_non_exhaustive()
+    }
+}
+
+impl Folders {
+    /// Starts the blob server and a worker for every folder already attached.
+    pub(crate) fn start(
+        blobs: Blobs,
+        engine: engine::Client,
+        events: broadcast::Sender<Event>,
+        settings: FolderSettings,
+        control: libp2p_stream::Control,
+        me: DeviceId,
+    ) -> Result<Self> {
+        let shared = Arc::new(Shared {
+            blobs,
+            engine,
+            events,
+            settings,
+            counters: Arc::default(),
+            links: Arc::new(links::Links::new(control.clone())),
+            me,
+            roots: RwLock::default(),
+        });
+        let server = tokio::spawn(links::serve(Arc::clone(&shared), control));
+        let existing = shared.blobs.folders()?;
+        let folders = Self {
+            shared: Mutex::new(Some(Arc::clone(&shared))),
+            running: Mutex::new(HashMap::new()),
+            server,
+        };
+        for (space, root) in existing {
+            folders.spawn(&shared, space, PathBuf::from(root));
+        }
+        Ok(folders)
+    }
+
+    fn shared(&self) -> Result<Arc<Shared>> {
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Error::Stopped)
+    }
+
+    fn spawn(&self, shared: &Arc<Shared>, space: SpaceId, root: PathBuf) {
+        shared
+            .roots
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(space, root.clone());
+        let w = Arc::new(worker::Worker::new(Arc::clone(shared), space, root));
+        let task = tokio::spawn(Arc::clone(&w).run());
+        self.lock().insert(space, Running { worker: w, task });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SpaceId, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives a space a folder (created if missing) and starts syncing it.
+    pub(crate) async fn attach(&self, space: &str, path: &Path) -> Result<FolderStatus> {
+        let shared = self.shared()?;
+        let space = space.to_string();
+        let (id, role) = shared
+            .engine
+            .index(|reply| IndexCommand::Resolve { space, reply })
+            .await?;
+        if self.lock().contains_key(&id) {
+            return Err(Error::BadRequest(
+                "this space already has a folder on this device".into(),
+            ));
+        }
+        std::fs::create_dir_all(path).map_err(|e| Error::io("create folder", path, e))?;
+        let root = path
+            .canonicalize()
+            .map_err(|e| Error::io("resolve folder", path, e))?;
+        let root_s = root
+            .to_str()
+            .ok_or_else(|| Error::BadRequest("the folder's path is not UTF-8".into()))?;
+        for (other, r) in shared.blobs.folders()? {
+            let r = Path::new(&r);
+            if r.starts_with(&root) || root.starts_with(r) {
+                return Err(Error::BadRequest(format!(
+                    "{} overlaps the folder of space {} ({})",
+                    root.display(),
+                    other.short(),
+                    r.display()
+                )));
+            }
+        }
+        if role == Some(Role::Viewer) {
+            info!(space = %id.short(), "viewer: the folder receives changes only");
+        }
+        shared.blobs.set_folder(&id, root_s)?;
+        shared.blobs.flush().await?;
+        info!(space = %id.short(), folder = %root.display(), "folder attached");
+        self.spawn(&shared, id, root);
+        Ok(self.status_of(&id).unwrap_or_default())
+    }
+
+    fn status_of(&self, id: &SpaceId) -> Option<FolderStatus> {
+        self.lock().get(id).map(|r| r.worker.status())
+    }
+
+    /// Status of every folder.
+    pub(crate) async fn status(&self) -> Vec<FolderStatus> {
+        let workers: Vec<Arc<worker::Worker>> = self
+            .lock()
+            .values()
+            .map(|r| Arc::clone(&r.worker))
+            .collect();
+        let mut out = Vec::new();
+        for w in workers {
+            let peers = w
+                .shared
+                .engine
+                .peers(w.space)
+                .await
+                .map(|p| p.len())
+                .unwrap_or(0);
+            let mut s = w.status();
+            s.peers = peers;
+            if s.state == "syncing" && peers == 0 {
+                s.state = "waiting for peers".into();
+            }
+            out.push(s);
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out
+    }
+
+    /// The folder of a space on this device.
+    pub(crate) fn root(&self, space: &SpaceId) -> Option<PathBuf> {
+        self.shared().ok()?.root(space)
+    }
+
+    /// Folder counters (zero once stopped).
+    pub fn counters(&self) -> Arc<Counters> {
+        self.shared()
+            .map(|s| Arc::clone(&s.counters))
+            .unwrap_or_default()
+    }
+
+    /// Stops every worker and the blob server.
+    pub(crate) async fn shutdown(&self) {
+        let running: Vec<Running> = self.lock().drain().map(|(_, r)| r).collect();
+        for r in running {
+            r.worker.stop();
+            if tokio::time::timeout(Duration::from_secs(5), r.task)
+                .await
+                .is_err()
+            {
+                warn!("folder worker did not stop in time");
+            }
+        }
+        self.server.abort();
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(s) = shared {
+            let _ = s.blobs.flush().await;
+        }
+    }
+}
+
+impl Drop for Folders {
+    fn drop(&mut self) {
+        self.server.abort();
+        for (_, r) in self.lock().drain() {
+            r.task.abort();
+        }
+    }
+}

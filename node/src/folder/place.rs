@@ -1,0 +1,226 @@
+//! Changing the folder on disk: safe parents, atomic placement, old
+//! versions under `.shoal/versions/` with retention, conflict copies.
+//! Everything here moves (renames) files; nothing copies user data.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+
+/// Shoal's own folder inside a synced folder.
+pub const SHOAL_DIR: &str = ".shoal";
+/// Where transfers are assembled.
+pub const TMP_DIR: &str = ".shoal/tmp";
+/// Where replaced and deleted files are kept.
+pub const VERSIONS_DIR: &str = ".shoal/versions";
+
+/// Creates the missing parents of `rel` under `root`, refusing to go
+/// through a symbolic link or a file (a remote change must never write
+/// outside the folder).
+pub fn safe_parent(root: &Path, rel: &str) -> io::Result<PathBuf> {
+    let mut at = root.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(part);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::other(format!(
+                    "{} is a link or a file, not a folder",
+                    at.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&at)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(root.join(rel))
+}
+
+/// fsyncs a folder, so a rename in it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+fn stamp(t: SystemTime) -> String {
+    let t: DateTime<Utc> = t.into();
+    t.format("%Y%m%d-%H%M%S").to_string()
+}
+
+/// `dir/name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext` for `rel`.
+pub fn conflict_name(rel: &str, mtime_ns: i64, device_short: &str) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
+    let (dir, name) = match rel.rsplit_once('/') {
+        Some((d, n)) => (Some(d), n),
+        None => (None, rel),
+    };
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    let n = format!("{stem}.sync-conflict-{}-{device_short}{ext}", stamp(t));
+    match dir {
+        Some(d) => format!("{d}/{n}"),
+        None => n,
+    }
+}
+
+/// A conflict copy's original path, writing device and time, if `rel` is one.
+pub fn parse_conflict(rel: &str) -> Option<(String, String, String)> {
+    let (dir, name) = match rel.rsplit_once('/') {
+        Some((d, n)) => (Some(d), n),
+        None => (None, rel),
+    };
+    let i = name.find(".sync-conflict-")?;
+    let stem = &name[..i];
+    let rest = &name[i + ".sync-conflict-".len()..];
+    // YYYYMMDD-HHMMSS-DEVICE[.ext]
+    if rest.len() < 17 {
+        return None;
+    }
+    let (when, rest) = rest.split_at(15);
+    let rest = rest.strip_prefix('-')?;
+    let (device, ext) = match rest.find('.') {
+        Some(j) => (&rest[..j], &rest[j..]),
+        None => (rest, ""),
+    };
+    let original = format!("{stem}{ext}");
+    let original = match dir {
+        Some(d) => format!("{d}/{original}"),
+        None => original,
+    };
+    Some((original, device.to_string(), when.to_string()))
+}
+
+/// A free name: `want`, or `want` with `-1`, `-2`... before the extension.
+pub fn free_name(root: &Path, want: &str) -> String {
+    if fs::symlink_metadata(root.join(want)).is_err() {
+        return want.to_string();
+    }
+    let (base, ext) = match want.rsplit_once('.') {
+        Some((b, e)) if !b.is_empty() && !b.ends_with('/') => (b.to_string(), format!(".{e}")),
+        _ => (want.to_string(), String::new()),
+    };
+    (1..)
+        .map(|n| format!("{base}-{n}{ext}"))
+        .find(|c| fs::symlink_metadata(root.join(c)).is_err())
+        .unwrap_or_else(|| want.to_string())
+}
+
+/// Moves the file at `rel` into `.shoal/versions/` as `rel~STAMP` and
+/// returns its new relative path. Then applies retention to the versions
+/// of `rel`, returning the relative paths it removed.
+pub fn keep_version(
+    root: &Path,
+    rel: &str,
+    keep: usize,
+    max_age: Duration,
+) -> io::Result<(String, Vec<String>)> {
+    let want = format!("{VERSIONS_DIR}/{rel}~{}", stamp(SystemTime::now()));
+    let dest_rel = std::iter::once(want.clone())
+        .chain((1..).map(|n| format!("{want}-{n}")))
+        .find(|c| fs::symlink_metadata(root.join(c)).is_err())
+        .unwrap_or(want);
+    let dest = safe_parent(root, &dest_rel)?;
+    fs::rename(root.join(rel), &dest)?;
+    let removed = prune_versions(root, rel, keep, max_age)?;
+    Ok((dest_rel, removed))
+}
+
+fn prune_versions(
+    root: &Path,
+    rel: &str,
+    keep: usize,
+    max_age: Duration,
+) -> io::Result<Vec<String>> {
+    let vrel = format!("{VERSIONS_DIR}/{rel}");
+    let (dir_rel, name) = match vrel.rsplit_once('/') {
+        Some((d, n)) => (d.to_string(), n.to_string()),
+        None => return Ok(Vec::new()),
+    };
+    let dir = root.join(&dir_rel);
+    let prefix = format!("{name}~");
+    let mut versions: Vec<String> = Vec::new();
+    for e in fs::read_dir(&dir)? {
+        let n = e?.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&prefix) {
+            versions.push(n);
+        }
+    }
+    // Newest first: names end in a sortable timestamp.
+    versions.sort_by(|a, b| b.cmp(a));
+    let now = SystemTime::now();
+    let mut removed = Vec::new();
+    for (i, n) in versions.iter().enumerate() {
+        let age = n
+            .rsplit_once('~')
+            .and_then(|(_, s)| {
+                chrono::NaiveDateTime::parse_from_str(s.get(..15)?, "%Y%m%d-%H%M%S").ok()
+            })
+            .map(|t| {
+                let secs = t.and_utc().timestamp().max(0) as u64;
+                now.duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        if i >= keep || age > max_age {
+            fs::remove_file(dir.join(n))?;
+            removed.push(format!("{dir_rel}/{n}"));
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names_keep_the_extension_and_parse_back() {
+        let n = conflict_name(
+            "docs/report.final.pdf",
+            1_700_000_000_000_000_000,
+            "AbCdEf12",
+        );
+        assert_eq!(
+            n,
+            "docs/report.final.sync-conflict-20231114-221320-AbCdEf12.pdf"
+        );
+        let (orig, dev, when) = parse_conflict(&n).unwrap();
+        assert_eq!(orig, "docs/report.final.pdf");
+        assert_eq!(dev, "AbCdEf12");
+        assert_eq!(when, "20231114-221320");
+        assert_eq!(
+            conflict_name(".bashrc", 0, "x"),
+            ".bashrc.sync-conflict-19700101-000000-x"
+        );
+        assert!(parse_conflict("plain.txt").is_none());
+    }
+
+    #[test]
+    fn parents_through_links_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(out.path(), dir.path().join("link")).unwrap();
+        assert!(safe_parent(dir.path(), "link/x.txt").is_err());
+        let p = safe_parent(dir.path(), "a/b/c.txt").unwrap();
+        assert!(dir.path().join("a/b").is_dir());
+        assert_eq!(p, dir.path().join("a/b/c.txt"));
+    }
+
+    #[test]
+    fn versions_are_moved_and_pruned_to_the_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for i in 0..4 {
+            fs::write(root.join("f.txt"), format!("v{i}")).unwrap();
+            let (rel, _) = keep_version(root, "f.txt", 2, Duration::from_secs(3600)).unwrap();
+            assert!(root.join(&rel).exists());
+            assert!(!root.join("f.txt").exists());
+        }
+        let n = fs::read_dir(root.join(VERSIONS_DIR)).unwrap().count();
+        assert_eq!(n, 2);
+    }
+}

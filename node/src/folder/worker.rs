@@ -1,0 +1,1096 @@
+//! One space's folder: the loop that scans, publishes and reconciles.
+//!
+//! Local side: watcher events (debounced) and periodic rescans find paths
+//! whose stat differs from what the blob index last recorded; those are
+//! hashed and, when their content differs from the index's winner, written
+//! to the index as this device's version. A file that changes while it is
+//! hashed is tried again later, never recorded torn.
+//!
+//! Remote side: when an index shard changes, the paths that changed since
+//! the shard's cursor are recorded as pending (with the cursor, in one
+//! batch), then each is reconciled: its winner is placed on disk, fetched
+//! when its content is not here. A path leaves the pending set only once
+//! its file matches, so a crash at any moment resumes the work.
+//!
+//! File-system changes that race (placing a fetched file, recording a
+//! scanned one) take the worker's `fs` lock; each re-checks the stat it
+//! acted on under the lock.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::Watcher;
+use shoal_protocol::files::{self, Entry, Kind};
+use shoal_protocol::{DocId, SpaceId};
+use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::fetch::TransferError;
+use super::place::{self, TMP_DIR, VERSIONS_DIR};
+use super::scan::{self, Hashed, Rules};
+use super::{FolderStatus, Shared};
+use crate::engine::{FileOrigin, IndexCommand};
+use crate::error::Error;
+use crate::store::blobs::{LocalFile, Stat};
+use crate::Event;
+
+/// Paths reconciled per round.
+const RECONCILE_BATCH: usize = 1000;
+/// Index entries written per engine command.
+const PUBLISH_BATCH: usize = 2000;
+/// Watcher events buffered before the worker falls back to a full rescan.
+const WATCH_QUEUE: usize = 8192;
+/// Dirty paths remembered before a full rescan is cheaper.
+const MAX_DIRTY: usize = 4096;
+/// Problems kept for status.
+const MAX_PROBLEMS: usize = 20;
+/// Longest wait before a failed path is tried again.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Progress {
+    state: &'static str,
+    detail: Option<String>,
+    /// Bytes still to fetch for queued transfers, by path.
+    queued: HashMap<String, u64>,
+    window: VecDeque<(Instant, u64)>,
+    files: u64,
+    problems: VecDeque<String>,
+}
+
+/// The worker of one space's folder.
+pub struct Worker {
+    pub(super) shared: Arc<Shared>,
+    pub(super) space: SpaceId,
+    pub(super) root: PathBuf,
+    fs: tokio::sync::Mutex<()>,
+    progress: Mutex<Progress>,
+    stop: Notify,
+    stopped: AtomicBool,
+    rules: RwLock<Rules>,
+}
+
+/// A path the scanner found changed.
+enum Found {
+    File(String, Hashed),
+    Dir(String, Stat),
+    Link(String, Stat, String),
+}
+
+impl Found {
+    fn rel(&self) -> &str {
+        match self {
+            Found::File(r, _) | Found::Dir(r, _) | Found::Link(r, _, _) => r,
+        }
+    }
+}
+
+#[derive(Default)]
+struct ScanResult {
+    found: Vec<Found>,
+    gone: Vec<String>,
+    /// Paths that changed while being read: scan again soon.
+    again: Vec<String>,
+    problems: Vec<(String, String)>,
+    files: u64,
+}
+
+/// What reconciling one path needs.
+enum Action {
+    Done,
+    Transfer(Entry, Vec<Entry>),
+}
+
+fn entries(values: &[Vec<u8>]) -> Vec<Entry> {
+    values
+        .iter()
+        .filter_map(|v| Entry::decode(v).ok())
+        .collect()
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl Worker {
+    pub(super) fn new(shared: Arc<Shared>, space: SpaceId, root: PathBuf) -> Self {
+        let (rules, _) = Rules::load(&root);
+        Self {
+            shared,
+            space,
+            root,
+            fs: tokio::sync::Mutex::new(()),
+            progress: Mutex::new(Progress {
+                state: "scanning",
+                ..Default::default()
+            }),
+            stop: Notify::new(),
+            stopped: AtomicBool::new(false),
+            rules: RwLock::new(rules),
+        }
+    }
+
+    pub(super) fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.stop.notify_one();
+    }
+
+    fn prog(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rules(&self) -> Rules {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Counts `n` bytes of transfer progress.
+    pub(super) fn progress(&self, n: u64) {
+        let mut p = self.prog();
+        let now = Instant::now();
+        p.window.push_back((now, n));
+        while p
+            .window
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(10))
+        {
+            p.window.pop_front();
+        }
+    }
+
+    fn problem(&self, path: &str, error: String) {
+        warn!(space = %self.space.short(), path, %error, "folder problem");
+        {
+            let mut p = self.prog();
+            p.problems.push_back(format!("{path}: {error}"));
+            while p.problems.len() > MAX_PROBLEMS {
+                p.problems.pop_front();
+            }
+        }
+        self.shared.emit(Event::FolderError {
+            space: self.space.to_string(),
+            path: path.to_string(),
+            error,
+        });
+    }
+
+    /// The folder's status now.
+    pub(super) fn status(&self) -> FolderStatus {
+        let pending = self.shared.blobs.pending_count(&self.space) as u64;
+        let p = self.prog();
+        let bytes_left: u64 = p.queued.values().sum();
+        let span = p
+            .window
+            .front()
+            .map(|(t, _)| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0)
+            .max(1.0);
+        let rate = (p.window.iter().map(|(_, n)| *n).sum::<u64>() as f64 / span) as u64;
+        let state = if p.state == "scanning" {
+            "scanning"
+        } else if p
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with("disk full"))
+        {
+            "paused"
+        } else if pending > 0 {
+            "syncing"
+        } else {
+            "in sync"
+        };
+        FolderStatus {
+            space: self.space.to_string(),
+            path: self.root.display().to_string(),
+            state: state.into(),
+            detail: p.detail.clone(),
+            files_left: pending,
+            bytes_left,
+            rate,
+            eta_secs: (rate > 0 && bytes_left > 0).then(|| bytes_left / rate),
+            peers: 0,
+            files: p.files,
+            problems: p.problems.iter().cloned().collect(),
+        }
+    }
+
+    pub(super) async fn run(self: Arc<Self>) {
+        for d in [TMP_DIR, VERSIONS_DIR] {
+            if let Err(e) = fs::create_dir_all(self.root.join(d)) {
+                self.problem(d, e.to_string());
+            }
+        }
+        let (watch_tx, mut watch_rx) = mpsc::channel::<PathBuf>(WATCH_QUEUE);
+        let overflow = Arc::new(AtomicBool::new(false));
+        let _watcher = match self.watch(watch_tx, Arc::clone(&overflow)) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                self.problem("", format!("cannot watch the folder (rescans only): {e}"));
+                None
+            }
+        };
+        let mut events = self.shared.events.subscribe();
+        let mut dirty_shards: HashSet<DocId> = files::shards().collect();
+        let mut dirty_paths: HashSet<String> = HashSet::new();
+        let mut debounce_at: Option<tokio::time::Instant> = None;
+        let mut full_scan = true;
+        let mut transfers: JoinSet<(String, Result<(), TransferError>)> = JoinSet::new();
+        let mut active: HashSet<String> = HashSet::new();
+        let mut retry: HashMap<String, (Instant, u32)> = HashMap::new();
+        let mut rescan = tokio::time::interval(self.shared.settings.rescan);
+        rescan.tick().await;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut reconcile = true;
+        info!(space = %self.space.short(), folder = %self.root.display(), "folder sync started");
+        loop {
+            if self.stopped.load(Ordering::SeqCst) {
+                break;
+            }
+            if full_scan || overflow.swap(false, Ordering::SeqCst) {
+                full_scan = false;
+                dirty_paths.clear();
+                let again = self.scan(None).await;
+                if !again.is_empty() {
+                    dirty_paths.extend(again);
+                    debounce_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
+            if !dirty_shards.is_empty() {
+                for shard in dirty_shards.drain().collect::<Vec<_>>() {
+                    match self.pull(&shard).await {
+                        Ok(n) => reconcile |= n > 0,
+                        Err(e) => {
+                            debug!(error = %e, "index pull failed");
+                            dirty_shards.insert(shard);
+                            break;
+                        }
+                    }
+                }
+            }
+            if reconcile {
+                reconcile = false;
+                self.reconcile(&mut transfers, &mut active, &retry).await;
+            }
+            tokio::select! {
+                _ = self.stop.notified() => break,
+                ev = events.recv() => match ev {
+                    Ok(Event::DocChanged { space, doc, .. }) if space == self.space.to_string() => {
+                        if let Ok(d) = doc.parse::<DocId>() {
+                            if files::is_index(&d) {
+                                dirty_shards.insert(d);
+                            }
+                        }
+                    }
+                    Ok(Event::MemberVerified { space, .. }) if space == self.space.to_string() => {
+                        // A peer that may have what we wait for is here.
+                        retry.clear();
+                        reconcile = true;
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        dirty_shards.extend(files::shards());
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                Some(p) = watch_rx.recv() => {
+                    if let Some(rel) = scan::rel_of(&self.root, &p) {
+                        if rel == scan::IGNORE_FILE {
+                            let (r, err) = Rules::load(&self.root);
+                            if let Some(e) = err {
+                                self.problem(scan::IGNORE_FILE, e);
+                            }
+                            *self.rules.write().unwrap_or_else(|p| p.into_inner()) = r;
+                            full_scan = true;
+                        }
+                        dirty_paths.insert(rel);
+                        if dirty_paths.len() > MAX_DIRTY {
+                            full_scan = true;
+                        }
+                        debounce_at = Some(tokio::time::Instant::now() + self.shared.settings.debounce);
+                    }
+                }
+                _ = async { tokio::time::sleep_until(debounce_at.unwrap_or_else(tokio::time::Instant::now)).await }, if debounce_at.is_some() => {
+                    debounce_at = None;
+                    let paths: Vec<String> = dirty_paths.drain().collect();
+                    let again = self.scan(Some(paths)).await;
+                    if !again.is_empty() {
+                        dirty_paths.extend(again);
+                        debounce_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                }
+                _ = rescan.tick() => full_scan = true,
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if retry.values().any(|(at, _)| *at <= now) || self.shared.blobs.pending_count(&self.space) > active.len() {
+                        reconcile = true;
+                    }
+                }
+                Some(done) = transfers.join_next(), if !transfers.is_empty() => {
+                    if let Ok((path, r)) = done {
+                        active.remove(&path);
+                        self.prog().queued.remove(&path);
+                        match r {
+                            Ok(()) => {
+                                retry.remove(&path);
+                                let mut p = self.prog();
+                                if p.detail.as_deref().is_some_and(|d| d.starts_with("disk full")) {
+                                    p.detail = None;
+                                }
+                            }
+                            Err(e) => {
+                                let n = retry.get(&path).map(|(_, n)| n + 1).unwrap_or(0);
+                                let wait = Duration::from_millis(500 * 2u64.pow(n.min(6))).min(MAX_RETRY);
+                                retry.insert(path.clone(), (Instant::now() + wait, n));
+                                match &e {
+                                    TransferError::DiskFull(_) => {
+                                        self.prog().detail = Some(e.to_string());
+                                        self.problem(&path, e.to_string());
+                                    }
+                                    TransferError::NoPeers => {}
+                                    TransferError::Failed(_) => self.problem(&path, e.to_string()),
+                                }
+                            }
+                        }
+                        reconcile = true;
+                    }
+                }
+            }
+        }
+        transfers.shutdown().await;
+        debug!(space = %self.space.short(), "folder worker stopped");
+    }
+
+    fn watch(
+        &self,
+        tx: mpsc::Sender<PathBuf>,
+        overflow: Arc<AtomicBool>,
+    ) -> notify::Result<notify::RecommendedWatcher> {
+        let internal = self.root.join(".shoal");
+        let mut w =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                // Opening and reading a file (our own hashing included) is not a
+                // change.
+                Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => {}
+                Ok(ev) => {
+                    for p in ev.paths {
+                        if p.starts_with(&internal) {
+                            continue;
+                        }
+                        if tx.try_send(p).is_err() {
+                            overflow.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+                Err(_) => overflow.store(true, Ordering::SeqCst),
+            })?;
+        w.watch(&self.root, notify::RecursiveMode::Recursive)?;
+        Ok(w)
+    }
+
+    // ----- local side -----------------------------------------------------
+
+    /// Scans the whole folder (`None`) or some paths, and publishes what
+    /// changed.
+    /// Returns paths that changed while being read.
+    async fn scan(&self, paths: Option<Vec<String>>) -> Vec<String> {
+        let full = paths.is_none();
+        if full {
+            self.prog().state = "scanning";
+        }
+        let (root, rules, blobs, space) = (
+            self.root.clone(),
+            self.rules(),
+            self.shared.blobs.clone(),
+            self.space,
+        );
+        let mut result = tokio::task::spawn_blocking(move || {
+            scan_blocking(&root, &rules, &blobs, &space, paths)
+        })
+        .await
+        .unwrap_or_default();
+        for (p, e) in &result.problems {
+            self.problem(p, e.clone());
+        }
+        if full {
+            let mut p = self.prog();
+            p.state = "";
+            p.files = result.files;
+        }
+        let again = std::mem::take(&mut result.again);
+        if let Err(e) = self.publish(result).await {
+            self.problem("", format!("cannot record local changes: {e}"));
+        }
+        again
+    }
+
+    async fn publish(&self, result: ScanResult) -> Result<(), Error> {
+        if result.found.is_empty() && result.gone.is_empty() {
+            return Ok(());
+        }
+        let paths: Vec<String> = result
+            .found
+            .iter()
+            .map(|f| f.rel().to_string())
+            .chain(result.gone.iter().cloned())
+            .collect();
+        let current = self.index_get(paths).await?;
+        let me = self.shared.me.clone();
+        let mut puts: Vec<(String, Entry)> = Vec::new();
+        let guard = self.fs.lock().await;
+        let blobs = &self.shared.blobs;
+        let mut cur = current.into_iter();
+        for f in result.found {
+            let values = entries(&cur.next().unwrap_or_default());
+            let winner = files::winner(&values).cloned();
+            let abs = self.root.join(f.rel());
+            // Changed again since it was read: the next scan has it.
+            let now = match fs::symlink_metadata(&abs) {
+                Ok(m) => scan::stat_of(&m),
+                Err(_) => continue,
+            };
+            let (rel, entry, stat, chunks, manifest) = match f {
+                Found::File(rel, h) => {
+                    if now != h.stat {
+                        continue;
+                    }
+                    let (hash, chunked, manifest) = h.version();
+                    let e = Entry {
+                        kind: Kind::File,
+                        hash,
+                        chunked,
+                        size: h.stat.size,
+                        mode: h.stat.mode & 0o7777,
+                        mtime_ns: h.stat.mtime_ns,
+                        deleted: false,
+                        device: me.clone(),
+                        target: None,
+                    };
+                    (rel, e, h.stat, h.chunks, manifest)
+                }
+                Found::Dir(rel, st) => {
+                    let e = Entry {
+                        kind: Kind::Dir,
+                        hash: [0; 32],
+                        chunked: false,
+                        size: 0,
+                        mode: st.mode & 0o7777,
+                        mtime_ns: st.mtime_ns,
+                        deleted: false,
+                        device: me.clone(),
+                        target: None,
+                    };
+                    (rel, e, now, Vec::new(), None)
+                }
+                Found::Link(rel, st, target) => {
+                    if now != st {
+                        continue;
+                    }
+                    let e = Entry {
+                        kind: Kind::Symlink,
+                        hash: [0; 32],
+                        chunked: false,
+                        size: 0,
+                        mode: 0o777,
+                        mtime_ns: st.mtime_ns,
+                        deleted: false,
+                        device: me.clone(),
+                        target: Some(target),
+                    };
+                    (rel, e, st, Vec::new(), None)
+                }
+            };
+            if let Some(m) = &manifest {
+                blobs.put_manifest(&self.space, m)?;
+            }
+            blobs.set_local(&self.space, &rel, stat, entry.hash, entry.chunked, &chunks)?;
+            if winner.as_ref().is_some_and(|w| w.same_content(&entry)) {
+                continue;
+            }
+            puts.push((rel, entry));
+        }
+        for rel in result.gone {
+            let values = entries(&cur.next().unwrap_or_default());
+            let Some(local) = blobs.local(&self.space, &rel)? else {
+                continue;
+            };
+            if fs::symlink_metadata(self.root.join(&rel)).is_ok() {
+                continue;
+            }
+            blobs.remove_local(&self.space, &rel, false)?;
+            match files::winner(&values) {
+                Some(w) if !w.deleted => {
+                    let mut e = w.clone();
+                    e.deleted = true;
+                    e.hash = local.hash;
+                    e.chunked = local.chunked;
+                    e.device = me.clone();
+                    e.mtime_ns = now_ns();
+                    puts.push((rel, e));
+                }
+                _ => {}
+            }
+        }
+        drop(guard);
+        if puts.is_empty() {
+            return Ok(());
+        }
+        for (rel, e) in &puts {
+            debug!(me = %self.shared.me.short(), path = %rel, deleted = e.deleted, size = e.size, "local change");
+            self.shared.emit(Event::FileChanged {
+                space: self.space.to_string(),
+                path: rel.clone(),
+                origin: FileOrigin::Local,
+                device: me.to_string(),
+                size: e.size,
+                deleted: e.deleted,
+            });
+        }
+        for batch in puts.chunks(PUBLISH_BATCH) {
+            let entries: Vec<(String, Vec<u8>)> =
+                batch.iter().map(|(p, e)| (p.clone(), e.encode())).collect();
+            let space = self.space;
+            let r = self
+                .shared
+                .engine
+                .index(|reply| IndexCommand::Put {
+                    space,
+                    entries,
+                    reply,
+                })
+                .await;
+            if let Err(Error::Forbidden(why)) = &r {
+                self.problem("", format!("local changes are not shared: {why}"));
+                return Ok(());
+            }
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn index_get(&self, paths: Vec<String>) -> Result<Vec<Vec<Vec<u8>>>, Error> {
+        let space = self.space;
+        self.shared
+            .engine
+            .index(|reply| IndexCommand::Get {
+                space,
+                paths,
+                reply,
+            })
+            .await
+    }
+
+    // ----- remote side ----------------------------------------------------
+
+    /// Records paths of `shard` that changed since its cursor as pending.
+    async fn pull(&self, shard: &DocId) -> Result<usize, Error> {
+        let since = self.shared.blobs.cursor(&self.space, shard)?;
+        let (space, sh) = (self.space, shard.clone());
+        let changes = self
+            .shared
+            .engine
+            .index(|reply| IndexCommand::Changes {
+                space,
+                shard: sh,
+                since,
+                reply,
+            })
+            .await?;
+        if changes.heads.is_empty() {
+            return Ok(0);
+        }
+        let paths: Vec<String> = changes
+            .paths
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| files::normalize_path(p).is_ok_and(|n| n == *p))
+            .collect();
+        self.shared
+            .blobs
+            .add_pending(&self.space, shard, &changes.heads, &paths)?;
+        Ok(paths.len())
+    }
+
+    async fn reconcile(
+        self: &Arc<Self>,
+        transfers: &mut JoinSet<(String, Result<(), TransferError>)>,
+        active: &mut HashSet<String>,
+        retry: &HashMap<String, (Instant, u32)>,
+    ) {
+        let now = Instant::now();
+        let Ok(pending) = self
+            .shared
+            .blobs
+            .pending(&self.space, RECONCILE_BATCH + active.len())
+        else {
+            return;
+        };
+        let mut paths: Vec<String> = pending
+            .into_iter()
+            .filter(|p| !active.contains(p))
+            .filter(|p| retry.get(p).is_none_or(|(at, _)| *at <= now))
+            .take(RECONCILE_BATCH)
+            .collect();
+        if paths.is_empty() {
+            return;
+        }
+        let values = match self.index_get(paths.clone()).await {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(error = %e, "index read failed");
+                return;
+            }
+        };
+        let mut work: Vec<(String, Vec<Entry>)> = paths
+            .drain(..)
+            .zip(values.iter().map(|v| entries(v)))
+            .collect();
+        // Folders before their contents; deletions deepest first.
+        work.sort_by(|a, b| {
+            let da = files::winner(&a.1).is_some_and(|w| w.deleted);
+            let db = files::winner(&b.1).is_some_and(|w| w.deleted);
+            match (da, db) {
+                (false, false) => a.0.cmp(&b.0),
+                (true, true) => b.0.cmp(&a.0),
+                (false, true) => std::cmp::Ordering::Less,
+                (true, false) => std::cmp::Ordering::Greater,
+            }
+        });
+        for (rel, entries) in work {
+            debug!(me = %self.shared.me.short(), path = %rel, versions = entries.len(), "reconcile");
+            if transfers.len() >= self.shared.settings.transfers {
+                break;
+            }
+            let action = {
+                let _g = self.fs.lock().await;
+                self.decide(&rel, &entries)
+            };
+            match action {
+                Ok(Action::Done) => {
+                    let _ = self.shared.blobs.done_pending(&self.space, &rel);
+                }
+                Ok(Action::Transfer(w, all)) => {
+                    active.insert(rel.clone());
+                    self.prog().queued.insert(rel.clone(), w.size);
+                    let me = Arc::clone(self);
+                    transfers.spawn(async move {
+                        let r = me.transfer(&rel, &w, &all).await;
+                        (rel, r)
+                    });
+                }
+                Err(e) => self.problem(&rel, e.to_string()),
+            }
+        }
+    }
+
+    /// Brings `rel` in line with the index where that needs no transfer.
+    fn decide(&self, rel: &str, values: &[Entry]) -> io::Result<Action> {
+        let blobs = &self.shared.blobs;
+        let io = |e: Error| io::Error::other(e.to_string());
+        let Some(w) = files::winner(values).cloned() else {
+            return Ok(Action::Done);
+        };
+        let abs = self.root.join(rel);
+        let local = blobs.local(&self.space, rel).map_err(io)?;
+        let disk = fs::symlink_metadata(&abs).ok();
+        let known = match (&disk, &local) {
+            (Some(m), Some(l)) => l.stat == scan::stat_of(m),
+            _ => false,
+        };
+        if self.rules().ignored(rel, w.kind == Kind::Dir) {
+            return Ok(Action::Done);
+        }
+        if w.deleted {
+            let Some(m) = disk else {
+                blobs.remove_local(&self.space, rel, false).map_err(io)?;
+                return Ok(Action::Done);
+            };
+            if !known {
+                // Modified (or created) here: the modification wins; the
+                // scanner records it.
+                return Ok(Action::Done);
+            }
+            if m.is_dir() {
+                if fs::remove_dir(&abs).is_err() {
+                    // Not empty: what is left in it keeps it.
+                    return Ok(Action::Done);
+                }
+                blobs.remove_local(&self.space, rel, false).map_err(io)?;
+            } else {
+                self.keep_old(rel)?;
+            }
+            self.remote_changed(rel, &w);
+            return Ok(Action::Done);
+        }
+        match w.kind {
+            Kind::Dir => {
+                match &disk {
+                    Some(m) if m.is_dir() => {}
+                    Some(_) => {
+                        self.set_aside(rel, known, local.as_ref(), values, &w)?;
+                        place::safe_parent(&self.root, rel)?;
+                        fs::create_dir(&abs)?;
+                    }
+                    None => {
+                        place::safe_parent(&self.root, rel)?;
+                        fs::create_dir(&abs)?;
+                    }
+                }
+                let st = scan::stat_of(&fs::symlink_metadata(&abs)?);
+                blobs
+                    .set_local(&self.space, rel, st, [0; 32], false, &[])
+                    .map_err(io)?;
+                Ok(Action::Done)
+            }
+            Kind::Symlink => {
+                let target = w.target.clone().unwrap_or_default();
+                if let Some(m) = &disk {
+                    if m.file_type().is_symlink()
+                        && fs::read_link(&abs)
+                            .ok()
+                            .and_then(|t| t.to_str().map(String::from))
+                            == Some(target.clone())
+                    {
+                        blobs
+                            .set_local(&self.space, rel, scan::stat_of(m), [0; 32], false, &[])
+                            .map_err(io)?;
+                        return Ok(Action::Done);
+                    }
+                    self.set_aside(rel, known, local.as_ref(), values, &w)?;
+                }
+                place::safe_parent(&self.root, rel)?;
+                std::os::unix::fs::symlink(&target, &abs)?;
+                let st = scan::stat_of(&fs::symlink_metadata(&abs)?);
+                blobs
+                    .set_local(&self.space, rel, st, [0; 32], false, &[])
+                    .map_err(io)?;
+                self.remote_changed(rel, &w);
+                Ok(Action::Done)
+            }
+            Kind::File => {
+                if known && local.as_ref().is_some_and(|l| l.hash == w.hash) {
+                    return Ok(Action::Done);
+                }
+                // Anything else here (changed since the last scan, or a
+                // conflict's loser) is set aside when the file is placed.
+                Ok(Action::Transfer(w, values.to_vec()))
+            }
+        }
+    }
+
+    fn remote_changed(&self, rel: &str, w: &Entry) {
+        self.shared.emit(Event::FileChanged {
+            space: self.space.to_string(),
+            path: rel.to_string(),
+            origin: FileOrigin::Remote,
+            device: w.device.to_string(),
+            size: w.size,
+            deleted: w.deleted,
+        });
+    }
+
+    /// Moves the file at `rel` into `.shoal/versions/`, keeping its chunks
+    /// indexed, and applies retention.
+    fn keep_old(&self, rel: &str) -> io::Result<()> {
+        let s = &self.shared.settings;
+        let (vrel, removed) =
+            place::keep_version(&self.root, rel, s.versions_keep, s.versions_max_age)?;
+        let blobs = &self.shared.blobs;
+        let io = |e: Error| io::Error::other(e.to_string());
+        blobs.relocate(&self.space, rel, &vrel).map_err(io)?;
+        for r in removed {
+            blobs.forget_rel(&self.space, &r).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Whatever is at `rel` makes way for the winner `w`: an unrecorded
+    /// local change or a version that lost a conflict becomes a conflict
+    /// copy; anything else becomes an old version.
+    fn set_aside(
+        &self,
+        rel: &str,
+        known: bool,
+        local: Option<&LocalFile>,
+        values: &[Entry],
+        w: &Entry,
+    ) -> io::Result<()> {
+        let abs = self.root.join(rel);
+        let loser = if !known {
+            let m = fs::symlink_metadata(&abs)?;
+            Some((scan::stat_of(&m).mtime_ns, self.shared.me.short()))
+        } else {
+            local.and_then(|l| {
+                values
+                    .iter()
+                    .find(|e| *e != w && !e.deleted && e.hash == l.hash && l.hash != w.hash)
+                    .map(|e| (e.mtime_ns, e.device.short()))
+            })
+        };
+        match loser {
+            Some((mtime, device)) => {
+                let want = place::conflict_name(rel, mtime, &device);
+                let copy = place::free_name(&self.root, &want);
+                fs::rename(&abs, self.root.join(&copy))?;
+                let io = |e: Error| io::Error::other(e.to_string());
+                self.shared
+                    .blobs
+                    .remove_local(&self.space, rel, false)
+                    .map_err(io)?;
+                self.shared
+                    .counters
+                    .conflicts
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(space = %self.space.short(), path = rel, %copy, "conflict: the other version is kept as a copy");
+                self.shared.emit(Event::Conflict {
+                    space: self.space.to_string(),
+                    path: rel.to_string(),
+                    copy,
+                    device,
+                });
+                Ok(())
+            }
+            None => self.keep_old(rel),
+        }
+    }
+
+    /// Fetches version `w` of `rel` and places it.
+    async fn transfer(&self, rel: &str, w: &Entry, all: &[Entry]) -> Result<(), TransferError> {
+        let started = Instant::now();
+        // A file here that is not yet recorded may already be this version
+        // (two folders that started with the same files).
+        let abs = self.root.join(rel);
+        if let Ok(m) = fs::symlink_metadata(&abs) {
+            let local = self.shared.blobs.local(&self.space, rel).ok().flatten();
+            let known = local.as_ref().is_some_and(|l| l.stat == scan::stat_of(&m));
+            if m.is_file() && !known && m.len() == w.size {
+                let a = abs.clone();
+                if let Ok(Ok(Some(h))) =
+                    tokio::task::spawn_blocking(move || scan::hash_file(&a)).await
+                {
+                    if h.version().0 == w.hash {
+                        let _g = self.fs.lock().await;
+                        let now = fs::symlink_metadata(&abs).map(|m| scan::stat_of(&m)).ok();
+                        if now == Some(h.stat) {
+                            if let Some(m) = h.version().2 {
+                                let _ = self.shared.blobs.put_manifest(&self.space, &m);
+                            }
+                            self.shared
+                                .blobs
+                                .set_local(&self.space, rel, h.stat, w.hash, w.chunked, &h.chunks)
+                                .map_err(|e| TransferError::Failed(e.to_string()))?;
+                            let _ = self.shared.blobs.done_pending(&self.space, rel);
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        let big = w.size >= 1 << 20;
+        if big {
+            self.shared.emit(Event::TransferStarted {
+                space: self.space.to_string(),
+                path: rel.to_string(),
+                bytes: w.size,
+            });
+        }
+        let fetched = self.fetch(rel, w).await?;
+        let _g = self.fs.lock().await;
+        // The index may have moved on while we fetched.
+        let current = self
+            .index_get(vec![rel.to_string()])
+            .await
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        let now_values = entries(current.first().map(|v| v.as_slice()).unwrap_or_default());
+        if files::winner(&now_values).is_some_and(|n| n.hash != w.hash || n.deleted) {
+            return Err(TransferError::Failed(
+                "superseded while fetched; again".into(),
+            ));
+        }
+        let blobs = &self.shared.blobs;
+        let fail = |e: io::Error| TransferError::Failed(format!("place {rel}: {e}"));
+        let local = blobs
+            .local(&self.space, rel)
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        if let Ok(m) = fs::symlink_metadata(&abs) {
+            let known = local.as_ref().is_some_and(|l| l.stat == scan::stat_of(&m));
+            if m.is_dir() {
+                return Err(TransferError::Failed(format!("{rel} is a folder here")));
+            }
+            let all: Vec<Entry> = if now_values.is_empty() {
+                all.to_vec()
+            } else {
+                now_values
+            };
+            self.set_aside(rel, known, local.as_ref(), &all, w)
+                .map_err(fail)?;
+        }
+        let dest = place::safe_parent(&self.root, rel).map_err(fail)?;
+        {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&fetched.temp)
+                .map_err(fail)?;
+            let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(w.mtime_ns.max(0) as u64);
+            let _ = f.set_modified(mtime);
+            use std::os::unix::fs::PermissionsExt;
+            let _ = f.set_permissions(fs::Permissions::from_mode(w.mode & 0o777));
+        }
+        fs::rename(&fetched.temp, &dest).map_err(fail)?;
+        if let Some(parent) = dest.parent() {
+            let _ = place::sync_dir(parent);
+        }
+        let st = scan::stat_of(&fs::symlink_metadata(&dest).map_err(fail)?);
+        blobs
+            .set_local(&self.space, rel, st, w.hash, w.chunked, &fetched.chunks)
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        let _ = blobs.remove_part(&self.space, &fetched.part);
+        let _ = blobs.done_pending(&self.space, rel);
+        self.shared
+            .counters
+            .files_placed
+            .fetch_add(1, Ordering::Relaxed);
+        self.remote_changed(rel, w);
+        if big {
+            self.shared.emit(Event::TransferFinished {
+                space: self.space.to_string(),
+                path: rel.to_string(),
+                bytes: w.size,
+                millis: started.elapsed().as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The scan itself, on a blocking thread.
+fn scan_blocking(
+    root: &Path,
+    rules: &Rules,
+    blobs: &crate::store::Blobs,
+    space: &SpaceId,
+    paths: Option<Vec<String>>,
+) -> ScanResult {
+    let mut out = ScanResult::default();
+    // A full scan reads every record once; a partial one looks up what it
+    // finds, plus the records under paths that vanished.
+    let mut locals: HashMap<String, LocalFile> = match &paths {
+        None => blobs
+            .locals(space)
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        Some(ps) => {
+            let mut m = HashMap::new();
+            let gone: Vec<&String> = ps
+                .iter()
+                .filter(|p| fs::symlink_metadata(root.join(p)).is_err())
+                .collect();
+            if !gone.is_empty() {
+                for (p, l) in blobs.locals(space).unwrap_or_default() {
+                    if gone
+                        .iter()
+                        .any(|d| p == **d || p.starts_with(&format!("{d}/")))
+                    {
+                        m.insert(p, l);
+                    }
+                }
+            }
+            m
+        }
+    };
+    let mut found: Vec<scan::Found> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut problem = |p: String, e: String| out.problems.push((p, e));
+    match &paths {
+        None => found = scan::walk(root, root, rules, &mut problem),
+        Some(ps) => {
+            for p in ps {
+                let abs = root.join(p);
+                let Ok(meta) = fs::symlink_metadata(&abs) else {
+                    continue;
+                };
+                if rules.ignored(p, meta.is_dir()) {
+                    continue;
+                }
+                if meta.is_dir() {
+                    found.extend(scan::walk(root, &abs, rules, &mut problem));
+                }
+                found.push(scan::Found {
+                    rel: p.clone(),
+                    abs,
+                    meta,
+                });
+            }
+        }
+    }
+    for f in found {
+        if !seen.insert(f.rel.clone()) {
+            continue;
+        }
+        let st = scan::stat_of(&f.meta);
+        if paths.is_some() && !locals.contains_key(&f.rel) {
+            if let Ok(Some(l)) = blobs.local(space, &f.rel) {
+                locals.insert(f.rel.clone(), l);
+            }
+        }
+        let known = locals.get(&f.rel);
+        let ft = f.meta.file_type();
+        if ft.is_file() {
+            out.files += 1;
+            if known.is_some_and(|l| l.stat == st) {
+                continue;
+            }
+            debug!(path = %f.rel, was = ?known.map(|l| l.stat), now = ?st, "changed on disk");
+            if scan::is_private_key(&f.abs, &f.rel) && !rules.included(&f.rel) {
+                out.problems.push((
+                    f.rel.clone(),
+                    "looks like a private key: not synced (add `!name` to .shoalignore to sync it)"
+                        .into(),
+                ));
+                continue;
+            }
+            match scan::hash_file(&f.abs) {
+                Ok(Some(h)) => out.found.push(Found::File(f.rel, h)),
+                Ok(None) => out.again.push(f.rel),
+                Err(e) => out.problems.push((f.rel, e.to_string())),
+            }
+        } else if ft.is_dir() {
+            if known.is_none() {
+                out.found.push(Found::Dir(f.rel, st));
+            }
+        } else if ft.is_symlink() {
+            if known.is_some_and(|l| l.stat == st) {
+                continue;
+            }
+            match fs::read_link(&f.abs) {
+                Ok(t) => match t.to_str() {
+                    Some(t) => out.found.push(Found::Link(f.rel, st, t.to_string())),
+                    None => out
+                        .problems
+                        .push((f.rel, "link target is not UTF-8".into())),
+                },
+                Err(e) => out.problems.push((f.rel, e.to_string())),
+            }
+        }
+    }
+    for p in locals.keys() {
+        if seen.contains(p) {
+            continue;
+        }
+        if fs::symlink_metadata(root.join(p)).is_err() {
+            out.gone.push(p.clone());
+        } else if rules.ignored(p, false) {
+            // Newly ignored: stays as it is everywhere, no longer tracked here.
+            let _ = blobs.remove_local(space, p, false);
+        }
+    }
+    out
+}
