@@ -108,17 +108,21 @@ impl Engine {
         if before.iter().any(|h| d.doc.get_change_by_hash(h).is_none()) {
             before.clear();
         }
+        // Keys touched by the changes since `before`, read from the changes
+        // themselves: a diff shows only the visible value of a key, and a
+        // concurrent version that Automerge orders below it would be missed.
         let mut keys: Vec<String> = if before.is_empty() {
             d.doc.keys(ROOT).collect()
         } else {
+            use automerge::legacy::{Key, ObjectId};
             d.doc
-                .diff(&before, &heads)
-                .into_iter()
-                .filter(|p| p.obj == ROOT)
-                .filter_map(|p| match p.action {
-                    automerge::PatchAction::PutMap { key, .. } => Some(key),
-                    automerge::PatchAction::DeleteMap { key } => Some(key),
-                    _ => None,
+                .get_changes(&before)
+                .iter()
+                .flat_map(|c| c.decode().operations)
+                .filter(|op| op.obj == ObjectId::Root)
+                .filter_map(|op| match op.key {
+                    Key::Map(k) => Some(k.to_string()),
+                    Key::Seq(_) => None,
                 })
                 .collect()
         };

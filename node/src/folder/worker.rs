@@ -510,6 +510,50 @@ impl Worker {
             if let Some(m) = &manifest {
                 blobs.put_manifest(&self.space, m)?;
             }
+            // The index moved past the version this file was edited from:
+            // the two edits are concurrent. Both are kept.
+            let base = blobs.local(&self.space, &rel)?;
+            if let (Some(w), Some(b)) = (&winner, &base) {
+                if w.kind == Kind::File
+                    && entry.kind == Kind::File
+                    && !w.deleted
+                    && w.hash != b.hash
+                    && !w.same_content(&entry)
+                {
+                    let theirs_win = files::winner(&[w.clone(), entry.clone()]) == Some(w);
+                    let (loser, device) = if theirs_win {
+                        (&entry, me.short())
+                    } else {
+                        (w, w.device.short())
+                    };
+                    let want = place::conflict_name(&rel, loser.mtime_ns, &device);
+                    let copy = place::free_name(&self.root, &want);
+                    self.shared.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    self.shared.emit(Event::Conflict {
+                        space: self.space.to_string(),
+                        path: rel.clone(),
+                        copy: copy.clone(),
+                        device,
+                    });
+                    if theirs_win {
+                        // Our file becomes the copy; theirs is placed.
+                        fs::rename(&abs, self.root.join(&copy))
+                            .map_err(|e| Error::io("keep conflict copy", &abs, e))?;
+                        let st = scan::stat_of(
+                            &fs::symlink_metadata(self.root.join(&copy))
+                                .map_err(|e| Error::io("stat conflict copy", &abs, e))?,
+                        );
+                        blobs.remove_local(&self.space, &rel, false)?;
+                        blobs.mark_pending(&self.space, &rel)?;
+                        blobs.set_local(&self.space, &copy, st, entry.hash, entry.chunked, &chunks)?;
+                        puts.push((copy, entry));
+                        continue;
+                    }
+                    // Ours wins; theirs is kept as a copy in the index, and
+                    // fetched like any file.
+                    puts.push((copy, w.clone()));
+                }
+            }
             blobs.set_local(&self.space, &rel, stat, entry.hash, entry.chunked, &chunks)?;
             if winner.as_ref().is_some_and(|w| w.same_content(&entry)) {
                 continue;

@@ -405,6 +405,12 @@ impl Blobs {
         Ok(())
     }
 
+    /// Marks one path as needing reconciliation.
+    pub fn mark_pending(&self, space: &SpaceId, path: &str) -> Result<()> {
+        self.pending.insert(key(space, path.as_bytes()), &[][..])?;
+        Ok(())
+    }
+
     /// Up to `limit` paths waiting for reconciliation.
     pub fn pending(&self, space: &SpaceId, limit: usize) -> Result<Vec<String>> {
         let mut out = Vec::new();

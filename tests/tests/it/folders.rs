@@ -50,3 +50,201 @@ async fn create_modify_append_truncate_delete_rename() -> Result<()> {
     wait_file(&nodes[0].node, &a.join("from-b.txt"), b"b").await?;
     Ok(())
 }
+
+fn set_mtime(path: &std::path::Path, secs: u64) -> Result<()> {
+    let f = fs::OpenOptions::new().write(true).open(path)?;
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_edits_keep_both_versions_and_agree_on_the_winner() -> Result<()> {
+    let (mut nodes, roots, _dirs) = folder_nodes(2, "c").await?;
+    let (a, b) = (roots[0].clone(), roots[1].clone());
+    fs::write(a.join("doc.txt"), b"base")?;
+    wait_file(&nodes[1].node, &b.join("doc.txt"), b"base").await?;
+
+    // B edits offline, A edits later (a later mtime wins).
+    nodes[1].stop().await;
+    fs::write(b.join("doc.txt"), b"from b")?;
+    set_mtime(&b.join("doc.txt"), 2_000_000_000)?;
+    fs::write(a.join("doc.txt"), b"from a")?;
+    set_mtime(&a.join("doc.txt"), 2_000_000_100)?;
+    wait_for_winner_recorded(&nodes[0].node).await?;
+    nodes[1].start().await?;
+    shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
+
+    let bn = nodes[1].node.clone();
+    wait_file(&bn, &b.join("doc.txt"), b"from a").await?;
+    wait_file(&nodes[0].node, &a.join("doc.txt"), b"from a").await?;
+    // the loser is a conflict copy named after B, on both devices
+    let b_short = nodes[1].node.device_id().short();
+    let copy = "doc.sync-conflict-20330518-033320-".to_string() + &b_short + ".txt";
+    wait_file(&bn, &b.join(&copy), b"from b").await?;
+    wait_file(&nodes[0].node, &a.join(&copy), b"from b").await?;
+    let conflicts = nodes[0].node.conflicts("c").await?;
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0].original, "doc.txt");
+    assert_eq!(conflicts[0].device, b_short);
+    Ok(())
+}
+
+/// Waits until A has recorded its own edit (its scan ran).
+async fn wait_for_winner_recorded(node: &shoal_node::Node) -> Result<()> {
+    shoal_tests::wait_for(node, shoal_tests::TIMEOUT, || async {
+        node.files("c", "doc.txt")
+            .await
+            .is_ok_and(|f| f.first().is_some_and(|f| f.size == 6))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modify_wins_over_delete_and_offline_edits_meet() -> Result<()> {
+    let (mut nodes, roots, _dirs) = folder_nodes(2, "d").await?;
+    let (a, b) = (roots[0].clone(), roots[1].clone());
+    fs::write(a.join("keep.txt"), b"v1")?;
+    wait_file(&nodes[1].node, &b.join("keep.txt"), b"v1").await?;
+
+    nodes[1].stop().await;
+    fs::remove_file(a.join("keep.txt"))?;
+    fs::write(a.join("only-a.txt"), b"a")?;
+    fs::write(b.join("keep.txt"), b"v2 edited offline")?;
+    fs::write(b.join("only-b.txt"), b"b")?;
+    shoal_tests::wait_for(&nodes[0].node, shoal_tests::TIMEOUT, || async {
+        nodes[0].node.files("d", "").await.is_ok_and(|f| f.iter().all(|f| f.path != "keep.txt"))
+    })
+    .await?;
+    nodes[1].start().await?;
+    shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
+
+    // the modification comes back to A; each side gets the other's new file
+    wait_file(&nodes[0].node, &a.join("keep.txt"), b"v2 edited offline").await?;
+    wait_file(&nodes[0].node, &a.join("only-b.txt"), b"b").await?;
+    wait_file(&nodes[1].node, &b.join("only-a.txt"), b"a").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_files_empty_things_unicode_and_links() -> Result<()> {
+    let (nodes, roots, _dirs) = folder_nodes(2, "m").await?;
+    let (a, b) = (&roots[0], &roots[1]);
+    for d in 0..10 {
+        fs::create_dir_all(a.join(format!("d{d}")))?;
+        for f in 0..50 {
+            fs::write(a.join(format!("d{d}/f{f}.txt")), format!("{d}/{f}"))?;
+        }
+    }
+    fs::write(a.join("empty"), b"")?;
+    fs::create_dir_all(a.join("empty-dir/inner"))?;
+    let uni = "café/naïve ünïcödé 日本語.txt";
+    fs::create_dir_all(a.join("café"))?;
+    fs::write(a.join(uni), b"u")?;
+    let long = "l".repeat(200) + ".txt";
+    fs::write(a.join(&long), b"long")?;
+    std::os::unix::fs::symlink("d0/f0.txt", a.join("link"))?;
+    std::os::unix::fs::symlink("/etc/passwd", a.join("outside"))?;
+
+    let bn = &nodes[1].node;
+    wait_file(bn, &b.join("d9/f49.txt"), b"9/49").await?;
+    for d in 0..10 {
+        for f in 0..50 {
+            wait_file(bn, &b.join(format!("d{d}/f{f}.txt")), format!("{d}/{f}").as_bytes()).await?;
+        }
+    }
+    wait_file(bn, &b.join("empty"), b"").await?;
+    wait_file(bn, &b.join(uni), b"u").await?;
+    wait_file(bn, &b.join(&long), b"long").await?;
+    shoal_tests::wait_for(bn, shoal_tests::TIMEOUT, || async {
+        b.join("empty-dir/inner").is_dir() && fs::read_link(b.join("link")).is_ok()
+    })
+    .await?;
+    // links are recorded with their target and never followed
+    assert_eq!(fs::read_link(b.join("link"))?, std::path::Path::new("d0/f0.txt"));
+    shoal_tests::wait_for(bn, shoal_tests::TIMEOUT, || async { fs::read_link(b.join("outside")).is_ok() }).await?;
+    assert_eq!(fs::read_link(b.join("outside"))?, std::path::Path::new("/etc/passwd"));
+    let listed = nodes[1].node.files("m", "d3/").await?;
+    assert_eq!(listed.len(), 50);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_rules_and_secrets_stay_local() -> Result<()> {
+    let (nodes, roots, _dirs) = folder_nodes(2, "i").await?;
+    let (a, b) = (&roots[0], &roots[1]);
+    fs::write(a.join(".shoalignore"), "*.log\nbuild/\n")?;
+    fs::create_dir_all(a.join("build"))?;
+    fs::write(a.join("build/out.o"), b"obj")?;
+    fs::write(a.join("app.log"), b"log")?;
+    fs::write(a.join(".env"), b"SECRET=1")?;
+    fs::write(a.join("server.pem"), b"-----BEGIN PRIVATE KEY-----\nx\n")?;
+    fs::write(a.join("notes.txt.swp"), b"swap")?;
+    fs::write(a.join("keep.txt"), b"keep")?;
+    wait_file(&nodes[1].node, &b.join("keep.txt"), b"keep").await?;
+    // one more file after them all, so the scan that saw them has published
+    fs::write(a.join("last.txt"), b"last")?;
+    wait_file(&nodes[1].node, &b.join("last.txt"), b"last").await?;
+    for p in [".shoalignore", "build/out.o", "app.log", ".env", "server.pem", "notes.txt.swp"] {
+        assert!(!b.join(p).exists(), "{p} was synced");
+    }
+    // shoal's own folder is never synced either
+    let listed = nodes[0].node.files("i", "").await?;
+    assert!(listed.iter().all(|f| !f.path.starts_with(".shoal")), "{listed:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_and_a_large_file_streamed() -> Result<()> {
+    let (nodes, roots, _dirs) = folder_nodes(3, "t").await?;
+    shoal_tests::connect(&nodes[2].node, &nodes[1].node).await?;
+    // 200 MiB of random data: many chunks, fetched from both peers at once
+    let mut data = vec![0u8; 200 << 20];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    let want = *blake3::hash(&data).as_bytes();
+    fs::write(roots[0].join("big.bin"), &data)?;
+    drop(data);
+    for i in [1, 2] {
+        let path = roots[i].join("big.bin");
+        shoal_tests::wait_for(&nodes[i].node, std::time::Duration::from_secs(120), || async {
+            fs::metadata(&path).is_ok_and(|m| m.len() == 200 << 20)
+                && blake3::Hasher::new().update_mmap(&path).is_ok_and(|h| *h.finalize().as_bytes() == want)
+        })
+        .await?;
+    }
+    // an edit on the third device reaches the other two
+    fs::write(roots[2].join("from-c.txt"), b"c")?;
+    wait_file(&nodes[0].node, &roots[0].join("from-c.txt"), b"c").await?;
+    wait_file(&nodes[1].node, &roots[1].join("from-c.txt"), b"c").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_serving_corrupt_chunks_is_noted_and_avoided() -> Result<()> {
+    use shoal_tests::{connect, share_space, TestNode};
+    let a = TestNode::spawn("honest").await?;
+    let c = TestNode::spawn_with("corrupt", |c| c.folders.serve_corrupt_chunks = true).await?;
+    let b = TestNode::spawn("receiver").await?;
+    a.node.create_space("x").await?;
+    share_space(&a.node, "x", &[&c.node, &b.node]).await?;
+    connect(&c.node, &a.node).await?;
+    connect(&b.node, &a.node).await?;
+    connect(&b.node, &c.node).await?;
+    let dirs = tempfile::tempdir()?;
+    let (ra, rc, rb) = (dirs.path().join("a"), dirs.path().join("c"), dirs.path().join("b"));
+    a.node.attach_folder("x", &ra).await?;
+    c.node.attach_folder("x", &rc).await?;
+    let mut data = vec![0u8; 4 << 20];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    fs::write(ra.join("f.bin"), &data)?;
+    wait_file(&c.node, &rc.join("f.bin"), &data).await?;
+    let mut ev = b.node.events();
+    b.node.attach_folder("x", &rb).await?;
+    wait_file(&b.node, &rb.join("f.bin"), &data).await?;
+    assert!(b.node.folder_counters().chunks_corrupt.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let c_id = c.node.peer_id().to_string();
+    shoal_tests::wait_event(&mut ev, shoal_tests::TIMEOUT, |e| {
+        matches!(e, shoal_node::Event::Rejected { peer, .. } if *peer == c_id)
+    })
+    .await?;
+    Ok(())
+}
