@@ -63,6 +63,9 @@ enum Cmd {
     Join {
         /// The code (`shoal1...`).
         code: String,
+        /// Sync the space into this folder (created if missing).
+        #[arg(long)]
+        folder: Option<PathBuf>,
         /// How long to keep trying to reach the inviter.
         #[arg(long, default_value = "60s")]
         timeout: String,
@@ -83,6 +86,23 @@ enum Cmd {
         /// Device id.
         device: String,
     },
+    /// Folders synced by spaces.
+    #[command(subcommand)]
+    Folder(FolderCmd),
+    /// Per space: sync state, files and bytes left, rate, ETA, peers.
+    Status,
+    /// The synced tree of a space as the index sees it.
+    Ls {
+        /// Space name or id.
+        space: String,
+        /// Only paths under this one.
+        path: Option<String>,
+    },
+    /// Conflict copies in a space: which file, which device, when.
+    Conflicts {
+        /// Space name or id.
+        space: String,
+    },
     /// Print live events as they happen (Ctrl-C to stop).
     Watch {
         /// Only this space (name or id).
@@ -93,6 +113,9 @@ enum Cmd {
         /// Only documents whose id matches this glob.
         #[arg(long)]
         doc: Option<String>,
+        /// Only files whose path matches this glob (`docs/**`).
+        #[arg(long)]
+        path: Option<String>,
         /// Only changes written by this device.
         #[arg(long)]
         author: Option<String>,
@@ -158,11 +181,25 @@ struct UpArgs {
 }
 
 #[derive(Subcommand)]
+enum FolderCmd {
+    /// Give an existing space a folder on this device and start syncing it.
+    Attach {
+        /// Space name or id.
+        space: String,
+        /// The folder (created if missing).
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum SpaceCmd {
     /// Create a space; this device becomes its owner.
     Create {
         /// Its name.
         name: String,
+        /// Sync the space into this folder (created if missing).
+        #[arg(long)]
+        folder: Option<PathBuf>,
     },
     /// List spaces.
     List,
@@ -401,14 +438,97 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                     .join("\n")
             });
         }
-        Cmd::Space(SpaceCmd::Create { name }) => {
-            let v = c.post("/v1/spaces", json!({"name": name})).await?;
+        Cmd::Space(SpaceCmd::Create { name, folder }) => {
+            let folder = folder.map(absolute).transpose()?;
+            let v = c
+                .post("/v1/spaces", json!({"name": name, "folder": folder}))
+                .await?;
             print(json_out, v.clone(), || {
-                format!(
+                let mut s = format!(
                     "created space {} ({})",
                     v["name"].as_str().unwrap_or(""),
                     v["id"].as_str().unwrap_or("")
+                );
+                if let Some(f) = &folder {
+                    s.push_str(&format!(
+                        "
+syncing {f}"
+                    ));
+                }
+                s
+            });
+        }
+        Cmd::Folder(FolderCmd::Attach { space, path }) => {
+            let path = absolute(path)?;
+            let v = c
+                .put(
+                    &format!("/v1/spaces/{}/folder", enc(&space)),
+                    json!({"path": path}),
                 )
+                .await?;
+            print(json_out, v, || format!("{space} now syncs {path}"));
+        }
+        Cmd::Status => {
+            let v = c.get("/v1/status").await?;
+            print(json_out, v.clone(), || status_text(&v));
+        }
+        Cmd::Ls { space, path } => {
+            let prefix = path.unwrap_or_default();
+            let v = c
+                .get(&format!(
+                    "/v1/spaces/{}/files?prefix={}",
+                    enc(&space),
+                    enc(&prefix)
+                ))
+                .await?;
+            print(json_out, v.clone(), || {
+                let files = v.as_array().cloned().unwrap_or_default();
+                if files.is_empty() {
+                    return "no files".into();
+                }
+                files
+                    .iter()
+                    .map(|f| {
+                        let kind = f["kind"].as_str().unwrap_or("");
+                        let name = f["path"].as_str().unwrap_or("");
+                        match kind {
+                            "dir" => format!("{:>12}  {name}/", "-"),
+                            "symlink" => format!(
+                                "{:>12}  {name} -> {}",
+                                "link",
+                                f["target"].as_str().unwrap_or("")
+                            ),
+                            _ => format!(
+                                "{:>12}  {name}",
+                                human_bytes(f["size"].as_u64().unwrap_or(0))
+                            ),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Conflicts { space } => {
+            let v = c
+                .get(&format!("/v1/spaces/{}/conflicts", enc(&space)))
+                .await?;
+            print(json_out, v.clone(), || {
+                let list = v.as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    return format!("no conflicts in {space}");
+                }
+                list.iter()
+                    .map(|c| {
+                        format!(
+                            "{}\n    copy of {} written by device …{} at {} UTC",
+                            c["copy"].as_str().unwrap_or(""),
+                            c["original"].as_str().unwrap_or(""),
+                            c["device"].as_str().unwrap_or(""),
+                            c["when"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         Cmd::Space(SpaceCmd::List) => {
@@ -607,14 +727,19 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                     .join("\n")
             });
         }
-        Cmd::Join { code, timeout } => {
+        Cmd::Join {
+            code,
+            timeout,
+            folder,
+        } => {
+            let folder = folder.map(absolute).transpose()?;
             let t = humantime::parse_duration(&timeout).with_context(|| {
                 format!("--timeout {timeout:?} is not a duration like 30s or 2m")
             })?;
             let v = c
                 .post_with_timeout(
                     "/v1/join",
-                    json!({"code": code, "timeout_secs": t.as_secs().max(1)}),
+                    json!({"code": code, "timeout_secs": t.as_secs().max(1), "folder": folder}),
                     t,
                 )
                 .await?;
@@ -682,6 +807,7 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
             space,
             types,
             doc,
+            path,
             author,
         } => {
             use eventsource_stream::Eventsource;
@@ -690,6 +816,7 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                 ("space", space),
                 ("types", types),
                 ("doc", doc),
+                ("path", path),
                 ("author", author),
             ]
             .into_iter()
@@ -721,6 +848,31 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                             .unwrap_or_default()
                     ),
                     "lagged" => format!("(too slow: {} events missed)", v["dropped"]),
+                    "file_changed" => format!(
+                        "{} {} {} ({}, {})",
+                        v["space"].as_str().unwrap_or("").get(..8).unwrap_or(""),
+                        v["path"].as_str().unwrap_or(""),
+                        if v["deleted"].as_bool() == Some(true) {
+                            "deleted"
+                        } else {
+                            "changed"
+                        },
+                        v["origin"].as_str().unwrap_or(""),
+                        human_bytes(v["size"].as_u64().unwrap_or(0))
+                    ),
+                    "conflict" => format!(
+                        "conflict on {}: the other version is kept as {}",
+                        v["path"].as_str().unwrap_or(""),
+                        v["copy"].as_str().unwrap_or("")
+                    ),
+                    "transfer_started" | "transfer_finished" | "folder_error" => format!(
+                        "{t} {} {}",
+                        v["path"].as_str().unwrap_or(""),
+                        v["error"]
+                            .as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| human_bytes(v["bytes"].as_u64().unwrap_or(0)))
+                    ),
                     _ => format!("{t} {}", v["peer"].as_str().unwrap_or("")),
                 };
                 println!("{line}");
@@ -745,6 +897,84 @@ fn seen(connected: &Value, last: &Value) -> String {
         .unwrap_or(t);
     let ago = std::time::Duration::from_secs(now.saturating_sub(t));
     format!("last seen {} ago", humantime::format_duration(ago))
+}
+
+/// An absolute, UTF-8 form of a folder given on the command line (the
+/// node runs elsewhere and cannot resolve our relative paths).
+fn absolute(p: PathBuf) -> Result<String> {
+    let abs = std::path::absolute(&p).with_context(|| format!("resolve {}", p.display()))?;
+    abs.to_str()
+        .map(String::from)
+        .with_context(|| format!("{} is not valid UTF-8", abs.display()))
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn status_text(v: &Value) -> String {
+    let mut out = format!(
+        "{} ({}) — {} peer(s) connected",
+        v["name"].as_str().unwrap_or(""),
+        v["device_id"].as_str().unwrap_or(""),
+        v["peers"]
+    );
+    let spaces = v["spaces"].as_array().cloned().unwrap_or_default();
+    if spaces.is_empty() {
+        out.push_str("\nno spaces yet: create one with `shoal space create NAME --folder DIR`");
+    }
+    for s in spaces {
+        let peers = s["peers"].as_array().map_or(0, |p| p.len());
+        out.push_str(&format!(
+            "\n{}  {}  peers={peers}",
+            s["name"].as_str().unwrap_or(""),
+            s["state"].as_str().unwrap_or("")
+        ));
+        let f = &s["folder"];
+        if f.is_null() {
+            continue;
+        }
+        out.push_str(&format!(
+            "\n    folder {}",
+            f["path"].as_str().unwrap_or("")
+        ));
+        let left = f["files_left"].as_u64().unwrap_or(0);
+        if left > 0 {
+            let rate = f["rate"].as_u64().unwrap_or(0);
+            out.push_str(&format!(
+                "\n    {left} file(s), {} left at {}/s, ETA {}",
+                human_bytes(f["bytes_left"].as_u64().unwrap_or(0)),
+                human_bytes(rate),
+                f["eta_secs"]
+                    .as_u64()
+                    .map(
+                        |s| humantime::format_duration(std::time::Duration::from_secs(s))
+                            .to_string()
+                    )
+                    .unwrap_or_else(|| "unknown".into())
+            ));
+        } else {
+            out.push_str(&format!("\n    {} file(s), in sync", f["files"]));
+        }
+        if let Some(d) = f["detail"].as_str() {
+            out.push_str(&format!("\n    {d}"));
+        }
+        for p in f["problems"].as_array().into_iter().flatten().rev().take(3) {
+            out.push_str(&format!("\n    problem: {}", p.as_str().unwrap_or("")));
+        }
+    }
+    out
 }
 
 fn enc(s: &str) -> String {

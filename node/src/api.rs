@@ -96,6 +96,13 @@ pub fn router(node: Node, token: String) -> Router {
             "/v1/spaces/{space}/docs/{doc}",
             get(get_doc).put(put_doc).delete(delete_doc),
         )
+        .route("/v1/status", get(status))
+        .route(
+            "/v1/spaces/{space}/folder",
+            axum::routing::put(attach_folder),
+        )
+        .route("/v1/spaces/{space}/files", get(files))
+        .route("/v1/spaces/{space}/conflicts", get(conflicts))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }
@@ -359,16 +366,22 @@ async fn spaces(State(st): State<AppState>) -> ApiResult<Value> {
 #[derive(Deserialize)]
 struct CreateSpace {
     name: String,
+    /// An absolute folder to sync the space into.
+    #[serde(default)]
+    folder: Option<String>,
 }
 
 async fn create_space(
     State(st): State<AppState>,
     Json(b): Json<CreateSpace>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(json!(st.node.create_space(&b.name).await?)),
-    ))
+    let s = st.node.create_space(&b.name).await?;
+    if let Some(f) = &b.folder {
+        st.node
+            .attach_folder(&s.id, std::path::Path::new(f))
+            .await?;
+    }
+    Ok((StatusCode::CREATED, Json(json!(s))))
 }
 
 async fn space(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
@@ -447,6 +460,9 @@ struct JoinBody {
     code: String,
     #[serde(default = "default_join_timeout")]
     timeout_secs: u64,
+    /// An absolute folder to sync the space into.
+    #[serde(default)]
+    folder: Option<String>,
 }
 
 fn default_join_timeout() -> u64 {
@@ -458,7 +474,87 @@ async fn join(State(st): State<AppState>, Json(b): Json<JoinBody>) -> ApiResult<
         .node
         .join(&b.code, std::time::Duration::from_secs(b.timeout_secs))
         .await?;
+    if let Some(f) = &b.folder {
+        st.node
+            .attach_folder(&s.id, std::path::Path::new(f))
+            .await?;
+    }
     Ok(Json(json!(s)))
+}
+
+/// Per space: role, peers, and its folder's sync state with real numbers
+/// (files and bytes left from the index and the store, a rate averaged
+/// over 10 s, an ETA); plus the folder counters.
+async fn status(State(st): State<AppState>) -> ApiResult<Value> {
+    let spaces = st.node.spaces().await?;
+    let folders = st.node.folder_status().await;
+    let list: Vec<Value> = spaces
+        .iter()
+        .map(|s| {
+            let folder = folders.iter().find(|f| f.space == s.id);
+            json!({
+                "id": s.id,
+                "name": s.name,
+                "role": s.role,
+                "peers": s.peers,
+                "folder": folder,
+                "state": folder.map(|f| f.state.as_str()).unwrap_or("documents only"),
+            })
+        })
+        .collect();
+    let counters: serde_json::Map<String, Value> = st
+        .node
+        .folder_counters()
+        .snapshot()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let net = st.node.net_info().await?;
+    Ok(Json(json!({
+        "device_id": st.node.device_id().to_string(),
+        "name": st.node.name(),
+        "peers": net.peers.len(),
+        "spaces": list,
+        "counters": counters,
+    })))
+}
+
+#[derive(Deserialize)]
+struct FolderBody {
+    path: String,
+}
+
+async fn attach_folder(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+    Json(b): Json<FolderBody>,
+) -> ApiResult<Value> {
+    let p = std::path::Path::new(&b.path);
+    if !p.is_absolute() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("folder path {:?} must be absolute", b.path),
+        ));
+    }
+    Ok(Json(json!(st.node.attach_folder(&space, p).await?)))
+}
+
+#[derive(Deserialize)]
+struct FilesQuery {
+    #[serde(default)]
+    prefix: String,
+}
+
+async fn files(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<FilesQuery>,
+) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.files(&space, &q.prefix).await?)))
+}
+
+async fn conflicts(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.conflicts(&space).await?)))
 }
 
 #[derive(Deserialize)]

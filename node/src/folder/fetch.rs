@@ -183,6 +183,7 @@ impl Worker {
                 let mut need = Vec::new();
                 for (i, (h, off, l)) in chunks.iter().enumerate() {
                     if bits[i / 8] & (1 << (i % 8)) != 0 {
+                        sh.counters.chunks_resumed.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     if resumed {

@@ -441,11 +441,6 @@ impl Folders {
         out
     }
 
-    /// The folder of a space on this device.
-    pub(crate) fn root(&self, space: &SpaceId) -> Option<PathBuf> {
-        self.shared().ok()?.root(space)
-    }
-
     /// Folder counters (zero once stopped).
     pub fn counters(&self) -> Arc<Counters> {
         self.shared()

@@ -528,7 +528,10 @@ impl Worker {
                     };
                     let want = place::conflict_name(&rel, loser.mtime_ns, &device);
                     let copy = place::free_name(&self.root, &want);
-                    self.shared.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .conflicts
+                        .fetch_add(1, Ordering::Relaxed);
                     self.shared.emit(Event::Conflict {
                         space: self.space.to_string(),
                         path: rel.clone(),
@@ -545,7 +548,14 @@ impl Worker {
                         );
                         blobs.remove_local(&self.space, &rel, false)?;
                         blobs.mark_pending(&self.space, &rel)?;
-                        blobs.set_local(&self.space, &copy, st, entry.hash, entry.chunked, &chunks)?;
+                        blobs.set_local(
+                            &self.space,
+                            &copy,
+                            st,
+                            entry.hash,
+                            entry.chunked,
+                            &chunks,
+                        )?;
                         puts.push((copy, entry));
                         continue;
                     }

@@ -112,7 +112,11 @@ async fn modify_wins_over_delete_and_offline_edits_meet() -> Result<()> {
     fs::write(b.join("keep.txt"), b"v2 edited offline")?;
     fs::write(b.join("only-b.txt"), b"b")?;
     shoal_tests::wait_for(&nodes[0].node, shoal_tests::TIMEOUT, || async {
-        nodes[0].node.files("d", "").await.is_ok_and(|f| f.iter().all(|f| f.path != "keep.txt"))
+        nodes[0]
+            .node
+            .files("d", "")
+            .await
+            .is_ok_and(|f| f.iter().all(|f| f.path != "keep.txt"))
     })
     .await?;
     nodes[1].start().await?;
@@ -149,7 +153,12 @@ async fn many_small_files_empty_things_unicode_and_links() -> Result<()> {
     wait_file(bn, &b.join("d9/f49.txt"), b"9/49").await?;
     for d in 0..10 {
         for f in 0..50 {
-            wait_file(bn, &b.join(format!("d{d}/f{f}.txt")), format!("{d}/{f}").as_bytes()).await?;
+            wait_file(
+                bn,
+                &b.join(format!("d{d}/f{f}.txt")),
+                format!("{d}/{f}").as_bytes(),
+            )
+            .await?;
         }
     }
     wait_file(bn, &b.join("empty"), b"").await?;
@@ -160,9 +169,18 @@ async fn many_small_files_empty_things_unicode_and_links() -> Result<()> {
     })
     .await?;
     // links are recorded with their target and never followed
-    assert_eq!(fs::read_link(b.join("link"))?, std::path::Path::new("d0/f0.txt"));
-    shoal_tests::wait_for(bn, shoal_tests::TIMEOUT, || async { fs::read_link(b.join("outside")).is_ok() }).await?;
-    assert_eq!(fs::read_link(b.join("outside"))?, std::path::Path::new("/etc/passwd"));
+    assert_eq!(
+        fs::read_link(b.join("link"))?,
+        std::path::Path::new("d0/f0.txt")
+    );
+    shoal_tests::wait_for(bn, shoal_tests::TIMEOUT, || async {
+        fs::read_link(b.join("outside")).is_ok()
+    })
+    .await?;
+    assert_eq!(
+        fs::read_link(b.join("outside"))?,
+        std::path::Path::new("/etc/passwd")
+    );
     let listed = nodes[1].node.files("m", "d3/").await?;
     assert_eq!(listed.len(), 50);
     Ok(())
@@ -184,12 +202,22 @@ async fn ignore_rules_and_secrets_stay_local() -> Result<()> {
     // one more file after them all, so the scan that saw them has published
     fs::write(a.join("last.txt"), b"last")?;
     wait_file(&nodes[1].node, &b.join("last.txt"), b"last").await?;
-    for p in [".shoalignore", "build/out.o", "app.log", ".env", "server.pem", "notes.txt.swp"] {
+    for p in [
+        ".shoalignore",
+        "build/out.o",
+        "app.log",
+        ".env",
+        "server.pem",
+        "notes.txt.swp",
+    ] {
         assert!(!b.join(p).exists(), "{p} was synced");
     }
     // shoal's own folder is never synced either
     let listed = nodes[0].node.files("i", "").await?;
-    assert!(listed.iter().all(|f| !f.path.starts_with(".shoal")), "{listed:?}");
+    assert!(
+        listed.iter().all(|f| !f.path.starts_with(".shoal")),
+        "{listed:?}"
+    );
     Ok(())
 }
 
@@ -205,10 +233,16 @@ async fn three_devices_and_a_large_file_streamed() -> Result<()> {
     drop(data);
     for i in [1, 2] {
         let path = roots[i].join("big.bin");
-        shoal_tests::wait_for(&nodes[i].node, std::time::Duration::from_secs(120), || async {
-            fs::metadata(&path).is_ok_and(|m| m.len() == 200 << 20)
-                && blake3::Hasher::new().update_mmap(&path).is_ok_and(|h| *h.finalize().as_bytes() == want)
-        })
+        shoal_tests::wait_for(
+            &nodes[i].node,
+            std::time::Duration::from_secs(120),
+            || async {
+                fs::metadata(&path).is_ok_and(|m| m.len() == 200 << 20)
+                    && blake3::Hasher::new()
+                        .update_mmap(&path)
+                        .is_ok_and(|h| *h.finalize().as_bytes() == want)
+            },
+        )
         .await?;
     }
     // an edit on the third device reaches the other two
@@ -230,7 +264,11 @@ async fn a_peer_serving_corrupt_chunks_is_noted_and_avoided() -> Result<()> {
     connect(&b.node, &a.node).await?;
     connect(&b.node, &c.node).await?;
     let dirs = tempfile::tempdir()?;
-    let (ra, rc, rb) = (dirs.path().join("a"), dirs.path().join("c"), dirs.path().join("b"));
+    let (ra, rc, rb) = (
+        dirs.path().join("a"),
+        dirs.path().join("c"),
+        dirs.path().join("b"),
+    );
     a.node.attach_folder("x", &ra).await?;
     c.node.attach_folder("x", &rc).await?;
     let mut data = vec![0u8; 4 << 20];
@@ -240,11 +278,19 @@ async fn a_peer_serving_corrupt_chunks_is_noted_and_avoided() -> Result<()> {
     let mut ev = b.node.events();
     b.node.attach_folder("x", &rb).await?;
     wait_file(&b.node, &rb.join("f.bin"), &data).await?;
-    assert!(b.node.folder_counters().chunks_corrupt.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(
+        b.node
+            .folder_counters()
+            .chunks_corrupt
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
     let c_id = c.node.peer_id().to_string();
-    shoal_tests::wait_event(&mut ev, shoal_tests::TIMEOUT, |e| {
-        matches!(e, shoal_node::Event::Rejected { peer, .. } if *peer == c_id)
-    })
+    shoal_tests::wait_event(
+        &mut ev,
+        shoal_tests::TIMEOUT,
+        |e| matches!(e, shoal_node::Event::Rejected { peer, .. } if *peer == c_id),
+    )
     .await?;
     Ok(())
 }
