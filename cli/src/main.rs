@@ -288,7 +288,13 @@ fn run(cli: Cli) -> Result<()> {
         Some(h) => h.clone(),
         None => default_home()?,
     });
-    let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    // Few blocking threads: each keeps its own malloc arena, and a node at
+    // rest should stay small.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()
+        .context("start the async runtime")?;
     match cli.cmd {
         Cmd::Init { name } => {
             let name = name.unwrap_or_else(host_name);

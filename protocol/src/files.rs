@@ -16,11 +16,11 @@ use crate::error::{Error, Result};
 use crate::{DeviceId, DocId, SpaceId};
 
 /// Smallest chunk content-defined chunking cuts (except a file's last).
-pub const CHUNK_MIN: u32 = 16 * 1024;
+pub const CHUNK_MIN: u32 = 32 * 1024;
 /// Average chunk size.
-pub const CHUNK_AVG: u32 = 64 * 1024;
+pub const CHUNK_AVG: u32 = 128 * 1024;
 /// Largest chunk.
-pub const CHUNK_MAX: u32 = 256 * 1024;
+pub const CHUNK_MAX: u32 = 512 * 1024;
 /// Number of index documents a space's file tree is sharded over.
 pub const INDEX_SHARDS: u8 = 16;
 /// Longest normalised path, in bytes.
@@ -29,7 +29,7 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_NAME_LEN: usize = 255;
 /// Largest packed entry accepted from a document.
 pub const MAX_ENTRY_BYTES: usize = 8 * 1024;
-/// Largest encoded manifest (about 1.8 million chunks: a 100 GiB file).
+/// Largest encoded manifest (about 1.8 million chunks: a 200 GiB file).
 pub const MAX_MANIFEST_BYTES: usize = 64 * 1024 * 1024;
 /// Protocol id of blob exchange.
 pub const BLOB_PROTOCOL: &str = "/shoal/blob/1";

@@ -178,7 +178,13 @@ impl Worker {
                 if len != size {
                     f.set_len(size).map_err(|e| io_err("size temp file", e))?;
                 }
-                let mut bits = sh.blobs.part(&space, &part).unwrap_or_default();
+                // One-chunk files have nothing to resume: no record.
+                let track = n > 1;
+                let mut bits = if track {
+                    sh.blobs.part(&space, &part).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
                 bits.resize(n.div_ceil(8), 0);
                 let mut need = Vec::new();
                 for (i, (h, off, l)) in chunks.iter().enumerate() {
@@ -205,7 +211,9 @@ impl Worker {
                     }
                     need.push(i);
                 }
-                let _ = sh.blobs.set_part(&space, &part, &bits);
+                if track {
+                    let _ = sh.blobs.set_part(&space, &part, &bits);
+                }
                 Ok((f, bits, need))
             })
             .await
@@ -230,12 +238,21 @@ impl Worker {
             part.clone(),
         );
         tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
-            let _ = sh.blobs.set_part(&space, &p, &bits);
-            file.sync_all().map_err(|e| io_err("sync temp file", e))?;
+            if bits.len() > 1 {
+                let _ = sh.blobs.set_part(&space, &p, &bits);
+            }
+            drop(file);
+            // Streamed, so memory stays bounded whatever the size.
             let mut h = blake3::Hasher::new();
-            if size > 0 {
-                h.update_mmap_rayon(&t)
+            let mut r = File::open(&t).map_err(|e| io_err("read temp file", e))?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = std::io::Read::read(&mut r, &mut buf)
                     .map_err(|e| io_err("read temp file", e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update_rayon(&buf[..n]);
             }
             if *h.finalize().as_bytes() != file_hash {
                 let _ = std::fs::remove_file(&t);
@@ -246,6 +263,10 @@ impl Worker {
         })
         .await
         .map_err(|e| TransferError::Failed(e.to_string()))??;
+        self.sync
+            .durable(&self.root)
+            .await
+            .map_err(|e| io_err("sync temp file", e))?;
         Ok(Fetched { temp, part, chunks })
     }
 
@@ -286,12 +307,16 @@ impl Worker {
                 rr += 1;
                 let links = Arc::clone(&sh.links);
                 let (hash, space) = (chunks[i].0, self.space);
+                let budget = Arc::clone(&sh.inflight);
                 inflight.push(async move {
+                    // The node-wide budget of chunks in flight bounds memory
+                    // whatever the number of files transferred at once.
+                    let permit = budget.acquire_owned().await;
                     let r = links.get(peer, space, BlobKind::Chunk, hash).await;
-                    (i, tried, peer, r)
+                    (i, tried, peer, r, permit)
                 });
             }
-            let Some((i, mut tried, peer, r)) = inflight.next().await else {
+            let Some((i, mut tried, peer, r, _permit)) = inflight.next().await else {
                 break;
             };
             let (hash, off, len) = chunks[i];

@@ -239,6 +239,7 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
     let (tx, mut rx) = mpsc::channel::<(BlobResponse, Option<Vec<u8>>)>(SERVE_AHEAD);
     let reader = async move {
         let mut allowed: HashMap<SpaceId, bool> = HashMap::new();
+        let open = Arc::new(std::sync::Mutex::new(super::OpenFiles::default()));
         loop {
             let mut len = [0u8; 2];
             if r.read_exact(&mut len).await.is_err() {
@@ -268,11 +269,14 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
             let answer = if !ok {
                 (BlobResponse::Refused, None)
             } else {
-                let s = Arc::clone(&shared);
-                let found = tokio::task::spawn_blocking(move || s.read_blob(&space, kind, &hash))
-                    .await
-                    .ok()
-                    .flatten();
+                let (s, o) = (Arc::clone(&shared), Arc::clone(&open));
+                let found = tokio::task::spawn_blocking(move || {
+                    let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
+                    s.read_blob(&space, kind, &hash, &mut o)
+                })
+                .await
+                .ok()
+                .flatten();
                 match found {
                     Some(mut data) => {
                         if shared.settings.serve_corrupt_chunks && kind == BlobKind::Chunk {

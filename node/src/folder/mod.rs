@@ -40,6 +40,10 @@ pub mod place;
 pub mod scan;
 pub mod worker;
 
+/// Chunk requests in flight across all transfers of the node (at most
+/// 512 KiB each): bounds transfer memory.
+const MAX_INFLIGHT_CHUNKS: usize = 64;
+
 /// Folder-sync settings.
 #[derive(Debug, Clone)]
 pub struct FolderSettings {
@@ -67,8 +71,8 @@ impl Default for FolderSettings {
             rescan: Duration::from_secs(300),
             versions_keep: 10,
             versions_max_age: Duration::from_secs(30 * 24 * 3600),
-            transfers: 32,
-            window: 64,
+            transfers: 128,
+            window: 32,
             serve_corrupt_chunks: false,
         }
     }
@@ -232,6 +236,43 @@ pub(crate) fn conflicts_of(files: &[FileInfo]) -> Vec<ConflictInfo> {
         .collect()
 }
 
+/// Group commit for folder writes: every caller's writes are durable when
+/// `durable` returns, and callers that arrive while a sync runs share the
+/// next one. One `syncfs` covers many files (and the renames that placed
+/// them), instead of an fsync per file and per folder.
+#[derive(Default)]
+pub(crate) struct SyncGate {
+    requested: AtomicU64,
+    done: AtomicU64,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl SyncGate {
+    /// Returns once everything written before the call is on disk.
+    pub(crate) async fn durable(&self, root: &Path) -> std::io::Result<()> {
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        loop {
+            if self.done.load(Ordering::SeqCst) >= ticket {
+                return Ok(());
+            }
+            let _leader = self.lock.lock().await;
+            if self.done.load(Ordering::SeqCst) >= ticket {
+                return Ok(());
+            }
+            // Every ticket issued so far had its writes done before asking.
+            let upto = self.requested.load(Ordering::SeqCst);
+            let dir = root.to_path_buf();
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let f = std::fs::File::open(&dir)?;
+                rustix::fs::syncfs(&f).map_err(std::io::Error::from)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            self.done.fetch_max(upto, Ordering::SeqCst);
+        }
+    }
+}
+
 /// State every folder worker and the blob server share.
 pub struct Shared {
     pub(crate) blobs: Blobs,
@@ -241,6 +282,8 @@ pub struct Shared {
     pub(crate) counters: Arc<Counters>,
     pub(crate) links: Arc<links::Links>,
     pub(crate) me: DeviceId,
+    /// Chunk requests in flight, node-wide.
+    pub(crate) inflight: Arc<tokio::sync::Semaphore>,
     roots: RwLock<HashMap<SpaceId, PathBuf>>,
 }
 
@@ -259,17 +302,32 @@ impl Shared {
 
     /// Reads a blob to serve: a manifest from the store, or a chunk from a
     /// file that holds it, re-verified. A location that no longer holds its
-    /// chunk is dropped.
-    fn read_blob(&self, space: &SpaceId, kind: BlobKind, hash: &[u8; 32]) -> Option<Vec<u8>> {
+    /// chunk is dropped. `open` keeps files open across a stream's requests.
+    fn read_blob(
+        &self,
+        space: &SpaceId,
+        kind: BlobKind,
+        hash: &[u8; 32],
+        open: &mut OpenFiles,
+    ) -> Option<Vec<u8>> {
         match kind {
             BlobKind::Manifest => self.blobs.manifest_bytes(space, hash).ok().flatten(),
-            BlobKind::Chunk => self.read_chunk(Some(space), hash),
+            BlobKind::Chunk => self.read_chunk_with(Some(space), hash, open),
         }
     }
 
     /// A verified copy of chunk `hash` from any local file (of `space` when
     /// given).
     pub(crate) fn read_chunk(&self, space: Option<&SpaceId>, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        self.read_chunk_with(space, hash, &mut OpenFiles::default())
+    }
+
+    fn read_chunk_with(
+        &self,
+        space: Option<&SpaceId>,
+        hash: &[u8; 32],
+        open: &mut OpenFiles,
+    ) -> Option<Vec<u8>> {
         for loc in self.blobs.locations(hash).ok()? {
             let Ok(Some(rec)) = self.blobs.file(loc.fid) else {
                 continue;
@@ -281,16 +339,44 @@ impl Shared {
                 continue;
             };
             let mut buf = vec![0u8; loc.len as usize];
-            let ok = std::fs::File::open(root.join(&rec.rel))
+            let ok = open
+                .get(loc.fid, &root.join(&rec.rel))
                 .and_then(|f| f.read_exact_at(&mut buf, loc.offset))
                 .is_ok()
                 && blake3::hash(&buf).as_bytes() == hash;
             if ok {
                 return Some(buf);
             }
+            open.forget(loc.fid);
             let _ = self.blobs.drop_location(hash, loc.fid);
         }
         None
+    }
+}
+
+/// Files kept open while one peer streams chunks of them.
+#[derive(Default)]
+pub(crate) struct OpenFiles {
+    files: HashMap<u64, std::fs::File>,
+}
+
+impl OpenFiles {
+    const MAX: usize = 16;
+
+    fn get(&mut self, fid: u64, path: &Path) -> std::io::Result<&std::fs::File> {
+        if !self.files.contains_key(&fid) {
+            if self.files.len() >= Self::MAX {
+                self.files.clear();
+            }
+            self.files.insert(fid, std::fs::File::open(path)?);
+        }
+        self.files
+            .get(&fid)
+            .ok_or_else(|| std::io::Error::other("file cache"))
+    }
+
+    fn forget(&mut self, fid: u64) {
+        self.files.remove(&fid);
     }
 }
 
@@ -331,6 +417,7 @@ impl Folders {
             counters: Arc::default(),
             links: Arc::new(links::Links::new(control.clone())),
             me,
+            inflight: Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CHUNKS)),
             roots: RwLock::default(),
         });
         let server = tokio::spawn(links::serve(Arc::clone(&shared), control));

@@ -129,25 +129,44 @@ impl Hashed {
 /// than one chunk. `None` when the file changed while it was read: the
 /// caller tries again later rather than record a torn version.
 pub fn hash_file(path: &Path) -> std::io::Result<Option<Hashed>> {
+    use rayon::prelude::*;
     let f = File::open(path)?;
     let before = stat_of(&f.metadata()?);
     let mut whole = blake3::Hasher::new();
     let mut chunks = Vec::new();
-    let reader = BufReader::with_capacity(1 << 20, &f);
+    // A small file gets a small buffer: most files are small.
+    let cap = (before.size as usize).clamp(4096, 1 << 20);
+    let reader = BufReader::with_capacity(cap, &f);
     let cdc = fastcdc::v2020::StreamCDC::new(
         reader,
         CHUNK_MIN as usize,
         CHUNK_AVG as usize,
         CHUNK_MAX as usize,
     );
+    // Chunks are hashed in parallel a batch at a time, while the whole-file
+    // hash runs over the same bytes in order.
+    let mut batch: Vec<fastcdc::v2020::ChunkData> = Vec::new();
+    let mut flush = |batch: &mut Vec<fastcdc::v2020::ChunkData>, whole: &mut blake3::Hasher| {
+        let hashes: Vec<[u8; 32]> = batch
+            .par_iter()
+            .map(|c| *blake3::hash(&c.data).as_bytes())
+            .collect();
+        for (c, h) in batch.drain(..).zip(hashes) {
+            whole.update(&c.data);
+            chunks.push((h, c.offset, c.length as u32));
+        }
+    };
     for c in cdc {
         let c = c.map_err(|e| match e {
             fastcdc::v2020::Error::IoError(io) => io,
             other => std::io::Error::other(other.to_string()),
         })?;
-        whole.update(&c.data);
-        chunks.push((*blake3::hash(&c.data).as_bytes(), c.offset, c.length as u32));
+        batch.push(c);
+        if batch.len() >= 32 {
+            flush(&mut batch, &mut whole);
+        }
     }
+    flush(&mut batch, &mut whole);
     let after = stat_of(&std::fs::symlink_metadata(path)?);
     let total: u64 = chunks.iter().map(|(_, _, l)| u64::from(*l)).sum();
     if before != after || total != before.size {

@@ -50,6 +50,8 @@ const WATCH_QUEUE: usize = 8192;
 const MAX_DIRTY: usize = 4096;
 /// Problems kept for status.
 const MAX_PROBLEMS: usize = 20;
+/// Wait before a file that changed while it was hashed is read again.
+const AGAIN_AFTER: Duration = Duration::from_millis(100);
 /// Longest wait before a failed path is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
@@ -70,6 +72,7 @@ pub struct Worker {
     pub(super) space: SpaceId,
     pub(super) root: PathBuf,
     fs: tokio::sync::Mutex<()>,
+    pub(super) sync: super::SyncGate,
     progress: Mutex<Progress>,
     stop: Notify,
     stopped: AtomicBool,
@@ -129,6 +132,7 @@ impl Worker {
             space,
             root,
             fs: tokio::sync::Mutex::new(()),
+            sync: super::SyncGate::default(),
             progress: Mutex::new(Progress {
                 state: "scanning",
                 ..Default::default()
@@ -244,6 +248,7 @@ impl Worker {
         let mut full_scan = true;
         let mut transfers: JoinSet<(String, Result<(), TransferError>)> = JoinSet::new();
         let mut active: HashSet<String> = HashSet::new();
+        let mut queue: VecDeque<(String, Entry, Vec<Entry>)> = VecDeque::new();
         let mut retry: HashMap<String, (Instant, u32)> = HashMap::new();
         let mut rescan = tokio::time::interval(self.shared.settings.rescan);
         rescan.tick().await;
@@ -260,7 +265,7 @@ impl Worker {
                 let again = self.scan(None).await;
                 if !again.is_empty() {
                     dirty_paths.extend(again);
-                    debounce_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    debounce_at = Some(tokio::time::Instant::now() + AGAIN_AFTER);
                 }
             }
             if !dirty_shards.is_empty() {
@@ -277,7 +282,8 @@ impl Worker {
             }
             if reconcile {
                 reconcile = false;
-                self.reconcile(&mut transfers, &mut active, &retry).await;
+                self.reconcile(&mut transfers, &mut active, &mut queue, &retry)
+                    .await;
             }
             tokio::select! {
                 _ = self.stop.notified() => break,
@@ -323,13 +329,16 @@ impl Worker {
                     let again = self.scan(Some(paths)).await;
                     if !again.is_empty() {
                         dirty_paths.extend(again);
-                        debounce_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                        debounce_at = Some(tokio::time::Instant::now() + AGAIN_AFTER);
                     }
                 }
                 _ = rescan.tick() => full_scan = true,
                 _ = tick.tick() => {
                     let now = Instant::now();
-                    if retry.values().any(|(at, _)| *at <= now) || self.shared.blobs.pending_count(&self.space) > active.len() {
+                    if !queue.is_empty()
+                        || retry.values().any(|(at, _)| *at <= now)
+                        || self.shared.blobs.pending_count(&self.space) > active.len()
+                    {
                         reconcile = true;
                     }
                 }
@@ -402,6 +411,7 @@ impl Worker {
     /// Returns paths that changed while being read.
     async fn scan(&self, paths: Option<Vec<String>>) -> Vec<String> {
         let full = paths.is_none();
+        let started = Instant::now();
         if full {
             self.prog().state = "scanning";
         }
@@ -425,8 +435,12 @@ impl Worker {
             p.files = result.files;
         }
         let again = std::mem::take(&mut result.again);
+        let changed = result.found.len() + result.gone.len();
         if let Err(e) = self.publish(result).await {
             self.problem("", format!("cannot record local changes: {e}"));
+        }
+        if changed > 0 {
+            info!(space = %self.space.short(), changed, full, ms = started.elapsed().as_millis() as u64, "scan recorded local changes");
         }
         again
     }
@@ -672,10 +686,35 @@ impl Worker {
         Ok(paths.len())
     }
 
+    /// Starts queued transfers while slots are free; when the queue is
+    /// empty, decides the next batch of pending paths (those needing no
+    /// transfer are done at once, the rest are queued).
     async fn reconcile(
         self: &Arc<Self>,
         transfers: &mut JoinSet<(String, Result<(), TransferError>)>,
         active: &mut HashSet<String>,
+        queue: &mut VecDeque<(String, Entry, Vec<Entry>)>,
+        retry: &HashMap<String, (Instant, u32)>,
+    ) {
+        if queue.is_empty() {
+            self.decide_batch(active, queue, retry).await;
+        }
+        while transfers.len() < self.shared.settings.transfers {
+            let Some((rel, w, all)) = queue.pop_front() else {
+                break;
+            };
+            let me = Arc::clone(self);
+            transfers.spawn(async move {
+                let r = me.transfer(&rel, &w, &all).await;
+                (rel, r)
+            });
+        }
+    }
+
+    async fn decide_batch(
+        self: &Arc<Self>,
+        active: &mut HashSet<String>,
+        queue: &mut VecDeque<(String, Entry, Vec<Entry>)>,
         retry: &HashMap<String, (Instant, u32)>,
     ) {
         let now = Instant::now();
@@ -717,27 +756,16 @@ impl Worker {
                 (true, false) => std::cmp::Ordering::Greater,
             }
         });
+        let _g = self.fs.lock().await;
         for (rel, entries) in work {
-            debug!(me = %self.shared.me.short(), path = %rel, versions = entries.len(), "reconcile");
-            if transfers.len() >= self.shared.settings.transfers {
-                break;
-            }
-            let action = {
-                let _g = self.fs.lock().await;
-                self.decide(&rel, &entries)
-            };
-            match action {
+            match self.decide(&rel, &entries) {
                 Ok(Action::Done) => {
                     let _ = self.shared.blobs.done_pending(&self.space, &rel);
                 }
                 Ok(Action::Transfer(w, all)) => {
                     active.insert(rel.clone());
                     self.prog().queued.insert(rel.clone(), w.size);
-                    let me = Arc::clone(self);
-                    transfers.spawn(async move {
-                        let r = me.transfer(&rel, &w, &all).await;
-                        (rel, r)
-                    });
+                    queue.push_back((rel, w, all));
                 }
                 Err(e) => self.problem(&rel, e.to_string()),
             }
@@ -758,7 +786,12 @@ impl Worker {
             (Some(m), Some(l)) => l.stat == scan::stat_of(m),
             _ => false,
         };
-        if self.rules().ignored(rel, w.kind == Kind::Dir) {
+        let ignored = self
+            .rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .ignored(rel, w.kind == Kind::Dir);
+        if ignored {
             return Ok(Action::Done);
         }
         if w.deleted {
@@ -956,7 +989,17 @@ impl Worker {
             });
         }
         let fetched = self.fetch(rel, w).await?;
-        let _g = self.fs.lock().await;
+        {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&fetched.temp)
+                .map_err(|e| TransferError::Failed(format!("open {rel}: {e}")))?;
+            let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(w.mtime_ns.max(0) as u64);
+            let _ = f.set_modified(mtime);
+            use std::os::unix::fs::PermissionsExt;
+            let _ = f.set_permissions(fs::Permissions::from_mode(w.mode & 0o777));
+        }
+        let guard = self.fs.lock().await;
         // The index may have moved on while we fetched.
         let current = self
             .index_get(vec![rel.to_string()])
@@ -987,21 +1030,13 @@ impl Worker {
                 .map_err(fail)?;
         }
         let dest = place::safe_parent(&self.root, rel).map_err(fail)?;
-        {
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(&fetched.temp)
-                .map_err(fail)?;
-            let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(w.mtime_ns.max(0) as u64);
-            let _ = f.set_modified(mtime);
-            use std::os::unix::fs::PermissionsExt;
-            let _ = f.set_permissions(fs::Permissions::from_mode(w.mode & 0o777));
-        }
         fs::rename(&fetched.temp, &dest).map_err(fail)?;
-        if let Some(parent) = dest.parent() {
-            let _ = place::sync_dir(parent);
-        }
         let st = scan::stat_of(&fs::symlink_metadata(&dest).map_err(fail)?);
+        // The rename is made durable outside the lock, so placements in
+        // parallel share the folder syncs; the path is recorded after it.
+        // (A scan in between finds the winner's content and only adopts it.)
+        drop(guard);
+        self.sync.durable(&self.root).await.map_err(fail)?;
         blobs
             .set_local(&self.space, rel, st, w.hash, w.chunked, &fetched.chunks)
             .map_err(|e| TransferError::Failed(e.to_string()))?;
@@ -1013,6 +1048,8 @@ impl Worker {
             .fetch_add(1, Ordering::Relaxed);
         self.remote_changed(rel, w);
         if big {
+            let ms = started.elapsed().as_millis() as u64;
+            info!(space = %self.space.short(), path = rel, bytes = w.size, ms, "transfer finished");
             self.shared.emit(Event::TransferFinished {
                 space: self.space.to_string(),
                 path: rel.to_string(),

@@ -89,7 +89,12 @@ fn doc_key(space: &SpaceId, doc: &DocId, kind: u8, seq: u64) -> Vec<u8> {
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(path).open()?;
+        // sled caches 1 GiB by default; the store is small and hot paths
+        // batch, so a small cache keeps the node lean at rest.
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(16 << 20)
+            .open()?;
         Ok(Self {
             spaces: db.open_tree("spaces")?,
             docs: db.open_tree("docs")?,
