@@ -379,13 +379,62 @@ async fn up(home: Home, args: UpArgs, json_out: bool) -> Result<()> {
             s
         },
     );
+    let bars = (!json_out && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| tokio::spawn(progress_bars(node.clone())));
     wait_for_signal().await;
+    if let Some(b) = bars {
+        b.abort();
+    }
     eprintln!("shutting down");
     let _ = stop_tx.send(());
     let _ = api_task.await;
     node.shutdown().await;
     let _ = std::fs::remove_file(home.api_addr_path());
     Ok(())
+}
+
+/// Progress bars on the terminal while folders scan or transfer: one per
+/// folder, filled as its bytes left go down, gone when it is in sync.
+async fn progress_bars(node: Node) {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let mut bars: std::collections::HashMap<String, ProgressBar> = Default::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        for f in node.folder_status().await {
+            let busy = f.state == "scanning" || f.bytes_left > 0;
+            match (busy, bars.get(&f.space)) {
+                (true, Some(bar)) => {
+                    let total = bar.length().unwrap_or(0).max(bar.position() + f.bytes_left);
+                    bar.set_length(total);
+                    bar.set_position(total - f.bytes_left);
+                    bar.set_message(format!("{} file(s) left {}", f.files_left, f.state));
+                }
+                (true, None) => {
+                    let bar = multi.add(ProgressBar::new(f.bytes_left));
+                    bar.set_style(style.clone());
+                    let name = std::path::Path::new(&f.path)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    bar.set_prefix(name);
+                    bars.insert(f.space.clone(), bar);
+                }
+                (false, Some(_)) => {
+                    if let Some(bar) = bars.remove(&f.space) {
+                        bar.finish_and_clear();
+                    }
+                }
+                (false, None) => {}
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -187,6 +187,7 @@ impl Worker {
                 };
                 bits.resize(n.div_ceil(8), 0);
                 let mut need = Vec::new();
+                let mut open = super::OpenFiles::default();
                 for (i, (h, off, l)) in chunks.iter().enumerate() {
                     if bits[i / 8] & (1 << (i % 8)) != 0 {
                         sh.counters.chunks_resumed.fetch_add(1, Ordering::Relaxed);
@@ -202,7 +203,7 @@ impl Worker {
                             continue;
                         }
                     }
-                    if let Some(data) = sh.read_chunk(None, h) {
+                    if let Some(data) = sh.read_chunk_with(None, h, &mut open) {
                         f.write_all_at(&data, *off)
                             .map_err(|e| io_err("write temp file", e))?;
                         bits[i / 8] |= 1 << (i % 8);
@@ -224,9 +225,9 @@ impl Worker {
             .filter(|i| !need.contains(i))
             .map(|i| u64::from(chunks[i].2))
             .sum();
-        self.progress(local_bytes);
+        self.progress(rel, local_bytes);
         if !need.is_empty() {
-            self.fetch_chunks(&file, &chunks, need, &mut bits, &part)
+            self.fetch_chunks(rel, &file, &chunks, need, &mut bits, &part)
                 .await?;
         }
 
@@ -272,6 +273,7 @@ impl Worker {
 
     async fn fetch_chunks(
         &self,
+        rel: &str,
         file: &File,
         chunks: &[([u8; 32], u64, u32)],
         need: Vec<usize>,
@@ -331,7 +333,7 @@ impl Worker {
                     sh.counters
                         .bytes_fetched
                         .fetch_add(u64::from(len), Ordering::Relaxed);
-                    self.progress(u64::from(len));
+                    self.progress(rel, u64::from(len));
                     if since_save.elapsed() > Duration::from_millis(200) {
                         let _ = sh.blobs.set_part(&self.space, part, bits);
                         since_save = Instant::now();

@@ -317,12 +317,8 @@ impl Shared {
     }
 
     /// A verified copy of chunk `hash` from any local file (of `space` when
-    /// given).
-    pub(crate) fn read_chunk(&self, space: Option<&SpaceId>, hash: &[u8; 32]) -> Option<Vec<u8>> {
-        self.read_chunk_with(space, hash, &mut OpenFiles::default())
-    }
-
-    fn read_chunk_with(
+    /// given); `open` keeps files open across calls.
+    pub(crate) fn read_chunk_with(
         &self,
         space: Option<&SpaceId>,
         hash: &[u8; 32],

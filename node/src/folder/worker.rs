@@ -157,8 +157,11 @@ impl Worker {
     }
 
     /// Counts `n` bytes of transfer progress.
-    pub(super) fn progress(&self, n: u64) {
+    pub(super) fn progress(&self, rel: &str, n: u64) {
         let mut p = self.prog();
+        if let Some(left) = p.queued.get_mut(rel) {
+            *left = left.saturating_sub(n);
+        }
         let now = Instant::now();
         p.window.push_back((now, n));
         while p
@@ -779,6 +782,9 @@ impl Worker {
         let Some(w) = files::winner(values).cloned() else {
             return Ok(Action::Done);
         };
+        // Transfers of versions no longer wanted free their space.
+        let keep = (w.kind == Kind::File && !w.deleted).then_some(w.hash);
+        self.drop_stale_parts(rel, keep.as_ref());
         let abs = self.root.join(rel);
         let local = blobs.local(&self.space, rel).map_err(io)?;
         let disk = fs::symlink_metadata(&abs).ok();
@@ -869,6 +875,28 @@ impl Worker {
                 // conflict's loser) is set aside when the file is placed.
                 Ok(Action::Transfer(w, values.to_vec()))
             }
+        }
+    }
+
+    /// Removes temp files of `rel` other than the one for version `keep`.
+    fn drop_stale_parts(&self, rel: &str, keep: Option<&[u8; 32]>) {
+        let tag = hex::encode(&blake3::hash(rel.as_bytes()).as_bytes()[..6]);
+        let Ok(dir) = fs::read_dir(self.root.join(TMP_DIR)) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(part) = name.strip_suffix(".part") else {
+                continue;
+            };
+            if !part.ends_with(&tag) {
+                continue;
+            }
+            if keep.is_some_and(|k| part.starts_with(&hex::encode(&k[..12]))) {
+                continue;
+            }
+            let _ = fs::remove_file(e.path());
+            let _ = self.shared.blobs.remove_part(&self.space, part);
         }
     }
 

@@ -294,3 +294,58 @@ async fn a_peer_serving_corrupt_chunks_is_noted_and_avoided() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Unmounts a tmpfs when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_pauses_the_transfer_and_places_nothing() -> Result<()> {
+    use shoal_tests::{connect, share_space, TestNode};
+    let dirs = tempfile::tempdir()?;
+    let small = dirs.path().join("small-disk");
+    fs::create_dir_all(&small)?;
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skip: mounting a small tmpfs needs root");
+        return Ok(());
+    }
+    let _guard = Tmpfs(small.clone());
+    let a = TestNode::spawn("a").await?;
+    let b = TestNode::spawn("b").await?;
+    a.node.create_space("s").await?;
+    share_space(&a.node, "s", &[&b.node]).await?;
+    connect(&b.node, &a.node).await?;
+    let ra = dirs.path().join("a");
+    a.node.attach_folder("s", &ra).await?;
+    b.node.attach_folder("s", &small.join("f")).await?;
+    let mut data = vec![0u8; 4 << 20];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    fs::write(ra.join("big.bin"), &data)?;
+    // B says it is paused because the disk is full...
+    shoal_tests::wait_for(&b.node, shoal_tests::TIMEOUT, || async {
+        b.node.folder_status().await.iter().any(|f| {
+            f.state == "paused" && f.detail.as_deref().is_some_and(|d| d.contains("disk full"))
+        })
+    })
+    .await?;
+    // ...and placed nothing half-written
+    assert!(!small.join("f/big.bin").exists());
+    // a small file still fits once the big one is abandoned by the user
+    fs::remove_file(ra.join("big.bin"))?;
+    fs::write(ra.join("note.txt"), b"fits")?;
+    wait_file(&b.node, &small.join("f/note.txt"), b"fits").await?;
+    Ok(())
+}
