@@ -4,7 +4,7 @@
 
 mod client;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -178,6 +178,10 @@ struct UpArgs {
     /// Local API address (loopback only).
     #[arg(long)]
     api: Option<String>,
+    /// Sync this folder (created if missing): in the space it is attached
+    /// to, or else in a new space named after it.
+    #[arg(long)]
+    folder: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -361,6 +365,10 @@ async fn up(home: Home, args: UpArgs, json_out: bool) -> Result<()> {
         })
         .await?;
     shoal_node::home::write_private(&home.api_addr_path(), api_addr.to_string().as_bytes())?;
+    let synced = match &args.folder {
+        Some(f) => Some(ensure_folder(&node, f).await?),
+        None => None,
+    };
     let info = node.net_info().await?;
     let addrs: Vec<String> = info.listen_addrs.iter().map(|a| a.to_string()).collect();
     print(
@@ -374,6 +382,11 @@ async fn up(home: Home, args: UpArgs, json_out: bool) -> Result<()> {
             );
             for a in &addrs {
                 s.push_str(&format!("listening: {a}\n"));
+            }
+            if let Some((space, path)) = &synced {
+                s.push_str(&format!(
+                    "syncing {path} (space {space}); add a device with `shoal invite {space}`\n"
+                ));
             }
             s.push_str("stop with Ctrl-C");
             s
@@ -391,6 +404,39 @@ async fn up(home: Home, args: UpArgs, json_out: bool) -> Result<()> {
     node.shutdown().await;
     let _ = std::fs::remove_file(home.api_addr_path());
     Ok(())
+}
+
+/// Makes sure `folder` is synced: already attached, or attached to a new
+/// space named after it. Returns (space name, folder).
+async fn ensure_folder(node: &Node, folder: &Path) -> Result<(String, String)> {
+    std::fs::create_dir_all(folder).with_context(|| format!("create {}", folder.display()))?;
+    let abs = folder
+        .canonicalize()
+        .with_context(|| format!("resolve {}", folder.display()))?;
+    let shown = abs.display().to_string();
+    let spaces = node.spaces().await?;
+    for f in node.folder_status().await {
+        if f.path == shown {
+            let name = spaces
+                .iter()
+                .find(|s| s.id == f.space)
+                .map(|s| s.name.clone())
+                .unwrap_or(f.space);
+            return Ok((name, shown));
+        }
+    }
+    let name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "shoal".into());
+    if !spaces.iter().any(|s| s.name == name) {
+        node.create_space(&name).await?;
+    }
+    node.attach_folder(&name, &abs)
+        .await
+        .with_context(|| format!("sync {shown} in space {name}"))?;
+    Ok((name, shown))
 }
 
 /// Progress bars on the terminal while folders scan or transfer: one per

@@ -152,6 +152,7 @@ impl Worker {
         let temp = self.root.join(TMP_DIR).join(format!("{part}.part"));
         let size = e.size;
         let n = chunks.len();
+        let t0 = std::time::Instant::now();
 
         // Resume and local copies, off the async threads.
         let (file, mut bits, need) = {
@@ -203,6 +204,14 @@ impl Worker {
                             continue;
                         }
                     }
+                    // A fresh transfer copies local chunks in the kernel and
+                    // relies on the whole-file check; a retry (after that
+                    // check failed) reads and verifies each one.
+                    if !resumed && sh.copy_chunk(h, *l, &f, *off, &mut open) {
+                        bits[i / 8] |= 1 << (i % 8);
+                        sh.counters.chunks_local.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if let Some(data) = sh.read_chunk_with(None, h, &mut open) {
                         f.write_all_at(&data, *off)
                             .map_err(|e| io_err("write temp file", e))?;
@@ -221,6 +230,13 @@ impl Worker {
             .map_err(|e| TransferError::Failed(e.to_string()))??
         };
 
+        tracing::debug!(
+            path = rel,
+            chunks = n,
+            need = need.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "transfer prepared"
+        );
         let local_bytes: u64 = (0..n)
             .filter(|i| !need.contains(i))
             .map(|i| u64::from(chunks[i].2))
@@ -232,6 +248,7 @@ impl Worker {
         }
 
         // Durable, then verified as a whole.
+        let chunk_list = chunks.clone();
         let (sh, space, t, p) = (
             Arc::clone(&self.shared),
             self.space,
@@ -239,7 +256,7 @@ impl Worker {
             part.clone(),
         );
         tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
-            if bits.len() > 1 {
+            if chunk_list.len() > 1 {
                 let _ = sh.blobs.set_part(&space, &p, &bits);
             }
             drop(file);
@@ -256,18 +273,49 @@ impl Worker {
                 h.update_rayon(&buf[..n]);
             }
             if *h.finalize().as_bytes() != file_hash {
-                let _ = std::fs::remove_file(&t);
-                let _ = sh.blobs.remove_part(&space, &p);
-                return Err(TransferError::Failed("whole-file hash mismatch".into()));
+                // Find the chunks that are wrong (a stale local source) and
+                // forget only those; the retry reads and verifies them.
+                let f = File::open(&t).map_err(|e| io_err("read temp file", e))?;
+                let mut bits = bits;
+                for (i, (ch, off, l)) in chunk_list.iter().enumerate() {
+                    let mut b = vec![0u8; *l as usize];
+                    let good =
+                        f.read_exact_at(&mut b, *off).is_ok() && blake3::hash(&b).as_bytes() == ch;
+                    if !good {
+                        bits[i / 8] &= !(1 << (i % 8));
+                    }
+                }
+                let _ = sh.blobs.set_part(&space, &p, &bits);
+                return Err(TransferError::Failed(
+                    "whole-file hash mismatch; retrying the chunks that differ".into(),
+                ));
             }
             Ok(())
         })
         .await
         .map_err(|e| TransferError::Failed(e.to_string()))??;
-        self.sync
-            .durable(&self.root)
-            .await
-            .map_err(|e| io_err("sync temp file", e))?;
+        tracing::debug!(
+            path = rel,
+            ms = t0.elapsed().as_millis() as u64,
+            "transfer fetched and verified"
+        );
+        if size >= super::OWN_SYNC_BYTES {
+            let t = temp.clone();
+            tokio::task::spawn_blocking(move || File::open(&t)?.sync_data())
+                .await
+                .map_err(|e| TransferError::Failed(e.to_string()))?
+                .map_err(|e| io_err("sync temp file", e))?;
+        } else {
+            self.sync
+                .durable(&self.root)
+                .await
+                .map_err(|e| io_err("sync temp file", e))?;
+        }
+        tracing::debug!(
+            path = rel,
+            ms = t0.elapsed().as_millis() as u64,
+            "transfer durable"
+        );
         Ok(Fetched { temp, part, chunks })
     }
 

@@ -40,6 +40,10 @@ pub mod place;
 pub mod scan;
 pub mod worker;
 
+/// Files at least this large are made durable on their own (fsync of the
+/// file and its folder); smaller ones share a group commit.
+pub(crate) const OWN_SYNC_BYTES: u64 = 4 << 20;
+
 /// Chunk requests in flight across all transfers of the node (at most
 /// 512 KiB each): bounds transfer memory.
 const MAX_INFLIGHT_CHUNKS: usize = 64;
@@ -350,10 +354,64 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Copies chunk `hash` (`len` bytes) from a local file that indexes it
+    /// into `out` at `at`, in the kernel and unverified: the caller verifies
+    /// the whole file afterwards. False when no local file has it.
+    pub(crate) fn copy_chunk(
+        &self,
+        hash: &[u8; 32],
+        len: u32,
+        out: &std::fs::File,
+        at: u64,
+        open: &mut OpenFiles,
+    ) -> bool {
+        let Ok(locs) = self.blobs.locations(hash) else {
+            return false;
+        };
+        for loc in locs.into_iter().filter(|l| l.len == len) {
+            let path = match open.paths.get(&loc.fid) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = match self.blobs.file(loc.fid) {
+                        Ok(Some(rec)) => self.root(&rec.space).map(|r| r.join(&rec.rel)),
+                        _ => None,
+                    };
+                    open.paths.insert(loc.fid, p.clone());
+                    p
+                }
+            };
+            let Some(path) = path else {
+                continue;
+            };
+            let Ok(src) = open.get(loc.fid, &path) else {
+                continue;
+            };
+            let (mut from, mut to, mut left) = (loc.offset, at, len as usize);
+            let mut ok = true;
+            while left > 0 {
+                match rustix::fs::copy_file_range(src, Some(&mut from), out, Some(&mut to), left) {
+                    Ok(0) | Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                    Ok(n) => left -= n,
+                }
+            }
+            if ok {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// Files kept open while one peer streams chunks of them.
 #[derive(Default)]
 pub(crate) struct OpenFiles {
     files: HashMap<u64, std::fs::File>,
+    /// Where each file id is (looked up once per batch of reads).
+    paths: HashMap<u64, Option<PathBuf>>,
 }
 
 impl OpenFiles {

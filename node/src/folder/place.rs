@@ -39,6 +39,11 @@ pub fn safe_parent(root: &Path, rel: &str) -> io::Result<PathBuf> {
     Ok(root.join(rel))
 }
 
+/// fsyncs a folder, so a rename in it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
 fn stamp(t: SystemTime) -> String {
     let t: DateTime<Utc> = t.into();
     t.format("%Y%m%d-%H%M%S").to_string()

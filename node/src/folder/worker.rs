@@ -62,7 +62,6 @@ struct Progress {
     /// Bytes still to fetch for queued transfers, by path.
     queued: HashMap<String, u64>,
     window: VecDeque<(Instant, u64)>,
-    files: u64,
     problems: VecDeque<String>,
 }
 
@@ -224,7 +223,7 @@ impl Worker {
             rate,
             eta_secs: (rate > 0 && bytes_left > 0).then(|| bytes_left / rate),
             peers: 0,
-            files: p.files,
+            files: self.shared.blobs.local_count(&self.space) as u64,
             problems: p.problems.iter().cloned().collect(),
         }
     }
@@ -433,9 +432,7 @@ impl Worker {
             self.problem(p, e.clone());
         }
         if full {
-            let mut p = self.prog();
-            p.state = "";
-            p.files = result.files;
+            self.prog().state = "";
         }
         let again = std::mem::take(&mut result.again);
         let changed = result.found.len() + result.gone.len();
@@ -1064,7 +1061,16 @@ impl Worker {
         // parallel share the folder syncs; the path is recorded after it.
         // (A scan in between finds the winner's content and only adopts it.)
         drop(guard);
-        self.sync.durable(&self.root).await.map_err(fail)?;
+        if w.size >= super::OWN_SYNC_BYTES {
+            if let Some(parent) = dest.parent().map(Path::to_path_buf) {
+                tokio::task::spawn_blocking(move || place::sync_dir(&parent))
+                    .await
+                    .map_err(|e| TransferError::Failed(e.to_string()))?
+                    .map_err(fail)?;
+            }
+        } else {
+            self.sync.durable(&self.root).await.map_err(fail)?;
+        }
         blobs
             .set_local(&self.space, rel, st, w.hash, w.chunked, &fetched.chunks)
             .map_err(|e| TransferError::Failed(e.to_string()))?;

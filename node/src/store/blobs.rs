@@ -169,6 +169,11 @@ impl Blobs {
         Ok(out)
     }
 
+    /// How many paths (files, folders, links) this node knows in a space.
+    pub fn local_count(&self, space: &SpaceId) -> usize {
+        self.files.scan_prefix(space.0).count()
+    }
+
     /// Records what is now at `path`: replaces its chunk records with
     /// `chunks` (hash, offset, length). A previous file id of the path is
     /// reused.
