@@ -353,6 +353,64 @@ def w_insert(a, b, staging, ns_a, dev, size):
     return {"insert_s": secs, "insert_wire_mib": wire / MiB}
 
 
+def w_scale(a, b, staging, n_files):
+    """n small files: first complete sync, RSS, then 1,000 remote updates
+    applied on a freshly restarted receiver (a cold load of a big index)."""
+    per_dir = 100
+    top = os.path.join(staging, f"scale-{a.name}")
+    for i in range(n_files):
+        d = os.path.join(top, f"d{i // per_dir}")
+        if i % per_dir == 0:
+            os.makedirs(d)
+        with open(os.path.join(d, f"f{i % per_dir}"), "wb") as f:
+            f.write(os.urandom(1024))
+    dest = os.path.join(b.folder, "scale")
+
+    def count():
+        n = 0
+        try:
+            for d in os.scandir(dest):
+                if d.is_dir():
+                    n += sum(1 for e in os.scandir(d.path) if e.name.startswith("f"))
+        except OSError:
+            pass
+        return n
+
+    t0 = time.monotonic()
+    os.rename(top, os.path.join(a.folder, "scale"))
+    if not wait_until(lambda: count() == n_files, 3600, 0.5):
+        raise RuntimeError(f"{a.name}: scale run never completed ({count()}/{n_files})")
+    first = time.monotonic() - t0
+    time.sleep(5)
+    rss_a, rss_b = rss_kib(a.pid, "VmRSS") / 1024, rss_kib(b.pid, "VmRSS") / 1024
+    b.stop()
+    b.start()
+    ready(a, b)
+    changed = []
+    t0 = time.monotonic()
+    for i in range(0, n_files, n_files // 1000):
+        p = os.path.join(a.folder, "scale", f"d{i // per_dir}", f"f{i % per_dir}")
+        body = os.urandom(1024)
+        with open(p, "wb") as f:
+            f.write(body)
+        changed.append((os.path.join(dest, f"d{i // per_dir}", f"f{i % per_dir}"), body))
+
+    def applied():
+        for path, body in changed:
+            try:
+                with open(path, "rb") as f:
+                    if f.read() != body:
+                        return False
+            except OSError:
+                return False
+        return True
+    if not wait_until(applied, 1800, 0.2):
+        raise RuntimeError(f"{a.name}: the 1,000 updates never all arrived")
+    updates = time.monotonic() - t0
+    return {"scale_first_s": first, "scale_rss_a_mb": rss_a, "scale_rss_b_mb": rss_b,
+            "scale_updates_s": updates}
+
+
 def run_tool(mk_pair, a, b, staging, args, edits):
     res = {}
     try:
@@ -367,6 +425,8 @@ def run_tool(mk_pair, a, b, staging, args, edits):
             res["edit_ms"] = w_edit(a, b, edits)
         if "insert" in only:
             res.update(w_insert(a, b, staging, args.ns_a, args.dev, args.mid_mib * MiB))
+        if "scale" in only:
+            res.update(w_scale(a, b, staging, args.scale_files))
     finally:
         a.stop()
         b.stop()
@@ -392,8 +452,10 @@ def main():
     p.add_argument("--edits", type=int, default=20)
     p.add_argument("--default-delay-edits", type=int, default=5)
     p.add_argument("--skip-syncthing", action="store_true")
+    p.add_argument("--scale-files", type=int, default=100_000)
     p.add_argument("--only", default="big,small,edit,insert",
-                   help="workloads to run, comma-separated (the table needs all four)")
+                   help="workloads, comma-separated: big,small,edit,insert,scale "
+                        "(scale, 100,000 files, is not in the default set)")
     args = p.parse_args()
     work, staging = args.work, os.path.join(args.work, "staging")
     os.makedirs(staging, exist_ok=True)
@@ -467,6 +529,17 @@ def main():
         ("5. RSS at rest after 2 (larger node), MB", s["rest_rss_mb"], t.get("rest_rss_mb"), ".0f",
          ratio(s["rest_rss_mb"], t.get("rest_rss_mb"))),
     ]
+    if s["scale_first_s"] is not None or t.get("scale_first_s") is not None:
+        rows += [
+            (f"scale: {args.scale_files:,} files, first sync s", s["scale_first_s"], t.get("scale_first_s"),
+             ".1f", ratio(s["scale_first_s"], t.get("scale_first_s"))),
+            ("scale: RSS of A after it, MB", s["scale_rss_a_mb"], t.get("scale_rss_a_mb"), ".0f",
+             ratio(s["scale_rss_a_mb"], t.get("scale_rss_a_mb"))),
+            ("scale: RSS of B after it, MB", s["scale_rss_b_mb"], t.get("scale_rss_b_mb"), ".0f",
+             ratio(s["scale_rss_b_mb"], t.get("scale_rss_b_mb"))),
+            ("scale: 1,000 updates on restarted B, s", s["scale_updates_s"], t.get("scale_updates_s"), ".1f",
+             ratio(s["scale_updates_s"], t.get("scale_updates_s"))),
+        ]
     print()
     print(f"ceilings: raw veth link (iperf3, 1 stream) {fmt(link, '.0f')} MB/s; "
           f"BLAKE3 {b3['one_core_mb_s']} MB/s on one core, {b3['all_cores_mb_s']} MB/s on all")
