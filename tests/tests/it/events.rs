@@ -66,3 +66,80 @@ async fn a_remote_change_reaches_a_filtered_event_stream() -> Result<()> {
     let _ = stop.send(());
     Ok(())
 }
+
+async fn serve(node: &shoal_node::Node) -> Result<(String, tokio::sync::oneshot::Sender<()>)> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, _task) =
+        shoal_node::api::serve(node.clone(), "t0ken".into(), "127.0.0.1:0".parse()?, async {
+            let _ = stopped.await;
+        })
+        .await?;
+    Ok((format!("http://{addr}"), stop))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_file_changes_reach_a_path_filtered_stream() -> Result<()> {
+    let (nodes, roots, _dirs) = folder_nodes(2, "f").await?;
+    let (base, stop) = serve(&nodes[1].node).await?;
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/v1/events?types=file&path=docs/**"))
+        .bearer_auth("t0ken")
+        .send()
+        .await?;
+    let mut events = resp.bytes_stream().eventsource();
+    std::fs::create_dir_all(roots[0].join("other"))?;
+    std::fs::write(roots[0].join("other/b.txt"), b"b")?;
+    wait_file(&nodes[1].node, &roots[1].join("other/b.txt"), b"b").await?;
+    std::fs::create_dir_all(roots[0].join("docs/deep"))?;
+    std::fs::write(roots[0].join("docs/deep/a.txt"), b"a")?;
+    let ev = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .context("no event within the timeout")?
+        .context("stream ended")??;
+    let v: Value = serde_json::from_str(&ev.data)?;
+    assert_eq!(v["type"], "file_changed", "{v}");
+    assert_eq!(v["path"], "docs/deep/a.txt", "{v}");
+    assert_eq!(v["origin"], "remote", "{v}");
+    assert_eq!(v["device"], nodes[0].node.device_id().to_string());
+    let _ = stop.send(());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_does_not_read_is_told_how_much_it_missed() -> Result<()> {
+    let n = spawn_nodes(1).await?;
+    let a = &n[0].node;
+    a.create_space("busy").await?;
+    let (base, stop) = serve(a).await?;
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/v1/events?space=busy"))
+        .bearer_auth("t0ken")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    // Far more events than the node buffers (4,096) plus what the sockets
+    // hold, while the consumer reads nothing.
+    let doc: DocId = "d".parse()?;
+    for round in 0..40 {
+        let puts = (0..500).map(|i| a.put("busy", &doc, "/k", json!(round * 500 + i)));
+        for r in futures::future::join_all(puts).await {
+            r?;
+        }
+    }
+    let mut events = resp.bytes_stream().eventsource();
+    let lagged = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(ev) = events.next().await {
+            let v: Value = serde_json::from_str(&ev?.data)?;
+            if v["type"] == "lagged" {
+                return Ok::<_, anyhow::Error>(Some(v));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .context("no lagged event within the timeout")??
+    .context("the stream ended without saying it lagged")?;
+    assert!(lagged["dropped"].as_u64().unwrap_or(0) > 0, "{lagged}");
+    let _ = stop.send(());
+    Ok(())
+}
