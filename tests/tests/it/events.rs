@@ -69,11 +69,15 @@ async fn a_remote_change_reaches_a_filtered_event_stream() -> Result<()> {
 
 async fn serve(node: &shoal_node::Node) -> Result<(String, tokio::sync::oneshot::Sender<()>)> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (addr, _task) =
-        shoal_node::api::serve(node.clone(), "t0ken".into(), "127.0.0.1:0".parse()?, async {
+    let (addr, _task) = shoal_node::api::serve(
+        node.clone(),
+        "t0ken".into(),
+        "127.0.0.1:0".parse()?,
+        async {
             let _ = stopped.await;
-        })
-        .await?;
+        },
+    )
+    .await?;
     Ok((format!("http://{addr}"), stop))
 }
 
