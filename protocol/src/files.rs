@@ -207,7 +207,16 @@ impl Manifest {
         }
         let m: Manifest = crate::wire::decode("manifest", bytes, MAX_MANIFEST_BYTES)?;
         let total: u64 = m.chunks.iter().map(|(_, l)| u64::from(*l)).sum();
-        if total != m.size || m.chunks.iter().any(|(_, l)| *l == 0 || *l > CHUNK_MAX) {
+        // Chunking never cuts below the minimum except at the end, so a
+        // manifest of tiny chunks (a way to make receivers do needless
+        // work) is refused.
+        let last = m.chunks.len().saturating_sub(1);
+        let bad_len = m
+            .chunks
+            .iter()
+            .enumerate()
+            .any(|(i, (_, l))| *l == 0 || *l > CHUNK_MAX || (i < last && *l < CHUNK_MIN));
+        if total != m.size || bad_len {
             return Err(Error::Malformed {
                 what: "manifest",
                 reason: "chunk lengths do not add up".into(),
@@ -355,14 +364,23 @@ mod tests {
     fn manifests_are_checked_against_their_name() {
         let m = Manifest {
             file_hash: [1; 32],
-            size: 30,
-            chunks: vec![([2; 32], 10), ([3; 32], 20)],
+            size: u64::from(CHUNK_MIN) + 20,
+            chunks: vec![([2; 32], CHUNK_MIN), ([3; 32], 20)],
         };
         let id = m.id();
         assert_eq!(Manifest::decode(&m.encode(), &id).unwrap(), m);
         assert!(Manifest::decode(&m.encode(), &[0; 32]).is_err());
-        let lying = Manifest { size: 31, ..m };
+        let lying = Manifest {
+            size: m.size + 1,
+            ..m.clone()
+        };
         assert!(Manifest::decode(&lying.encode(), &lying.id()).is_err());
+        let tiny = Manifest {
+            file_hash: [1; 32],
+            size: 3,
+            chunks: vec![([2; 32], 1), ([3; 32], 2)],
+        };
+        assert!(Manifest::decode(&tiny.encode(), &tiny.id()).is_err());
         assert_eq!(
             Manifest {
                 file_hash: [0; 32],

@@ -237,10 +237,8 @@ impl Worker {
             ms = t0.elapsed().as_millis() as u64,
             "transfer prepared"
         );
-        let local_bytes: u64 = (0..n)
-            .filter(|i| !need.contains(i))
-            .map(|i| u64::from(chunks[i].2))
-            .sum();
+        let needed: u64 = need.iter().map(|i| u64::from(chunks[*i].2)).sum();
+        let local_bytes = size.saturating_sub(needed);
         self.progress(rel, local_bytes);
         if !need.is_empty() {
             self.fetch_chunks(rel, &file, &chunks, need, &mut bits, &part)

@@ -25,6 +25,12 @@ use super::Shared;
 
 /// Requests queued on one peer's stream before callers wait.
 const LINK_QUEUE: usize = 64;
+/// Longest wait for one chunk (queueing on the stream included).
+const CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest wait for a manifest (up to 64 MiB).
+const MANIFEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// A peer's admission to a space is asked again after this long.
+const ADMISSION_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Answers prepared ahead of the one being written, per served stream.
 const SERVE_AHEAD: usize = 4;
 
@@ -76,18 +82,36 @@ impl Links {
         kind: BlobKind,
         hash: [u8; 32],
     ) -> Result<Vec<u8>, FetchError> {
-        let tx = self.link(peer).await?;
-        let (reply, rx) = oneshot::channel();
-        tx.send(Req {
-            space,
-            kind,
-            hash,
-            reply,
-        })
-        .await
-        .map_err(|_| FetchError::Link("stream closed".into()))?;
-        rx.await
-            .map_err(|_| FetchError::Link("stream closed".into()))?
+        let limit = match kind {
+            BlobKind::Chunk => CHUNK_TIMEOUT,
+            BlobKind::Manifest => MANIFEST_TIMEOUT,
+        };
+        let ask = async {
+            let tx = self.link(peer).await?;
+            let (reply, rx) = oneshot::channel();
+            tx.send(Req {
+                space,
+                kind,
+                hash,
+                reply,
+            })
+            .await
+            .map_err(|_| FetchError::Link("stream closed".into()))?;
+            rx.await
+                .map_err(|_| FetchError::Link("stream closed".into()))?
+        };
+        match tokio::time::timeout(limit, ask).await {
+            Ok(r) => r,
+            Err(_) => {
+                // A peer that stops answering loses its stream: the next
+                // request opens a new one, and this one's tasks end.
+                self.lock_map().remove(&peer);
+                Err(FetchError::Link(format!(
+                    "no answer within {} s",
+                    limit.as_secs()
+                )))
+            }
+        }
     }
 
     async fn link(self: &Arc<Self>, peer: PeerId) -> Result<mpsc::Sender<Req>, FetchError> {
@@ -238,7 +262,9 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
     let (mut r, mut w) = stream.split();
     let (tx, mut rx) = mpsc::channel::<(BlobResponse, Option<Vec<u8>>)>(SERVE_AHEAD);
     let reader = async move {
-        let mut allowed: HashMap<SpaceId, bool> = HashMap::new();
+        // Only admissions are remembered, and only briefly: a device
+        // removed from the space stops being served on an open stream too.
+        let mut allowed: HashMap<SpaceId, std::time::Instant> = HashMap::new();
         let open = Arc::new(std::sync::Mutex::new(super::OpenFiles::default()));
         loop {
             let mut len = [0u8; 2];
@@ -259,10 +285,14 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
                 return;
             };
             let ok = match allowed.get(&space) {
-                Some(ok) => *ok,
-                None => {
+                Some(at) if at.elapsed() < ADMISSION_TTL => true,
+                _ => {
                     let ok = shared.engine.admitted(peer, space).await;
-                    allowed.insert(space, ok);
+                    if ok {
+                        allowed.insert(space, std::time::Instant::now());
+                    } else {
+                        allowed.remove(&space);
+                    }
                     ok
                 }
             };

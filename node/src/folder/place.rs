@@ -39,6 +39,28 @@ pub fn safe_parent(root: &Path, rel: &str) -> io::Result<PathBuf> {
     Ok(root.join(rel))
 }
 
+/// Refuses `rel` when any of its parents under `root` is a link or a file:
+/// acting on such a path could reach outside the folder. Missing parents
+/// are fine (nothing is created here).
+pub fn check_parents(root: &Path, rel: &str) -> io::Result<()> {
+    let mut at = root.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(part);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::other(format!(
+                    "{} is a link or a file, not a folder",
+                    at.display()
+                )))
+            }
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 /// fsyncs a folder, so a rename in it is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
@@ -119,10 +141,28 @@ pub fn keep_version(
     max_age: Duration,
 ) -> io::Result<(String, Vec<String>)> {
     let want = format!("{VERSIONS_DIR}/{rel}~{}", stamp(SystemTime::now()));
-    let dest_rel = std::iter::once(want.clone())
-        .chain((1..).map(|n| format!("{want}-{n}")))
-        .find(|c| fs::symlink_metadata(root.join(c)).is_err())
-        .unwrap_or(want);
+    // Several versions in one second get -1, -2...: always above the
+    // highest taken, so the newest still sorts last even after pruning.
+    let (dir, base) = want.rsplit_once('/').unwrap_or(("", want.as_str()));
+    let mut top: Option<u64> = None;
+    if let Ok(entries) = fs::read_dir(root.join(dir)) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n == base {
+                top = top.max(Some(0));
+            } else if let Some(k) = n
+                .strip_prefix(base)
+                .and_then(|r| r.strip_prefix('-'))
+                .and_then(|r| r.parse::<u64>().ok())
+            {
+                top = top.max(Some(k));
+            }
+        }
+    }
+    let dest_rel = match top {
+        None => want.clone(),
+        Some(k) => format!("{want}-{}", k + 1),
+    };
     let dest = safe_parent(root, &dest_rel)?;
     fs::rename(root.join(rel), &dest)?;
     let removed = prune_versions(root, rel, keep, max_age)?;
@@ -145,7 +185,14 @@ fn prune_versions(
     let mut versions: Vec<String> = Vec::new();
     for e in fs::read_dir(&dir)? {
         let n = e?.file_name().to_string_lossy().into_owned();
-        if n.starts_with(&prefix) {
+        let stamped = n.strip_prefix(&prefix).is_some_and(|rest| {
+            let b = rest.as_bytes();
+            b.len() >= 15
+                && b[..8].iter().all(u8::is_ascii_digit)
+                && b[8] == b'-'
+                && b[9..15].iter().all(u8::is_ascii_digit)
+        });
+        if stamped {
             versions.push(n);
         }
     }
@@ -166,7 +213,12 @@ fn prune_versions(
             })
             .unwrap_or_default();
         if i >= keep || age > max_age {
-            fs::remove_file(dir.join(n))?;
+            let p = dir.join(n);
+            if p.symlink_metadata()?.is_dir() {
+                fs::remove_dir_all(&p)?;
+            } else {
+                fs::remove_file(&p)?;
+            }
             removed.push(format!("{dir_rel}/{n}"));
         }
     }
@@ -205,6 +257,12 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(out.path(), dir.path().join("link")).unwrap();
         assert!(safe_parent(dir.path(), "link/x.txt").is_err());
+        // the check used before touching any path: links and files refused,
+        // missing parents fine, and nothing is created
+        assert!(check_parents(dir.path(), "link/x.txt").is_err());
+        assert!(check_parents(dir.path(), "link/deeper/x.txt").is_err());
+        assert!(check_parents(dir.path(), "new/x.txt").is_ok());
+        assert!(!dir.path().join("new").exists());
         let p = safe_parent(dir.path(), "a/b/c.txt").unwrap();
         assert!(dir.path().join("a/b").is_dir());
         assert_eq!(p, dir.path().join("a/b/c.txt"));

@@ -300,13 +300,19 @@ mod tests {
     fn hashing_cuts_stable_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        let data: Vec<u8> = (0..3_000_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..3_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
             .collect();
         std::fs::write(&p, &data).unwrap();
         let a = hash_file(&p).unwrap().unwrap();
         assert_eq!(a.file_hash, *blake3::hash(&data).as_bytes());
-        assert!(a.chunks.len() > 10);
+        assert!(a.chunks.len() > 4, "{} chunks", a.chunks.len());
         // one byte inserted in the middle changes only chunks near it
         let mut edited = data.clone();
         edited.insert(1_500_000, 7);

@@ -103,10 +103,22 @@ struct ScanResult {
     files: u64,
 }
 
+/// A transfer waiting for a slot: path, winner, every version, pending mark.
+type Queued = (String, Entry, Vec<Entry>, Vec<u8>);
+
 /// What reconciling one path needs.
 enum Action {
     Done,
     Transfer(Entry, Vec<Entry>),
+    /// Not yet (a folder that still has contents): try again later.
+    Later,
+}
+
+/// Schedules `rel` for another try, waiting longer each time.
+fn backoff(retry: &mut HashMap<String, (Instant, u32)>, rel: &str) {
+    let n = retry.get(rel).map(|(_, n)| n + 1).unwrap_or(0);
+    let wait = Duration::from_millis(500 * 2u64.pow(n.min(6))).min(MAX_RETRY);
+    retry.insert(rel.to_string(), (Instant::now() + wait, n));
 }
 
 fn entries(values: &[Vec<u8>]) -> Vec<Entry> {
@@ -250,7 +262,7 @@ impl Worker {
         let mut full_scan = true;
         let mut transfers: JoinSet<(String, Result<(), TransferError>)> = JoinSet::new();
         let mut active: HashSet<String> = HashSet::new();
-        let mut queue: VecDeque<(String, Entry, Vec<Entry>)> = VecDeque::new();
+        let mut queue: VecDeque<Queued> = VecDeque::new();
         let mut retry: HashMap<String, (Instant, u32)> = HashMap::new();
         let mut rescan = tokio::time::interval(self.shared.settings.rescan);
         rescan.tick().await;
@@ -284,7 +296,7 @@ impl Worker {
             }
             if reconcile {
                 reconcile = false;
-                self.reconcile(&mut transfers, &mut active, &mut queue, &retry)
+                self.reconcile(&mut transfers, &mut active, &mut queue, &mut retry)
                     .await;
             }
             tokio::select! {
@@ -357,9 +369,7 @@ impl Worker {
                                 }
                             }
                             Err(e) => {
-                                let n = retry.get(&path).map(|(_, n)| n + 1).unwrap_or(0);
-                                let wait = Duration::from_millis(500 * 2u64.pow(n.min(6))).min(MAX_RETRY);
-                                retry.insert(path.clone(), (Instant::now() + wait, n));
+                                backoff(&mut retry, &path);
                                 match &e {
                                     TransferError::DiskFull(_) => {
                                         self.prog().detail = Some(e.to_string());
@@ -526,12 +536,14 @@ impl Worker {
             }
             // The index moved past the version this file was edited from:
             // the two edits are concurrent. Both are kept.
+            // (With no record here at all, a live remote version this
+            // device has not fetched yet is concurrent with the new file.)
             let base = blobs.local(&self.space, &rel)?;
-            if let (Some(w), Some(b)) = (&winner, &base) {
+            if let Some(w) = &winner {
                 if w.kind == Kind::File
                     && entry.kind == Kind::File
                     && !w.deleted
-                    && w.hash != b.hash
+                    && base.as_ref().is_none_or(|b| w.hash != b.hash)
                     && !w.same_content(&entry)
                 {
                     let theirs_win = files::winner(&[w.clone(), entry.clone()]) == Some(w);
@@ -638,6 +650,15 @@ impl Worker {
                 self.problem("", format!("local changes are not shared: {why}"));
                 return Ok(());
             }
+            if r.is_err() {
+                // Not recorded in the index: forget what the scan recorded
+                // here, so the next scan finds these files changed again.
+                for (p, e) in batch {
+                    if !e.deleted {
+                        let _ = self.shared.blobs.remove_local(&self.space, p, true);
+                    }
+                }
+            }
             r?;
         }
         Ok(())
@@ -693,19 +714,19 @@ impl Worker {
         self: &Arc<Self>,
         transfers: &mut JoinSet<(String, Result<(), TransferError>)>,
         active: &mut HashSet<String>,
-        queue: &mut VecDeque<(String, Entry, Vec<Entry>)>,
-        retry: &HashMap<String, (Instant, u32)>,
+        queue: &mut VecDeque<Queued>,
+        retry: &mut HashMap<String, (Instant, u32)>,
     ) {
         if queue.is_empty() {
             self.decide_batch(active, queue, retry).await;
         }
         while transfers.len() < self.shared.settings.transfers {
-            let Some((rel, w, all)) = queue.pop_front() else {
+            let Some((rel, w, all, mark)) = queue.pop_front() else {
                 break;
             };
             let me = Arc::clone(self);
             transfers.spawn(async move {
-                let r = me.transfer(&rel, &w, &all).await;
+                let r = me.transfer(&rel, &w, &all, &mark).await;
                 (rel, r)
             });
         }
@@ -714,23 +735,25 @@ impl Worker {
     async fn decide_batch(
         self: &Arc<Self>,
         active: &mut HashSet<String>,
-        queue: &mut VecDeque<(String, Entry, Vec<Entry>)>,
-        retry: &HashMap<String, (Instant, u32)>,
+        queue: &mut VecDeque<Queued>,
+        retry: &mut HashMap<String, (Instant, u32)>,
     ) {
         let now = Instant::now();
+        // Paths that wait (busy or failing) are skipped before the batch is
+        // cut, so they cannot starve the others.
         let Ok(pending) = self
             .shared
             .blobs
-            .pending(&self.space, RECONCILE_BATCH + active.len())
+            .pending(&self.space, RECONCILE_BATCH + active.len() + retry.len())
         else {
             return;
         };
-        let mut paths: Vec<String> = pending
+        let (paths, marks): (Vec<String>, Vec<Vec<u8>>) = pending
             .into_iter()
-            .filter(|p| !active.contains(p))
-            .filter(|p| retry.get(p).is_none_or(|(at, _)| *at <= now))
+            .filter(|(p, _)| !active.contains(p))
+            .filter(|(p, _)| retry.get(p).is_none_or(|(at, _)| *at <= now))
             .take(RECONCILE_BATCH)
-            .collect();
+            .unzip();
         if paths.is_empty() {
             return;
         }
@@ -741,9 +764,11 @@ impl Worker {
                 return;
             }
         };
-        let mut work: Vec<(String, Vec<Entry>)> = paths
-            .drain(..)
+        let mut work: Vec<(String, Vec<Entry>, Vec<u8>)> = paths
+            .into_iter()
             .zip(values.iter().map(|v| entries(v)))
+            .zip(marks)
+            .map(|((p, e), m)| (p, e, m))
             .collect();
         // Folders before their contents; deletions deepest first.
         work.sort_by(|a, b| {
@@ -757,17 +782,22 @@ impl Worker {
             }
         });
         let _g = self.fs.lock().await;
-        for (rel, entries) in work {
+        for (rel, entries, mark) in work {
             match self.decide(&rel, &entries) {
                 Ok(Action::Done) => {
-                    let _ = self.shared.blobs.done_pending(&self.space, &rel);
+                    retry.remove(&rel);
+                    let _ = self.shared.blobs.done_pending(&self.space, &rel, &mark);
                 }
                 Ok(Action::Transfer(w, all)) => {
                     active.insert(rel.clone());
                     self.prog().queued.insert(rel.clone(), w.size);
-                    queue.push_back((rel, w, all));
+                    queue.push_back((rel, w, all, mark));
                 }
-                Err(e) => self.problem(&rel, e.to_string()),
+                Ok(Action::Later) => backoff(retry, &rel),
+                Err(e) => {
+                    backoff(retry, &rel);
+                    self.problem(&rel, e.to_string());
+                }
             }
         }
     }
@@ -779,6 +809,9 @@ impl Worker {
         let Some(w) = files::winner(values).cloned() else {
             return Ok(Action::Done);
         };
+        // Never act through a link or a file standing where a folder of the
+        // path should be: that could reach outside the folder.
+        place::check_parents(&self.root, rel)?;
         // Transfers of versions no longer wanted free their space.
         let keep = (w.kind == Kind::File && !w.deleted).then_some(w.hash);
         self.drop_stale_parts(rel, keep.as_ref());
@@ -802,15 +835,29 @@ impl Worker {
                 blobs.remove_local(&self.space, rel, false).map_err(io)?;
                 return Ok(Action::Done);
             };
+            // A folder's stat changes with its contents: a recorded folder
+            // counts as known.
+            let known = known || (m.is_dir() && local.is_some());
             if !known {
                 // Modified (or created) here: the modification wins; the
                 // scanner records it.
                 return Ok(Action::Done);
             }
             if m.is_dir() {
+                // Its contents go first (their own deletions); a folder
+                // still holding files of its own here stays.
                 if fs::remove_dir(&abs).is_err() {
-                    // Not empty: what is left in it keeps it.
-                    return Ok(Action::Done);
+                    // Synced contents whose deletions are still on their way:
+                    // try later. Only files new here: they keep the folder.
+                    let synced_left = fs::read_dir(&abs)?.flatten().any(|e| {
+                        let child = format!("{rel}/{}", e.file_name().to_string_lossy());
+                        blobs.local(&self.space, &child).is_ok_and(|l| l.is_some())
+                    });
+                    return Ok(if synced_left {
+                        Action::Later
+                    } else {
+                        Action::Done
+                    });
                 }
                 blobs.remove_local(&self.space, rel, false).map_err(io)?;
             } else {
@@ -974,7 +1021,15 @@ impl Worker {
     }
 
     /// Fetches version `w` of `rel` and places it.
-    async fn transfer(&self, rel: &str, w: &Entry, all: &[Entry]) -> Result<(), TransferError> {
+    async fn transfer(
+        &self,
+        rel: &str,
+        w: &Entry,
+        all: &[Entry],
+        mark: &[u8],
+    ) -> Result<(), TransferError> {
+        place::check_parents(&self.root, rel)
+            .map_err(|e| TransferError::Failed(format!("{rel}: {e}")))?;
         let started = Instant::now();
         // A file here that is not yet recorded may already be this version
         // (two folders that started with the same files).
@@ -998,7 +1053,7 @@ impl Worker {
                                 .blobs
                                 .set_local(&self.space, rel, h.stat, w.hash, w.chunked, &h.chunks)
                                 .map_err(|e| TransferError::Failed(e.to_string()))?;
-                            let _ = self.shared.blobs.done_pending(&self.space, rel);
+                            let _ = self.shared.blobs.done_pending(&self.space, rel, mark);
                             return Ok(());
                         }
                     }
@@ -1075,7 +1130,7 @@ impl Worker {
             .set_local(&self.space, rel, st, w.hash, w.chunked, &fetched.chunks)
             .map_err(|e| TransferError::Failed(e.to_string()))?;
         let _ = blobs.remove_part(&self.space, &fetched.part);
-        let _ = blobs.done_pending(&self.space, rel);
+        let _ = blobs.done_pending(&self.space, rel, mark);
         self.shared
             .counters
             .files_placed

@@ -400,9 +400,12 @@ impl Blobs {
         heads: &[[u8; 32]],
         paths: &[String],
     ) -> Result<()> {
+        // Each mark carries a fresh token, so finishing work decided on an
+        // older mark cannot clear a newer one.
+        let token = self.db.generate_id()?.to_be_bytes();
         let mut batch = sled::Batch::default();
         for p in paths {
-            batch.insert(key(space, p.as_bytes()), &[][..]);
+            batch.insert(key(space, p.as_bytes()), &token[..]);
         }
         self.pending.apply_batch(batch)?;
         self.cursors
@@ -412,16 +415,18 @@ impl Blobs {
 
     /// Marks one path as needing reconciliation.
     pub fn mark_pending(&self, space: &SpaceId, path: &str) -> Result<()> {
-        self.pending.insert(key(space, path.as_bytes()), &[][..])?;
+        let token = self.db.generate_id()?.to_be_bytes();
+        self.pending
+            .insert(key(space, path.as_bytes()), &token[..])?;
         Ok(())
     }
 
-    /// Up to `limit` paths waiting for reconciliation.
-    pub fn pending(&self, space: &SpaceId, limit: usize) -> Result<Vec<String>> {
+    /// Up to `limit` paths waiting for reconciliation, with their marks.
+    pub fn pending(&self, space: &SpaceId, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::new();
         for kv in self.pending.scan_prefix(space.0).take(limit) {
-            let (k, _) = kv?;
-            out.push(String::from_utf8_lossy(&k[32..]).into_owned());
+            let (k, v) = kv?;
+            out.push((String::from_utf8_lossy(&k[32..]).into_owned(), v.to_vec()));
         }
         Ok(out)
     }
@@ -431,9 +436,14 @@ impl Blobs {
         self.pending.scan_prefix(space.0).count()
     }
 
-    /// A path is reconciled.
-    pub fn done_pending(&self, space: &SpaceId, path: &str) -> Result<()> {
-        self.pending.remove(key(space, path.as_bytes()))?;
+    /// A path is reconciled, unless it was marked again since `mark` was
+    /// read.
+    pub fn done_pending(&self, space: &SpaceId, path: &str, mark: &[u8]) -> Result<()> {
+        let _ = self.pending.compare_and_swap(
+            key(space, path.as_bytes()),
+            Some(mark),
+            None::<&[u8]>,
+        )?;
         Ok(())
     }
 }
@@ -480,8 +490,16 @@ mod tests {
         b.add_pending(&s, &shard, &[[9; 32]], &["x".into(), "y".into()])
             .unwrap();
         assert_eq!(b.cursor(&s, &shard).unwrap(), vec![[9; 32]]);
-        assert_eq!(b.pending(&s, 10).unwrap(), vec!["x", "y"]);
-        b.done_pending(&s, "x").unwrap();
+        let marks = b.pending(&s, 10).unwrap();
+        assert_eq!(
+            marks.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+            vec!["x", "y"]
+        );
+        b.done_pending(&s, "x", &marks[0].1).unwrap();
+        assert_eq!(b.pending_count(&s), 1);
+        // marked again after it was read: finishing the old work keeps it
+        b.mark_pending(&s, "y").unwrap();
+        b.done_pending(&s, "y", &marks[1].1).unwrap();
         assert_eq!(b.pending_count(&s), 1);
     }
 }
