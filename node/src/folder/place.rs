@@ -20,22 +20,7 @@ pub const VERSIONS_DIR: &str = ".shoal/versions";
 /// through a symbolic link or a file (a remote change must never write
 /// outside the folder).
 pub fn safe_parent(root: &Path, rel: &str) -> io::Result<PathBuf> {
-    let mut at = root.to_path_buf();
-    let parts: Vec<&str> = rel.split('/').collect();
-    for part in &parts[..parts.len().saturating_sub(1)] {
-        at.push(part);
-        match fs::symlink_metadata(&at) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(io::Error::other(format!(
-                    "{} is a link or a file, not a folder",
-                    at.display()
-                )))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&at)?,
-            Err(e) => return Err(e),
-        }
-    }
+    walk_parents(root, rel, true)?;
     Ok(root.join(rel))
 }
 
@@ -43,6 +28,10 @@ pub fn safe_parent(root: &Path, rel: &str) -> io::Result<PathBuf> {
 /// acting on such a path could reach outside the folder. Missing parents
 /// are fine (nothing is created here).
 pub fn check_parents(root: &Path, rel: &str) -> io::Result<()> {
+    walk_parents(root, rel, false)
+}
+
+fn walk_parents(root: &Path, rel: &str, create: bool) -> io::Result<()> {
     let mut at = root.to_path_buf();
     let parts: Vec<&str> = rel.split('/').collect();
     for part in &parts[..parts.len().saturating_sub(1)] {
@@ -55,7 +44,9 @@ pub fn check_parents(root: &Path, rel: &str) -> io::Result<()> {
                     at.display()
                 )))
             }
-            Err(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => fs::create_dir(&at)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
     Ok(())
