@@ -97,6 +97,7 @@ pub fn router(node: Node, token: String) -> Router {
             get(get_doc).put(put_doc).delete(delete_doc),
         )
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .route(
             "/v1/spaces/{space}/folder",
             axum::routing::put(attach_folder),
@@ -517,6 +518,18 @@ async fn status(State(st): State<AppState>) -> ApiResult<Value> {
         "spaces": list,
         "counters": counters,
     })))
+}
+
+/// Prometheus metrics (OpenMetrics text), behind the same token.
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.node.metrics_text(),
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod folder;
 pub mod home;
+pub mod metrics;
 pub mod net;
 pub mod store;
 
@@ -50,6 +51,7 @@ struct Inner {
     name: String,
     lock: std::sync::Mutex<Option<home::HomeLock>>,
     folders: folder::Folders,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Node {
@@ -63,7 +65,9 @@ impl Node {
             .await
             .map_err(|e| Error::Network(format!("store open task: {e}")))??;
         let peer_id = key.public().to_peer_id();
-        let (net, net_events) = net::spawn(key.clone(), &config).await?;
+        let folder_counters = std::sync::Arc::new(folder::Counters::default());
+        let metrics = Arc::new(metrics::Metrics::new(Arc::clone(&folder_counters)));
+        let (net, net_events) = net::spawn(key.clone(), &config, &metrics).await?;
         let (events, _) = broadcast::channel(engine::EVENT_CAPACITY);
         let engine = Engine::load(
             key.clone(),
@@ -72,6 +76,7 @@ impl Node {
             net.clone(),
             events.clone(),
             home.x25519_secret()?,
+            Arc::clone(&metrics.node),
         )?;
         let blobs = engine.blobs()?;
         let (tx, rx) = mpsc::channel(engine::COMMAND_CAPACITY);
@@ -83,6 +88,7 @@ impl Node {
             config.folders.clone(),
             net.streams(),
             device.clone(),
+            folder_counters,
         )?;
         tokio::spawn(engine.run(rx, net_events));
         Ok(Node {
@@ -94,6 +100,7 @@ impl Node {
                 name: config.name,
                 lock: std::sync::Mutex::new(Some(lock)),
                 folders,
+                metrics,
             }),
         })
     }
@@ -325,6 +332,11 @@ impl Node {
     /// Status of every folder on this device.
     pub async fn folder_status(&self) -> Vec<folder::FolderStatus> {
         self.inner.folders.status().await
+    }
+
+    /// Every metric in the Prometheus text format (libp2p's and shoal's).
+    pub fn metrics_text(&self) -> String {
+        self.inner.metrics.render()
     }
 
     /// Folder-sync counters (chunks served, fetched, copied locally...).

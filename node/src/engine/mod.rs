@@ -457,6 +457,7 @@ pub(crate) struct Engine {
     local_batch: BTreeMap<(SpaceId, DocId), LocalChanges>,
     anti_entropy: Duration,
     redial: Duration,
+    counters: std::sync::Arc<crate::metrics::NodeCounters>,
 }
 
 fn device_of_peer(p: &PeerId) -> Result<DeviceId> {
@@ -498,6 +499,7 @@ impl Engine {
         net: NetHandle,
         events: broadcast::Sender<Event>,
         x25519: [u8; 32],
+        counters: std::sync::Arc<crate::metrics::NodeCounters>,
     ) -> Result<Self> {
         let (anti_entropy, redial) = (config.anti_entropy, config.redial);
         let mut e = Self {
@@ -532,6 +534,7 @@ impl Engine {
             gaps: HashMap::new(),
             anti_entropy,
             redial,
+            counters,
         };
         for grant in e.store.spaces()? {
             e.load_space(grant)?;
@@ -716,6 +719,19 @@ impl Engine {
     }
 
     fn emit(&self, ev: Event) {
+        let c = &self.counters;
+        let n = match &ev {
+            Event::DocChanged {
+                origin: Origin::Local,
+                ..
+            } => Some(&c.doc_updates_local),
+            Event::DocChanged { .. } => Some(&c.doc_updates_remote),
+            Event::Rejected { .. } => Some(&c.rejected),
+            _ => None,
+        };
+        if let Some(n) = n {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let _ = self.events.send(ev);
     }
 

@@ -462,13 +462,14 @@ impl Folders {
         settings: FolderSettings,
         control: libp2p_stream::Control,
         me: DeviceId,
+        counters: Arc<Counters>,
     ) -> Result<Self> {
         let shared = Arc::new(Shared {
             blobs,
             engine,
             events,
             settings,
-            counters: Arc::default(),
+            counters,
             links: Arc::new(links::Links::new(control.clone())),
             me,
             inflight: Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CHUNKS)),

@@ -245,6 +245,7 @@ impl NetHandle {
 pub async fn spawn(
     key: Keypair,
     config: &NodeConfig,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
     let mut swarm = build_swarm(key, config)?;
     for addr in &config.listen {
@@ -297,6 +298,9 @@ pub async fn spawn(
         backlog: std::collections::VecDeque::new(),
         peers: HashMap::new(),
         bootstrapped: false,
+        metrics: metrics
+            .with_registry(|r| libp2p::metrics::Metrics::new(r.sub_registry_with_prefix("libp2p"))),
+        counters: std::sync::Arc::clone(&metrics.node),
     };
     tokio::spawn(actor.run(cmd_rx));
     Ok((
@@ -377,6 +381,9 @@ struct Actor {
     backlog: std::collections::VecDeque<NetEvent>,
     peers: HashMap<PeerId, PeerState>,
     bootstrapped: bool,
+    /// libp2p's own metrics.
+    metrics: libp2p::metrics::Metrics,
+    counters: std::sync::Arc<crate::metrics::NodeCounters>,
 }
 
 impl Actor {
@@ -515,6 +522,8 @@ impl Actor {
     }
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        self.metrics.record(&ev);
         match ev {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -525,6 +534,10 @@ impl Actor {
                 let st = self.peers.entry(peer_id).or_default();
                 st.addrs.push(endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
+                    self.counters.peers.store(
+                        self.peers.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     debug!(peer = %peer_id, "connected");
                     self.emit_control(NetEvent::Connected { peer: peer_id });
                 }
@@ -543,6 +556,10 @@ impl Actor {
                 }
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
+                    self.counters.peers.store(
+                        self.peers.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     debug!(peer = %peer_id, "disconnected");
                     self.emit_control(NetEvent::Disconnected { peer: peer_id });
                 }
@@ -557,6 +574,14 @@ impl Actor {
     }
 
     fn on_behaviour(&mut self, ev: BehaviourEvent) {
+        use libp2p::metrics::Recorder;
+        match &ev {
+            BehaviourEvent::Identify(e) => self.metrics.record(e),
+            BehaviourEvent::Ping(e) => self.metrics.record(e),
+            BehaviourEvent::Kad(e) => self.metrics.record(e),
+            BehaviourEvent::Gossipsub(e) => self.metrics.record(e),
+            _ => {}
+        }
         match ev {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let kad_proto = libp2p::StreamProtocol::new(shoal_protocol::wire::KAD_PROTOCOL);

@@ -105,6 +105,33 @@ async fn remote_file_changes_reach_a_path_filtered_stream() -> Result<()> {
     assert_eq!(v["path"], "docs/deep/a.txt", "{v}");
     assert_eq!(v["origin"], "remote", "{v}");
     assert_eq!(v["device"], nodes[0].node.device_id().to_string());
+
+    // Prometheus metrics, behind the token: libp2p's and shoal's, with the
+    // chunks B just fetched counted
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{base}/metrics")).send().await?.status(),
+        401
+    );
+    let text = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth("t0ken")
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        text.contains("libp2p_swarm_connections_established"),
+        "{text}"
+    );
+    assert!(text.contains("shoal_connected_peers 1"), "{text}");
+    let fetched = text
+        .lines()
+        .find_map(|l| l.strip_prefix("shoal_folder_chunks_fetched_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .context("no chunks_fetched counter")?;
+    assert!(fetched >= 2, "{text}");
+    assert!(text.contains("shoal_doc_updates_remote_total"), "{text}");
     let _ = stop.send(());
     Ok(())
 }
