@@ -416,6 +416,60 @@ fn watch_json_prints_one_event_per_line() -> Result<()> {
     Ok(())
 }
 
+/// `shoal watch --json --type file` on a home: the node's own file events,
+/// read on a thread, so tests wait for a placement instead of polling.
+struct FileEvents {
+    child: Child,
+    rx: mpsc::Receiver<String>,
+}
+
+impl FileEvents {
+    fn watch(home: &Path) -> Result<Self> {
+        let mut child = Command::new(shoal_bin()?)
+            .arg("--home")
+            .arg(home)
+            .args(["--json", "watch", "--type", "file"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { child, rx })
+    }
+
+    /// Returns once `path` holds `len` bytes, looking again on every file
+    /// event (and every 500 ms, as the stream may attach after the event it
+    /// waits for, like the in-process harness's `wait_for`).
+    fn wait_for(&self, path: &Path, len: u64, limit: Duration) -> Result<()> {
+        let done = || std::fs::metadata(path).is_ok_and(|m| m.len() == len);
+        let deadline = std::time::Instant::now() + limit;
+        while !done() {
+            if std::time::Instant::now() > deadline {
+                bail!("{} never held {len} bytes", path.display());
+            }
+            let _ = self.rx.recv_timeout(Duration::from_millis(500));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FileEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Deterministic incompressible bytes (xorshift), without a dependency.
 fn noise(len: usize, mut seed: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
@@ -462,15 +516,11 @@ fn folder_sync_through_the_cli_resumes_after_kill9_without_refetching() -> Resul
     )?;
 
     // a small file, then status, ls and conflicts through the CLI
+    let placed = FileEvents::watch(&hb)?;
     std::fs::write(fa.join("hello.txt"), b"hi")?;
+    placed.wait_for(&fb.join("hello.txt"), 2, Duration::from_secs(20))?;
+    assert_eq!(std::fs::read(fb.join("hello.txt"))?, b"hi");
     until(&hb, &["ls", "photos"], |v| v[0]["path"] == "hello.txt")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::fs::read(fb.join("hello.txt")).ok().as_deref() != Some(b"hi") {
-        if std::time::Instant::now() > deadline {
-            bail!("hello.txt never arrived");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let st = ok_json(&hb, &["status"])?;
     assert_eq!(st["spaces"][0]["name"], "photos");
     assert!(st["spaces"][0]["folder"]["path"]
@@ -500,16 +550,7 @@ fn folder_sync_through_the_cli_resumes_after_kill9_without_refetching() -> Resul
         "the transfer finished before the kill"
     );
     let _b = Up::start(&hb)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        if std::fs::metadata(fb.join("big.bin")).is_ok_and(|m| m.len() == size as u64) {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("big.bin never completed after the restart");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    FileEvents::watch(&hb)?.wait_for(&fb.join("big.bin"), size as u64, Duration::from_secs(120))?;
     assert!(
         std::fs::read(fb.join("big.bin"))? == noise(size, 42),
         "content differs"

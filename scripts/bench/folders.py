@@ -108,7 +108,25 @@ def same_file(a, b):
                 return True
 
 
-class Shoal:
+class Node:
+    """A tool's node process inside a namespace."""
+    proc = None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+class Shoal(Node):
     name = "shoal"
 
     def __init__(self, bin_path, work, ns, ip, peer_ns=None):
@@ -136,19 +154,6 @@ class Shoal:
             raise RuntimeError("shoal up did not start")
         return json.loads(line)
 
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def stop(self):
-        if self.proc:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
-
 
 def pair_shoal(a, b):
     a.start()
@@ -158,7 +163,7 @@ def pair_shoal(a, b):
     b.cli("join", code, "--folder", b.folder, "--timeout", "30s")
 
 
-class Syncthing:
+class Syncthing(Node):
     name = "syncthing"
 
     def __init__(self, work, ns, ip, delay):
@@ -214,19 +219,6 @@ class Syncthing:
             ns_cmd(self.ns, ["syncthing", "serve", "--home", self.home, "--no-browser",
                              "--no-restart", "--logflags=0"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def stop(self):
-        if self.proc:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
 
 
 def pair_syncthing(a, b):
