@@ -100,7 +100,6 @@ struct ScanResult {
     /// Paths that changed while being read: scan again soon.
     again: Vec<String>,
     problems: Vec<(String, String)>,
-    files: u64,
 }
 
 /// A transfer waiting for a slot: path, winner, every version, pending mark.
@@ -1224,7 +1223,6 @@ fn scan_blocking(
         let known = locals.get(&f.rel);
         let ft = f.meta.file_type();
         if ft.is_file() {
-            out.files += 1;
             if known.is_some_and(|l| l.stat == st) {
                 continue;
             }
