@@ -31,6 +31,14 @@ pub struct ConfigFile {
     pub bootstrap: Vec<String>,
     /// LAN discovery.
     pub mdns: bool,
+    /// Relay reservations on bootstrap nodes: `auto` (while AutoNAT does not
+    /// say this device is publicly reachable), `always` or `never`.
+    pub reservations: RelayMode,
+    /// Seconds between DHT lookups of other members of each space.
+    pub rendezvous_secs: u64,
+    /// AutoNAT: only trust probes across global (public) addresses. Turn off
+    /// on private test networks.
+    pub autonat_only_global: bool,
     /// Local API address; must be loopback. Port 0 picks a free one.
     pub api: String,
     /// Seconds between heads summaries (anti-entropy).
@@ -56,6 +64,9 @@ impl Default for ConfigFile {
             peers: Vec::new(),
             bootstrap: Vec::new(),
             mdns: true,
+            reservations: RelayMode::Auto,
+            rendezvous_secs: 60,
+            autonat_only_global: true,
             api: "127.0.0.1:0".into(),
             anti_entropy_secs: 10,
             redial_secs: 30,
@@ -126,6 +137,10 @@ impl ConfigFile {
             peers: addrs(&self.peers, "peers")?,
             bootstrap,
             mdns: self.mdns,
+            reservations: self.reservations,
+            rendezvous: Duration::from_secs(self.rendezvous_secs.max(1)),
+            autonat_only_global: self.autonat_only_global,
+            autonat_boot: Duration::from_secs(5),
             dht: true,
             kad_server: true,
             api,
@@ -142,6 +157,19 @@ impl ConfigFile {
             },
         })
     }
+}
+
+/// When a device holds relay reservations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// While AutoNAT has not confirmed that this device is publicly reachable.
+    #[default]
+    Auto,
+    /// On every bootstrap node that is a relay.
+    Always,
+    /// Never.
+    Never,
 }
 
 /// TCP and QUIC on all interfaces.
@@ -169,6 +197,14 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// LAN discovery (multicast).
     pub mdns: bool,
+    /// When to hold relay reservations.
+    pub reservations: RelayMode,
+    /// Interval of DHT rendezvous lookups.
+    pub rendezvous: Duration,
+    /// AutoNAT trusts only global addresses.
+    pub autonat_only_global: bool,
+    /// Delay before the first AutoNAT probe.
+    pub autonat_boot: Duration,
     /// Run the Kademlia DHT at all.
     pub dht: bool,
     /// Serve the DHT.
@@ -198,6 +234,10 @@ impl NodeConfig {
             peers: Vec::new(),
             bootstrap: Vec::new(),
             mdns: false,
+            reservations: RelayMode::Auto,
+            rendezvous: Duration::from_secs(1),
+            autonat_only_global: true,
+            autonat_boot: Duration::from_secs(1),
             dht: true,
             kad_server: true,
             api: SocketAddr::from(([127, 0, 0, 1], 0)),

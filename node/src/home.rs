@@ -51,14 +51,7 @@ impl Home {
                 reason: "this home is already initialised".into(),
             });
         }
-        fs::create_dir_all(&self.dir).map_err(|e| Error::io("create", &self.dir, e))?;
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io("chmod", &self.dir, e))?;
-        let key = Keypair::generate_ed25519();
-        let bytes = key
-            .to_protobuf_encoding()
-            .map_err(|e| Error::Network(format!("encode identity: {e}")))?;
-        write_private(&self.dir.join(IDENTITY), &bytes)?;
+        self.identity_or_create()?;
         let mut x = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut x);
         write_private(&self.dir.join(X25519), &x)?;
@@ -79,6 +72,23 @@ impl Home {
         }
         self.init(default_name)?;
         Ok(true)
+    }
+
+    /// The identity key, created (with a private folder) if the home has
+    /// none yet. A relay's home holds nothing else.
+    pub fn identity_or_create(&self) -> Result<Keypair> {
+        if self.exists() {
+            return self.keypair();
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| Error::io("create", &self.dir, e))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("chmod", &self.dir, e))?;
+        let key = Keypair::generate_ed25519();
+        let bytes = key
+            .to_protobuf_encoding()
+            .map_err(|e| Error::Network(format!("encode identity: {e}")))?;
+        write_private(&self.dir.join(IDENTITY), &bytes)?;
+        Ok(key)
     }
 
     /// The device key.

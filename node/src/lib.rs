@@ -17,6 +17,7 @@ pub mod folder;
 pub mod home;
 pub mod metrics;
 pub mod net;
+pub mod relay;
 pub mod store;
 
 use std::sync::Arc;

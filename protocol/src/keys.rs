@@ -17,6 +17,7 @@ pub type Epoch = u32;
 const CTX_AEAD: &str = "shoal 2026-11 space aead key v1";
 const CTX_HELLO: &str = "shoal 2026-11 space hello key v1";
 const CTX_TOPIC: &str = "shoal 2026-11 space gossip topic v1";
+const CTX_RENDEZVOUS: &str = "shoal 2026-11 space dht rendezvous v1";
 
 /// The symmetric key of one space epoch. Zeroed on drop, never printed.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
@@ -48,6 +49,13 @@ impl SpaceKey {
     pub fn topic(&self, space: &SpaceId, epoch: Epoch) -> String {
         let t = self.derive(CTX_TOPIC, space, epoch);
         format!("/shoal/space/{}", hex::encode(&t[..16]))
+    }
+
+    /// The DHT key under which members of this space and epoch announce
+    /// themselves as providers. Derived from the key, so only members can
+    /// compute it and a DHT node learns nothing about which space it is.
+    pub fn rendezvous(&self, space: &SpaceId, epoch: Epoch) -> [u8; 32] {
+        self.derive(CTX_RENDEZVOUS, space, epoch)
     }
 
     fn derive(&self, ctx: &str, space: &SpaceId, epoch: Epoch) -> [u8; 32] {
@@ -97,6 +105,18 @@ impl fmt::Debug for SpaceGrant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rendezvous_key_is_secret_and_per_epoch() {
+        let space = SpaceId::from_random([7; 32]);
+        let k = SpaceKey::from_bytes([1; 32]);
+        let r = k.rendezvous(&space, 0);
+        assert_ne!(r, k.rendezvous(&space, 1));
+        assert_ne!(r, SpaceKey::from_bytes([2; 32]).rendezvous(&space, 0));
+        assert_ne!(&r[..], &space.0[..]);
+        assert_ne!(r, k.aead_key(&space, 0));
+        assert_ne!(&r[..16], &k.derive(CTX_TOPIC, &space, 0)[..16]);
+    }
 
     #[test]
     fn debug_never_shows_key_bytes() {

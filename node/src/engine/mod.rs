@@ -458,6 +458,8 @@ pub(crate) struct Engine {
     anti_entropy: Duration,
     redial: Duration,
     counters: std::sync::Arc<crate::metrics::NodeCounters>,
+    /// The DHT rendezvous keys last handed to the network.
+    rendezvous: Vec<[u8; 32]>,
 }
 
 fn device_of_peer(p: &PeerId) -> Result<DeviceId> {
@@ -535,11 +537,31 @@ impl Engine {
             anti_entropy,
             redial,
             counters,
+            rendezvous: Vec::new(),
         };
         for grant in e.store.spaces()? {
             e.load_space(grant)?;
         }
         Ok(e)
+    }
+
+    /// Hands the network our spaces' rendezvous keys when they changed (a
+    /// space created, joined or left, a key rotated). Keys of the current
+    /// epoch only: a revoked device cannot compute them.
+    fn update_rendezvous(&mut self, outbox: &mut Vec<NetCommand>) {
+        let mut keys: Vec<[u8; 32]> = self
+            .spaces
+            .iter()
+            .map(|(id, s)| {
+                let (epoch, key) = s.current();
+                key.rendezvous(id, epoch)
+            })
+            .collect();
+        keys.sort_unstable();
+        if keys != self.rendezvous {
+            self.rendezvous = keys.clone();
+            outbox.push(NetCommand::Rendezvous(keys));
+        }
     }
 
     /// The blob index on the engine's store, for the folder workers.
@@ -692,6 +714,7 @@ impl Engine {
             self.publish(id, &doc, changes, &heads, outbox);
         }
         outbox.append(&mut self.deferred);
+        self.update_rendezvous(outbox);
         for cmd in outbox.drain(..) {
             if self.net.send(cmd).await.is_err() {
                 break;

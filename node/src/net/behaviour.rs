@@ -10,7 +10,7 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identify, mdns, ping, StreamProtocol};
+use libp2p::{autonat, dcutr, identify, mdns, ping, relay, StreamProtocol};
 use shoal_protocol::wire::{
     HELLO_PROTOCOL, INVITE_PROTOCOL, KAD_PROTOCOL, MAX_GOSSIP_BYTES, MAX_HELLO_BYTES,
     MAX_INVITE_BYTES, MAX_SYNC_BYTES, SYNC_PROTOCOL,
@@ -44,11 +44,22 @@ pub struct Behaviour {
     pub invite: request_response::Behaviour<BytesCodec>,
     /// Raw streams for bulk data (blob exchange).
     pub stream: libp2p_stream::Behaviour,
+    /// Circuits through relays, and reservations on them.
+    pub relay: relay::client::Behaviour,
+    /// Hole punching: upgrades a relayed connection to a direct one.
+    pub dcutr: dcutr::Behaviour,
+    /// Are we reachable from outside? Also answers others' probes.
+    pub autonat: autonat::Behaviour,
 }
 
 impl Behaviour {
-    /// Builds the behaviour for `key` under `config`.
-    pub fn new(key: &Keypair, config: &NodeConfig) -> Result<Self> {
+    /// Builds the behaviour for `key` under `config`, with the relay client
+    /// half that the swarm builder made.
+    pub fn new(
+        key: &Keypair,
+        relay: relay::client::Behaviour,
+        config: &NodeConfig,
+    ) -> Result<Self> {
         let peer_id = key.public().to_peer_id();
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
@@ -111,6 +122,17 @@ impl Behaviour {
             sync: rr(SYNC_PROTOCOL, MAX_SYNC_BYTES, Duration::from_secs(60)),
             invite: rr(INVITE_PROTOCOL, MAX_INVITE_BYTES, Duration::from_secs(20)),
             stream: libp2p_stream::Behaviour::new(),
+            relay,
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat: autonat::Behaviour::new(
+                peer_id,
+                autonat::Config {
+                    boot_delay: config.autonat_boot,
+                    retry_interval: Duration::from_secs(30),
+                    only_global_ips: config.autonat_only_global,
+                    ..Default::default()
+                },
+            ),
         })
     }
 }

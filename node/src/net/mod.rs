@@ -8,6 +8,7 @@
 
 pub mod behaviour;
 pub mod codec;
+mod reach;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -117,6 +118,8 @@ pub struct PeerInfo {
     pub addrs: Vec<String>,
     /// Last ping round trip in milliseconds.
     pub rtt_ms: Option<f64>,
+    /// Every connection to it goes through a relay.
+    pub relayed: bool,
 }
 
 /// Our own network state.
@@ -128,6 +131,15 @@ pub struct NetInfo {
     pub listen_addrs: Vec<Multiaddr>,
     /// Connected peers.
     pub peers: Vec<PeerInfo>,
+    /// What AutoNAT concluded: `public`, `private` or `unknown`.
+    pub reachability: String,
+    /// Addresses others confirmed they can reach us on (a relayed one
+    /// while a reservation holds).
+    pub external_addrs: Vec<Multiaddr>,
+    /// Configured bootstrap nodes and whether we are connected to each.
+    pub bootstrap: Vec<reach::BootstrapInfo>,
+    /// Relay reservations we asked for.
+    pub reservations: Vec<reach::ReservationInfo>,
 }
 
 /// Commands to the network actor.
@@ -180,6 +192,9 @@ pub enum NetCommand {
     /// Dial a peer by id alone (mDNS and the DHT supply addresses), and ask
     /// the DHT where it is.
     Find(PeerId),
+    /// The DHT rendezvous keys of our spaces: announce ourselves under each
+    /// and look up the other providers, dialling those not connected.
+    Rendezvous(Vec<[u8; 32]>),
     /// Stop the actor.
     Shutdown(oneshot::Sender<()>),
 }
@@ -273,18 +288,13 @@ pub async fn spawn(
             Err(_) => return Err(Error::Network("listeners did not come up in time".into())),
         }
     }
-    for addr in config.bootstrap.iter() {
-        if let Some(Protocol::P2p(peer)) = addr.iter().last() {
-            if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
-                kad.add_address(&peer, addr.clone());
-            }
-        }
-    }
-    for addr in config.peers.iter().chain(config.bootstrap.iter()) {
+    for addr in &config.peers {
         if let Err(e) = swarm.dial(dial_opts(addr)) {
             warn!(%addr, error = %e, "dial failed");
         }
     }
+    let reach = reach::Reach::new(config);
+    reach.dial_bootstrap(&mut swarm);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
     let peer_id = *swarm.local_peer_id();
@@ -298,6 +308,7 @@ pub async fn spawn(
         backlog: std::collections::VecDeque::new(),
         peers: HashMap::new(),
         bootstrapped: false,
+        reach,
         metrics: metrics
             .with_registry(|r| libp2p::metrics::Metrics::new(r.sub_registry_with_prefix("libp2p"))),
         counters: std::sync::Arc::clone(&metrics.node),
@@ -328,7 +339,9 @@ pub fn build_swarm(key: Keypair, config: &NodeConfig) -> Result<Swarm<Behaviour>
         .with_quic()
         .with_dns()
         .map_err(|e| Error::Network(format!("dns: {e}")))?
-        .with_behaviour(|key| Behaviour::new(key, config).map_err(Box::from))
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| Error::Network(format!("relay transport: {e}")))?
+        .with_behaviour(|key, relay| Behaviour::new(key, relay, config).map_err(Box::from))
         .map_err(|e| Error::Network(format!("behaviour: {e}")))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build();
@@ -365,8 +378,15 @@ fn rr(b: &mut Behaviour, proto: Proto) -> &mut request_response::Behaviour<codec
 
 #[derive(Default)]
 struct PeerState {
-    addrs: Vec<Multiaddr>,
+    /// Open connections and their remote addresses.
+    conns: Vec<(libp2p::swarm::ConnectionId, Multiaddr, bool)>,
     rtt: Option<Duration>,
+}
+
+impl PeerState {
+    fn relayed(&self) -> bool {
+        !self.conns.is_empty() && self.conns.iter().all(|(_, _, relayed)| *relayed)
+    }
 }
 
 struct Actor {
@@ -381,6 +401,8 @@ struct Actor {
     backlog: std::collections::VecDeque<NetEvent>,
     peers: HashMap<PeerId, PeerState>,
     bootstrapped: bool,
+    /// Bootstrap nodes, relay reservations, DHT rendezvous.
+    reach: reach::Reach,
     /// libp2p's own metrics.
     metrics: libp2p::metrics::Metrics,
     counters: std::sync::Arc<crate::metrics::NodeCounters>,
@@ -388,6 +410,8 @@ struct Actor {
 
 impl Actor {
     async fn run(mut self, mut commands: mpsc::Receiver<NetCommand>) {
+        let mut tick = tokio::time::interval(self.reach.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let events = self.events.clone();
             let waiting = !self.backlog.is_empty();
@@ -408,6 +432,7 @@ impl Actor {
                     None => break,
                 },
                 ev = self.swarm.select_next_some() => self.on_swarm(ev),
+                _ = tick.tick() => self.on_reach_tick(),
             }
         }
         debug!("network actor stopped");
@@ -462,15 +487,21 @@ impl Actor {
                     .iter()
                     .map(|(p, s)| PeerInfo {
                         peer: p.to_string(),
-                        addrs: s.addrs.iter().map(|a| a.to_string()).collect(),
+                        addrs: s.conns.iter().map(|(_, a, _)| a.to_string()).collect(),
                         rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                        relayed: s.relayed(),
                     })
                     .collect();
-                let _ = reply.send(NetInfo {
+                let info = NetInfo {
                     peer_id: me.to_string(),
                     listen_addrs,
                     peers,
-                });
+                    reachability: reach::reachability(&self.swarm),
+                    external_addrs: self.swarm.external_addresses().cloned().collect(),
+                    bootstrap: self.reach.bootstrap_info(&self.swarm),
+                    reservations: self.reach.reservation_info(),
+                };
+                let _ = reply.send(info);
             }
             NetCommand::Subscribe(t) => {
                 if let Err(e) = b.gossipsub.subscribe(&IdentTopic::new(t)) {
@@ -517,6 +548,7 @@ impl Actor {
                 let opts = DialOpts::peer_id(peer).allocate_new_port().build();
                 let _ = self.swarm.dial(opts);
             }
+            NetCommand::Rendezvous(keys) => self.set_rendezvous(keys),
             NetCommand::Shutdown(_) => {}
         }
     }
@@ -527,12 +559,18 @@ impl Actor {
         match ev {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
                 let st = self.peers.entry(peer_id).or_default();
-                st.addrs.push(endpoint.get_remote_address().clone());
+                st.conns.push((
+                    connection_id,
+                    endpoint.get_remote_address().clone(),
+                    endpoint.is_relayed(),
+                ));
+                self.prefer_direct(peer_id);
                 if num_established.get() == 1 {
                     self.counters.peers.store(
                         self.peers.len() as u64,
@@ -544,15 +582,12 @@ impl Actor {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                endpoint,
+                connection_id,
                 num_established,
                 ..
             } => {
                 if let Some(st) = self.peers.get_mut(&peer_id) {
-                    let a = endpoint.get_remote_address();
-                    if let Some(i) = st.addrs.iter().position(|x| x == a) {
-                        st.addrs.remove(i);
-                    }
+                    st.conns.retain(|(c, _, _)| *c != connection_id);
                 }
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
@@ -566,6 +601,16 @@ impl Actor {
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour(ev),
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                info!(%address, "reachable at");
+                // Provider records carry our addresses: announce them again.
+                self.reprovide();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => self.on_listener_closed(listener_id, reason),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
@@ -580,6 +625,7 @@ impl Actor {
             BehaviourEvent::Ping(e) => self.metrics.record(e),
             BehaviourEvent::Kad(e) => self.metrics.record(e),
             BehaviourEvent::Gossipsub(e) => self.metrics.record(e),
+            BehaviourEvent::Dcutr(e) => self.metrics.record(e),
             _ => {}
         }
         match ev {
@@ -593,9 +639,15 @@ impl Actor {
                         if !self.bootstrapped {
                             // The periodic bootstrap is every 5 minutes; start now.
                             self.bootstrapped = kad.bootstrap().is_ok();
+                            if self.bootstrapped {
+                                // The first DHT peer: announce and look now.
+                                self.reprovide();
+                                self.lookup();
+                            }
                         }
                     }
                 }
+                self.on_identified(peer_id, &info);
                 let _ = self.emit(NetEvent::Identified {
                     peer: peer_id,
                     listen_addrs: info.listen_addrs,
@@ -624,6 +676,26 @@ impl Actor {
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
                 debug!(%peer, "kad routing updated");
             }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result:
+                    kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                        key,
+                        providers,
+                    })),
+                ..
+            }) => self.on_providers(&key, providers),
+            BehaviourEvent::Autonat(libp2p::autonat::Event::StatusChanged { old, new }) => {
+                info!(?old, ?new, "reachability changed");
+                self.on_reachability();
+            }
+            BehaviourEvent::Relay(ev) => self.on_relay_client(ev),
+            BehaviourEvent::Dcutr(libp2p::dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => info!(peer = %remote_peer_id, "hole punched: direct connection"),
+                Err(e) => debug!(peer = %remote_peer_id, error = %e, "hole punch failed"),
+            },
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,

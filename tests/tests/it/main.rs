@@ -6,4 +6,5 @@ mod events;
 mod folders;
 mod hostile;
 mod pairing;
+mod relay;
 mod sync;
