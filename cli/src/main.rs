@@ -3,6 +3,8 @@
 //! `--json`. `main` returns an exit code and prints the error chain.
 
 mod client;
+mod netcmd;
+mod relay;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -120,6 +122,15 @@ enum Cmd {
         #[arg(long)]
         author: Option<String>,
     },
+    /// Run a bootstrap + relay node for devices behind NATs (runs until
+    /// stopped; SIGTERM or Ctrl-C shut it down cleanly).
+    Relay(relay::RelayArgs),
+    /// Edit this device's config.toml.
+    #[command(subcommand)]
+    Config(netcmd::ConfigCmd),
+    /// Reachability (AutoNAT), bootstrap nodes, relay reservations, and for
+    /// each peer of each space: connected, direct or relayed, latency.
+    Doctor,
     /// Add a device to a space, or change its role (owners only).
     Member {
         /// Space name or id.
@@ -265,7 +276,7 @@ fn default_home() -> Result<PathBuf> {
         .context("cannot find a data folder for the home; pass --home or set SHOAL_HOME")
 }
 
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok()
@@ -317,6 +328,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Up(args) => rt.block_on(up(home, args, cli.json)),
+        Cmd::Relay(args) => rt.block_on(relay::run(cli.home, args, cli.json)),
+        Cmd::Config(cmd) => netcmd::config(&home, cmd, cli.json),
         cmd => rt.block_on(async {
             let client = Client::new(&home)?;
             command(&client, cmd, cli.json).await
@@ -324,7 +337,7 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn print(json_out: bool, v: Value, human: impl FnOnce() -> String) {
+pub(crate) fn print(json_out: bool, v: Value, human: impl FnOnce() -> String) {
     if json_out {
         println!("{v}");
     } else {
@@ -483,7 +496,7 @@ async fn progress_bars(node: Node) {
     }
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -569,6 +582,7 @@ syncing {f}"
                 .await?;
             print(json_out, v, || format!("{space} now syncs {path}"));
         }
+        Cmd::Doctor => netcmd::doctor(c, json_out).await?,
         Cmd::Status => {
             let v = c.get("/v1/status").await?;
             print(json_out, v.clone(), || status_text(&v));
@@ -979,7 +993,7 @@ syncing {f}"
                 println!("{line}");
             }
         }
-        Cmd::Init { .. } | Cmd::Up(_) => {}
+        Cmd::Init { .. } | Cmd::Up(_) | Cmd::Relay(_) | Cmd::Config(_) => {}
     }
     Ok(())
 }
@@ -1026,10 +1040,11 @@ fn human_bytes(n: u64) -> String {
 
 fn status_text(v: &Value) -> String {
     let mut out = format!(
-        "{} ({}) — {} peer(s) connected",
+        "{} ({}) — {} peer(s) connected, reachability {}",
         v["name"].as_str().unwrap_or(""),
         v["device_id"].as_str().unwrap_or(""),
-        v["peers"]
+        v["peers"],
+        v["reachability"].as_str().unwrap_or("unknown")
     );
     let spaces = v["spaces"].as_array().cloned().unwrap_or_default();
     if spaces.is_empty() {
@@ -1037,10 +1052,12 @@ fn status_text(v: &Value) -> String {
     }
     for s in spaces {
         let peers = s["peers"].as_array().map_or(0, |p| p.len());
+        let relayed = s["peers_relayed"].as_u64().unwrap_or(0);
         out.push_str(&format!(
-            "\n{}  {}  peers={peers}",
+            "\n{}  {}  peers={peers} ({} direct, {relayed} relayed)",
             s["name"].as_str().unwrap_or(""),
-            s["state"].as_str().unwrap_or("")
+            s["state"].as_str().unwrap_or(""),
+            peers as u64 - relayed.min(peers as u64)
         ));
         let f = &s["folder"];
         if f.is_null() {
@@ -1078,7 +1095,7 @@ fn status_text(v: &Value) -> String {
     out
 }
 
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     // Space names may hold any character; ids and doc ids are URL-safe.
     s.bytes()
         .map(|b| match b {

@@ -73,6 +73,7 @@ pub fn router(node: Node, token: String) -> Router {
         .route("/v1/id", get(id))
         .route("/v1/events", get(events))
         .route("/v1/peers", get(peers))
+        .route("/v1/network", get(network))
         .route("/v1/spaces", get(spaces).post(create_space))
         .route("/v1/spaces/{space}", get(space))
         .route("/v1/spaces/{space}/grant", get(export_grant))
@@ -360,6 +361,11 @@ async fn peers(State(st): State<AppState>) -> ApiResult<Value> {
     Ok(Json(json!(st.node.net_info().await?.peers)))
 }
 
+/// Reachability, bootstrap nodes, relay reservations and peers.
+async fn network(State(st): State<AppState>) -> ApiResult<Value> {
+    Ok(Json(json!(st.node.net_info().await?)))
+}
+
 async fn spaces(State(st): State<AppState>) -> ApiResult<Value> {
     Ok(Json(json!(st.node.spaces().await?)))
 }
@@ -489,6 +495,8 @@ async fn join(State(st): State<AppState>, Json(b): Json<JoinBody>) -> ApiResult<
 async fn status(State(st): State<AppState>) -> ApiResult<Value> {
     let spaces = st.node.spaces().await?;
     let folders = st.node.folder_status().await;
+    let net = st.node.net_info().await?;
+    let relayed = |p: &String| net.peers.iter().any(|i| &i.peer == p && i.relayed);
     let list: Vec<Value> = spaces
         .iter()
         .map(|s| {
@@ -498,6 +506,7 @@ async fn status(State(st): State<AppState>) -> ApiResult<Value> {
                 "name": s.name,
                 "role": s.role,
                 "peers": s.peers,
+                "peers_relayed": s.peers.iter().filter(|p| relayed(p)).count(),
                 "folder": folder,
                 "state": folder.map(|f| f.state.as_str()).unwrap_or("documents only"),
             })
@@ -510,11 +519,11 @@ async fn status(State(st): State<AppState>) -> ApiResult<Value> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), json!(v)))
         .collect();
-    let net = st.node.net_info().await?;
     Ok(Json(json!({
         "device_id": st.node.device_id().to_string(),
         "name": st.node.name(),
         "peers": net.peers.len(),
+        "reachability": net.reachability,
         "spaces": list,
         "counters": counters,
     })))

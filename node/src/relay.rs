@@ -281,6 +281,45 @@ impl prometheus_client::collector::Collector for StatsCollector {
     }
 }
 
+/// Serves `GET /metrics` (Prometheus text) of `relay` on `addr`, an
+/// address the operator chose, until `shutdown` resolves.
+pub async fn serve_metrics(
+    relay: Arc<RelayHandle>,
+    addr: std::net::SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io("bind metrics", addr.to_string(), e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("bind metrics", addr.to_string(), e))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let relay = Arc::clone(&relay);
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    relay.metrics_text(),
+                )
+            }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok((local, task))
+}
+
 /// A running relay.
 #[derive(Debug)]
 pub struct RelayHandle {
