@@ -36,6 +36,8 @@ pub struct ConfigFile {
     pub reservations: RelayMode,
     /// Seconds between DHT lookups of other members of each space.
     pub rendezvous_secs: u64,
+    /// Try to turn a relayed connection into a direct one (DCUtR).
+    pub hole_punch: bool,
     /// AutoNAT: only trust probes across global (public) addresses. Turn off
     /// on private test networks.
     pub autonat_only_global: bool,
@@ -66,6 +68,7 @@ impl Default for ConfigFile {
             mdns: true,
             reservations: RelayMode::Auto,
             rendezvous_secs: 60,
+            hole_punch: true,
             autonat_only_global: true,
             api: "127.0.0.1:0".into(),
             anti_entropy_secs: 10,
@@ -139,6 +142,7 @@ impl ConfigFile {
             mdns: self.mdns,
             reservations: self.reservations,
             rendezvous: Duration::from_secs(self.rendezvous_secs.max(1)),
+            hole_punch: self.hole_punch,
             autonat_only_global: self.autonat_only_global,
             autonat_boot: Duration::from_secs(5),
             dht: true,
@@ -201,6 +205,8 @@ pub struct NodeConfig {
     pub reservations: RelayMode,
     /// Interval of DHT rendezvous lookups.
     pub rendezvous: Duration,
+    /// Hole punching (DCUtR) on relayed connections.
+    pub hole_punch: bool,
     /// AutoNAT trusts only global addresses.
     pub autonat_only_global: bool,
     /// Delay before the first AutoNAT probe.
@@ -236,6 +242,7 @@ impl NodeConfig {
             mdns: false,
             reservations: RelayMode::Auto,
             rendezvous: Duration::from_secs(1),
+            hole_punch: true,
             autonat_only_global: true,
             autonat_boot: Duration::from_secs(1),
             dht: true,

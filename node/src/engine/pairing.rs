@@ -199,13 +199,28 @@ impl Engine {
             used_by: Vec::new(),
             cancelled: false,
         };
-        // Non-loopback addresses first: they are the ones another device can use.
-        let mut addrs: Vec<Multiaddr> = addrs;
-        addrs.sort_by_key(|a| {
-            a.iter().any(|p| {
-                matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_loopback())
-                    || matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_loopback())
+        // Direct non-loopback addresses first (the LAN), then relayed ones
+        // (they work from anywhere the relay does), loopback last. Our own
+        // `/p2p/<id>` is dropped: the joiner adds it back from the code, and
+        // a relayed address fits the code's size limit only without it.
+        use libp2p::multiaddr::Protocol;
+        let me = self.my_peer;
+        let mut addrs: Vec<Multiaddr> = addrs
+            .into_iter()
+            .map(|mut a| {
+                if a.iter().last() == Some(Protocol::P2p(me)) {
+                    a.pop();
+                }
+                a
             })
+            .collect();
+        addrs.sort_by_key(|a| {
+            let loopback = a.iter().any(|p| {
+                matches!(p, Protocol::Ip4(ip) if ip.is_loopback())
+                    || matches!(p, Protocol::Ip6(ip) if ip.is_loopback())
+            });
+            let relayed = a.iter().any(|p| p == Protocol::P2pCircuit);
+            (loopback, relayed)
         });
         let code = InviteCode {
             space: id,

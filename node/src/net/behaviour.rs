@@ -47,7 +47,7 @@ pub struct Behaviour {
     /// Circuits through relays, and reservations on them.
     pub relay: relay::client::Behaviour,
     /// Hole punching: upgrades a relayed connection to a direct one.
-    pub dcutr: dcutr::Behaviour,
+    pub dcutr: Toggle<dcutr::Behaviour>,
     /// Are we reachable from outside? Also answers others' probes.
     pub autonat: autonat::Behaviour,
 }
@@ -123,7 +123,7 @@ impl Behaviour {
             invite: rr(INVITE_PROTOCOL, MAX_INVITE_BYTES, Duration::from_secs(20)),
             stream: libp2p_stream::Behaviour::new(),
             relay,
-            dcutr: dcutr::Behaviour::new(peer_id),
+            dcutr: Toggle::from(config.hole_punch.then(|| dcutr::Behaviour::new(peer_id))),
             autonat: autonat::Behaviour::new(
                 peer_id,
                 autonat::Config {
