@@ -368,6 +368,14 @@ fn dial_opts(addr: &Multiaddr) -> DialOpts {
     }
 }
 
+/// Sleeps until `t`, or forever without one.
+async fn sleep_until_some(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn rr(b: &mut Behaviour, proto: Proto) -> &mut request_response::Behaviour<codec::BytesCodec> {
     match proto {
         Proto::Hello => &mut b.hello,
@@ -433,6 +441,7 @@ impl Actor {
                 },
                 ev = self.swarm.select_next_some() => self.on_swarm(ev),
                 _ = tick.tick() => self.on_reach_tick(),
+                _ = sleep_until_some(self.reach.next_close()) => self.close_due(),
             }
         }
         debug!("network actor stopped");
@@ -480,7 +489,7 @@ impl Actor {
                 let listen_addrs = self
                     .swarm
                     .listeners()
-                    .map(|a| a.clone().with(Protocol::P2p(me)))
+                    .map(|a| a.clone().with_p2p(me).unwrap_or_else(|a| a))
                     .collect();
                 let peers = self
                     .peers

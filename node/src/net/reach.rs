@@ -20,6 +20,9 @@ use super::behaviour::Behaviour;
 use super::Actor;
 use crate::config::{NodeConfig, RelayMode};
 
+/// How long a relayed connection stays after a direct one came up, so that
+/// requests and streams already on it finish.
+const RELAYED_GRACE: Duration = Duration::from_secs(5);
 /// Most relays we hold reservations on at once.
 const MAX_RESERVATIONS: usize = 2;
 /// Provider records are announced again every this many rendezvous ticks
@@ -66,6 +69,8 @@ pub(super) struct Reach {
     /// Our spaces' rendezvous keys.
     keys: HashSet<RecordKey>,
     ticks: u64,
+    /// Relayed connections to close once their grace is over, oldest first.
+    closing: Vec<(tokio::time::Instant, libp2p::swarm::ConnectionId)>,
 }
 
 /// AutoNAT's verdict in one word.
@@ -96,11 +101,17 @@ impl Reach {
             reservations: HashMap::new(),
             keys: HashSet::new(),
             ticks: 0,
+            closing: Vec::new(),
         }
     }
 
     pub(super) fn interval(&self) -> Duration {
         self.interval
+    }
+
+    /// When the next relayed connection is due to close.
+    pub(super) fn next_close(&self) -> Option<tokio::time::Instant> {
+        self.closing.first().map(|(t, _)| *t)
     }
 
     /// Dials every bootstrap node we are not connected to. Port reuse stays
@@ -274,8 +285,9 @@ impl Actor {
         }
     }
 
-    /// Once a direct connection to a peer exists, its relayed ones go: the
-    /// direct path carries everything from then on.
+    /// Once a direct connection to a peer exists, its relayed ones go (after
+    /// a grace for what is in flight on them): the direct path carries
+    /// everything from then on.
     pub(super) fn prefer_direct(&mut self, peer: PeerId) {
         let Some(st) = self.peers.get(&peer) else {
             return;
@@ -283,14 +295,23 @@ impl Actor {
         if st.conns.iter().all(|(_, _, relayed)| *relayed) {
             return;
         }
-        let relayed: Vec<_> = st
-            .conns
-            .iter()
-            .filter(|(_, _, relayed)| *relayed)
-            .map(|(c, _, _)| *c)
-            .collect();
-        for c in relayed {
-            debug!(%peer, "direct connection up: closing the relayed one");
+        let due = tokio::time::Instant::now() + RELAYED_GRACE;
+        for (c, _, relayed) in &st.conns {
+            if *relayed && !self.reach.closing.iter().any(|(_, x)| x == c) {
+                debug!(%peer, "direct connection up: the relayed one closes soon");
+                self.reach.closing.push((due, *c));
+            }
+        }
+    }
+
+    /// Closes the relayed connections whose grace is over.
+    pub(super) fn close_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        while let Some((t, c)) = self.reach.closing.first().copied() {
+            if t > now {
+                break;
+            }
+            self.reach.closing.remove(0);
             self.swarm.close_connection(c);
         }
     }
