@@ -25,9 +25,13 @@ use crate::config::{NodeConfig, RelayMode};
 const RELAYED_GRACE: Duration = Duration::from_secs(5);
 /// Most relays we hold reservations on at once.
 const MAX_RESERVATIONS: usize = 2;
-/// Provider records are announced again every this many rendezvous ticks
-/// (besides whenever our reachable addresses change).
+/// Provider records are announced again every this many lookups (besides
+/// whenever our reachable addresses change).
 const REPROVIDE_EVERY: u64 = 30;
+/// The reach tick: lookups back off from here.
+const TICK: Duration = Duration::from_secs(1);
+/// Bootstrap nodes we lost are dialled again every this many ticks.
+const BOOTSTRAP_EVERY: u64 = 5;
 
 /// A bootstrap node as `shoal doctor` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -68,7 +72,16 @@ pub(super) struct Reach {
     reservations: HashMap<PeerId, Reservation>,
     /// Our spaces' rendezvous keys.
     keys: HashSet<RecordKey>,
+    /// Ticks so far.
     ticks: u64,
+    /// Lookups so far.
+    lookups: u64,
+    /// When the next rendezvous lookup runs, and the wait after it: one
+    /// second after a key is added, doubling up to the configured interval
+    /// (a member that announced itself a moment after our first lookup is
+    /// found within seconds, and a lone device does not keep asking).
+    next_lookup: tokio::time::Instant,
+    lookup_delay: Duration,
     /// Relayed connections to close once their grace is over, oldest first.
     closing: Vec<(tokio::time::Instant, libp2p::swarm::ConnectionId)>,
 }
@@ -101,12 +114,16 @@ impl Reach {
             reservations: HashMap::new(),
             keys: HashSet::new(),
             ticks: 0,
+            lookups: 0,
+            next_lookup: tokio::time::Instant::now(),
+            lookup_delay: TICK,
             closing: Vec::new(),
         }
     }
 
+    /// How often the actor's reach tick runs.
     pub(super) fn interval(&self) -> Duration {
-        self.interval
+        self.interval.min(TICK)
     }
 
     /// When the next relayed connection is due to close.
@@ -331,6 +348,8 @@ impl Actor {
                 warn!(error = %e, "cannot announce a rendezvous key");
             }
             kad.get_providers(new.clone());
+            self.reach.lookup_delay = TICK;
+            self.reach.next_lookup = tokio::time::Instant::now() + TICK;
         }
         self.reach.keys = keys;
     }
@@ -362,12 +381,19 @@ impl Actor {
     /// members, and now and then announce ourselves again.
     pub(super) fn on_reach_tick(&mut self) {
         self.reach.ticks += 1;
-        self.reach.dial_bootstrap(&mut self.swarm);
+        if self.reach.ticks.is_multiple_of(BOOTSTRAP_EVERY) {
+            // A first dial can fail on a stale NAT mapping: try again soon.
+            self.reach.dial_bootstrap(&mut self.swarm);
+        }
         self.update_reservations();
-        if self.reach.keys.is_empty() {
+        let now = tokio::time::Instant::now();
+        if self.reach.keys.is_empty() || now < self.reach.next_lookup {
             return;
         }
-        if self.reach.ticks.is_multiple_of(REPROVIDE_EVERY) {
+        self.reach.lookup_delay = (self.reach.lookup_delay * 2).min(self.reach.interval);
+        self.reach.next_lookup = now + self.reach.lookup_delay;
+        self.reach.lookups += 1;
+        if self.reach.lookups.is_multiple_of(REPROVIDE_EVERY) {
             self.reprovide();
         }
         self.lookup();
