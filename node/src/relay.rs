@@ -428,28 +428,7 @@ pub async fn spawn(key: Keypair, config: &RelayConfig) -> Result<RelayHandle> {
     }
     let mut swarm = build(key, config)?;
     let me = *swarm.local_peer_id();
-    for a in &listen {
-        swarm
-            .listen_on(a.clone())
-            .map_err(|e| Error::Network(format!("cannot listen on {a}: {e}")))?;
-    }
-    let mut addrs = Vec::new();
-    let mut up = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while up < listen.len() {
-        match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
-            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
-                up += 1;
-                addrs.push(address);
-            }
-            Ok(SwarmEvent::ListenerError { error, .. })
-            | Ok(SwarmEvent::ListenerClosed {
-                reason: Err(error), ..
-            }) => return Err(Error::Network(format!("listener failed: {error}"))),
-            Ok(_) => {}
-            Err(_) => return Err(Error::Network("listeners did not come up in time".into())),
-        }
-    }
+    let addrs = crate::net::listen_all(&mut swarm, &listen).await?;
     // Relayed addresses handed to clients are built from ours.
     let announce = if external.is_empty() {
         addrs.clone()

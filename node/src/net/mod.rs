@@ -263,31 +263,7 @@ pub async fn spawn(
     metrics: &crate::metrics::Metrics,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
     let mut swarm = build_swarm(key, config)?;
-    for addr in &config.listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| Error::Network(format!("cannot listen on {addr}: {e}")))?;
-    }
-    // Wait until each listener reports an address, so callers can read real
-    // ports (tests bind port 0).
-    let mut up = 0usize;
-    let deadline = tokio::time::Instant::now() + LISTEN_TIMEOUT;
-    while up < config.listen.len() {
-        match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
-            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
-                info!(%address, "listening");
-                up += 1;
-            }
-            Ok(SwarmEvent::ListenerError { error, .. })
-            | Ok(SwarmEvent::ListenerClosed {
-                reason: Err(error), ..
-            }) => {
-                return Err(Error::Network(format!("listener failed: {error}")));
-            }
-            Ok(_) => {}
-            Err(_) => return Err(Error::Network("listeners did not come up in time".into())),
-        }
-    }
+    listen_all(&mut swarm, &config.listen).await?;
     for addr in &config.peers {
         if let Err(e) = swarm.dial(dial_opts(addr)) {
             warn!(%addr, error = %e, "dial failed");
@@ -322,6 +298,39 @@ pub async fn spawn(
         },
         ev_rx,
     ))
+}
+
+/// Starts listening on every address and waits until each listener
+/// reports one, so callers can read real ports (tests bind port 0).
+/// Returns the addresses reported. Shared by devices and relays.
+pub(crate) async fn listen_all<B: libp2p::swarm::NetworkBehaviour>(
+    swarm: &mut Swarm<B>,
+    listen: &[Multiaddr],
+) -> Result<Vec<Multiaddr>> {
+    for addr in listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| Error::Network(format!("cannot listen on {addr}: {e}")))?;
+    }
+    let mut addrs = Vec::new();
+    let deadline = tokio::time::Instant::now() + LISTEN_TIMEOUT;
+    while addrs.len() < listen.len() {
+        match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+                info!(%address, "listening");
+                addrs.push(address);
+            }
+            Ok(SwarmEvent::ListenerError { error, .. })
+            | Ok(SwarmEvent::ListenerClosed {
+                reason: Err(error), ..
+            }) => {
+                return Err(Error::Network(format!("listener failed: {error}")));
+            }
+            Ok(_) => {}
+            Err(_) => return Err(Error::Network("listeners did not come up in time".into())),
+        }
+    }
+    Ok(addrs)
 }
 
 /// Builds a shoal swarm (TCP+Noise+Yamux, QUIC, DNS) for `key`. Public so
