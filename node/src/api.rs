@@ -10,20 +10,26 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shoal_protocol::keys::SpaceGrant;
 use shoal_protocol::{DeviceId, DocId, Role};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 
-use crate::engine::Event;
+use crate::engine::{Event, InviteInfo, MemberInfo, Revoked, SpaceInfo};
 use crate::error::Error;
+use crate::folder::{ConflictInfo, FileInfo, FolderStatus};
+use crate::net::NetInfo;
+use crate::net::PeerInfo;
 use crate::Node;
 
 #[derive(Clone)]
@@ -63,50 +69,106 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// A JSON request body whose rejections (not JSON, missing fields, wrong
+/// types) are JSON errors like every other error here, not axum's plain
+/// text.
+struct Body<T>(T);
+
+impl<S, T> axum::extract::FromRequest<S> for Body<T>
+where
+    Json<T>: axum::extract::FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// The API's description: title, version, the bearer token scheme. Paths and
+/// schemas are added from the handlers by [`routes`].
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "shoal local API",
+        description = "The node's local HTTP API. It listens on loopback only; every \
+            request but `GET /v1/openapi.json` needs `Authorization: Bearer <token>` \
+            with the token from the home folder's `api-token`. Errors are JSON \
+            `{\"error\": \"...\"}` with a fitting status code."
+    ),
+    modifiers(&TokenAuth),
+    security(("token" = []))
+)]
+struct ApiDoc;
+
+struct TokenAuth;
+
+impl utoipa::Modify for TokenAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let c = api.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// Every route with its OpenAPI description, from the same handlers, so
+/// the description cannot drift from what is served.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(id))
+        .routes(routes!(events))
+        .routes(routes!(peers))
+        .routes(routes!(network))
+        .routes(routes!(spaces, create_space))
+        .routes(routes!(space))
+        .routes(routes!(export_grant))
+        .routes(routes!(import_grant))
+        .routes(routes!(invites, create_invite))
+        .routes(routes!(cancel_invite))
+        .routes(routes!(join))
+        .routes(routes!(set_role, revoke))
+        .routes(routes!(members, add_member))
+        .routes(routes!(docs))
+        .routes(routes!(get_doc, put_doc, delete_doc))
+        .routes(routes!(status))
+        .routes(routes!(metrics))
+        .routes(routes!(attach_folder))
+        .routes(routes!(files))
+        .routes(routes!(conflicts))
+}
+
+/// The OpenAPI description of the API (also served as
+/// `GET /v1/openapi.json` and checked in as `docs/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut api = routes().into_openapi();
+    api.info.version = env!("CARGO_PKG_VERSION").to_string();
+    api
+}
+
 /// Builds the router (exposed for tests that drive it directly).
 pub fn router(node: Node, token: String) -> Router {
     let state = AppState {
         node,
         token: Arc::new(token),
     };
-    Router::new()
-        .route("/v1/id", get(id))
-        .route("/v1/events", get(events))
-        .route("/v1/peers", get(peers))
-        .route("/v1/network", get(network))
-        .route("/v1/spaces", get(spaces).post(create_space))
-        .route("/v1/spaces/{space}", get(space))
-        .route("/v1/spaces/{space}/grant", get(export_grant))
-        .route("/v1/grants", axum::routing::post(import_grant))
-        .route(
-            "/v1/spaces/{space}/invites",
-            get(invites).post(create_invite),
-        )
-        .route(
-            "/v1/spaces/{space}/invites/{id}",
-            axum::routing::delete(cancel_invite),
-        )
-        .route("/v1/join", axum::routing::post(join))
-        .route(
-            "/v1/spaces/{space}/members/{device}",
-            axum::routing::put(set_role).delete(revoke),
-        )
-        .route("/v1/spaces/{space}/members", get(members).post(add_member))
-        .route("/v1/spaces/{space}/docs", get(docs))
-        .route(
-            "/v1/spaces/{space}/docs/{doc}",
-            get(get_doc).put(put_doc).delete(delete_doc),
-        )
-        .route("/v1/status", get(status))
-        .route("/metrics", get(metrics))
-        .route(
-            "/v1/spaces/{space}/folder",
-            axum::routing::put(attach_folder),
-        )
-        .route("/v1/spaces/{space}/files", get(files))
-        .route("/v1/spaces/{space}/conflicts", get(conflicts))
+    let spec = Arc::new(openapi());
+    let (api, _) = routes()
+        .fallback(unknown_endpoint)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
-        .with_state(state)
+        .split_for_parts();
+    // The description is public (it is checked in), so tools that fetch it
+    // without the token work.
+    api.route(
+        "/v1/openapi.json",
+        axum::routing::get(move || async move { Json(spec.as_ref().clone()) }),
+    )
+    .with_state(state)
 }
 
 /// Serves the API on `addr` (must be loopback) until `shutdown` completes.
@@ -139,6 +201,13 @@ pub async fn serve(
     Ok((local, task))
 }
 
+async fn unknown_endpoint(req: Request) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no endpoint {} {}", req.method(), req.uri().path()),
+    )
+}
+
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
@@ -162,7 +231,8 @@ fn doc_id(s: &str) -> Result<DocId, ApiError> {
 }
 
 /// Filters of the event stream; all optional, all must match.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventQuery {
     /// Comma-separated event types: `doc`, `peer`, `member`, `rejected`, or
     /// exact type names such as `doc_changed`.
@@ -322,6 +392,19 @@ impl EventFilter {
 /// Live events as server-sent events, one JSON object each. A consumer too
 /// slow for the node's bounded event buffer gets a `lagged` event saying how
 /// many it missed; the node never buffers more for it.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    params(EventQuery),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = Event,
+         description = "Server-sent events; each `data:` is one event as JSON. A consumer \
+            that falls behind gets `{\"type\": \"lagged\", \"dropped\": N}`."),
+        (status = 400, body = ErrorBody, description = "A bad glob"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    )
+)]
 async fn events(
     State(st): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<EventQuery>,
@@ -348,77 +431,130 @@ async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-async fn id(State(st): State<AppState>) -> ApiResult<Value> {
-    let info = st.node.net_info().await?;
-    Ok(Json(json!({
-        "device_id": st.node.device_id().to_string(),
-        "name": st.node.name(),
-        "listen_addrs": info.listen_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-    })))
+/// The body of every error response.
+#[derive(Serialize, ToSchema)]
+struct ErrorBody {
+    /// What went wrong, for humans.
+    error: String,
 }
 
-async fn peers(State(st): State<AppState>) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.net_info().await?.peers)))
+/// This device.
+#[derive(Serialize, ToSchema)]
+struct IdInfo {
+    /// Device id (a libp2p peer id).
+    device_id: String,
+    /// Device name.
+    name: String,
+    /// Addresses it listens on, with `/p2p/<id>`.
+    listen_addrs: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/v1/id", tag = "network",
+    responses((status = 200, body = IdInfo, description = "This device")))]
+async fn id(State(st): State<AppState>) -> ApiResult<IdInfo> {
+    let info = st.node.net_info().await?;
+    Ok(Json(IdInfo {
+        device_id: st.node.device_id().to_string(),
+        name: st.node.name().to_string(),
+        listen_addrs: info.listen_addrs.iter().map(|a| a.to_string()).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/peers", tag = "network",
+    responses((status = 200, body = Vec<PeerInfo>, description = "Connected devices")))]
+async fn peers(State(st): State<AppState>) -> ApiResult<Vec<PeerInfo>> {
+    Ok(Json(st.node.net_info().await?.peers))
 }
 
 /// Reachability, bootstrap nodes, relay reservations and peers.
-async fn network(State(st): State<AppState>) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.net_info().await?)))
+#[utoipa::path(get, path = "/v1/network", tag = "network",
+    responses((status = 200, body = NetInfo, description = "The network as this node sees it")))]
+async fn network(State(st): State<AppState>) -> ApiResult<NetInfo> {
+    Ok(Json(st.node.net_info().await?))
 }
 
-async fn spaces(State(st): State<AppState>) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.spaces().await?)))
+#[utoipa::path(get, path = "/v1/spaces", tag = "spaces",
+    responses((status = 200, body = Vec<SpaceInfo>, description = "Spaces this device is in")))]
+async fn spaces(State(st): State<AppState>) -> ApiResult<Vec<SpaceInfo>> {
+    Ok(Json(st.node.spaces().await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct CreateSpace {
+    /// Its name.
     name: String,
     /// An absolute folder to sync the space into.
     #[serde(default)]
     folder: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/spaces", tag = "spaces", request_body = CreateSpace,
+    responses(
+        (status = 201, body = SpaceInfo, description = "Created; this device owns it"),
+        (status = 409, body = ErrorBody, description = "A space of that name exists"),
+    ))]
 async fn create_space(
     State(st): State<AppState>,
-    Json(b): Json<CreateSpace>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+    Body(b): Body<CreateSpace>,
+) -> Result<(StatusCode, Json<SpaceInfo>), ApiError> {
     let s = st.node.create_space(&b.name).await?;
     if let Some(f) = &b.folder {
         st.node
             .attach_folder(&s.id, std::path::Path::new(f))
             .await?;
     }
-    Ok((StatusCode::CREATED, Json(json!(s))))
+    Ok((StatusCode::CREATED, Json(s)))
 }
 
-async fn space(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
+#[utoipa::path(get, path = "/v1/spaces/{space}", tag = "spaces",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = SpaceInfo, description = "The space"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn space(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<SpaceInfo> {
     let all = st.node.spaces().await?;
     let s = all
         .into_iter()
         .find(|s| s.name == space || s.id == space)
         .ok_or(Error::UnknownSpace(space))?;
-    Ok(Json(json!(s)))
+    Ok(Json(s))
 }
 
-/// The space key material, for manual pairing until invites exist. Owners
+/// The space key material, for manual pairing without an invite. Owners
 /// only; loopback and token-guarded like everything here.
+#[utoipa::path(get, path = "/v1/spaces/{space}/grant", tag = "members",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = Object, description = "The grant (secret key material)"),
+        (status = 403, body = ErrorBody, description = "Not an owner"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
 async fn export_grant(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
     Ok(Json(json!(st.node.export_grant(&space).await?)))
 }
 
+#[utoipa::path(post, path = "/v1/grants", tag = "members", request_body = Object,
+    responses(
+        (status = 200, body = SpaceInfo, description = "The space the grant opens"),
+        (status = 400, body = ErrorBody, description = "Not a grant"),
+    ))]
 async fn import_grant(
     State(st): State<AppState>,
-    Json(grant): Json<SpaceGrant>,
-) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.import_grant(grant).await?)))
+    Body(grant): Body<SpaceGrant>,
+) -> ApiResult<SpaceInfo> {
+    Ok(Json(st.node.import_grant(grant).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct CreateInvite {
+    /// `editor` (default), `viewer` or `owner`.
     #[serde(default = "default_role")]
     role: String,
+    /// Seconds until it expires (default a day).
     #[serde(default = "default_expiry")]
     expires_secs: u64,
+    /// Devices it may admit (default 1).
     #[serde(default = "default_uses")]
     uses: u32,
 }
@@ -433,11 +569,20 @@ fn default_uses() -> u32 {
     1
 }
 
+#[utoipa::path(post, path = "/v1/spaces/{space}/invites", tag = "members",
+    params(("space" = String, Path, description = "Space name or id")),
+    request_body = CreateInvite,
+    responses(
+        (status = 201, body = InviteInfo, description = "Created, with its code"),
+        (status = 400, body = ErrorBody, description = "Bad role"),
+        (status = 403, body = ErrorBody, description = "Not allowed to invite"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
 async fn create_invite(
     State(st): State<AppState>,
     Path(space): Path<String>,
-    Json(b): Json<CreateInvite>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+    Body(b): Body<CreateInvite>,
+) -> Result<(StatusCode, Json<InviteInfo>), ApiError> {
     let role: Role = b.role.parse()?;
     let inv = st
         .node
@@ -448,23 +593,43 @@ async fn create_invite(
             b.uses,
         )
         .await?;
-    Ok((StatusCode::CREATED, Json(json!(inv))))
+    Ok((StatusCode::CREATED, Json(inv)))
 }
 
-async fn invites(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.invites(&space).await?)))
+#[utoipa::path(get, path = "/v1/spaces/{space}/invites", tag = "members",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = Vec<InviteInfo>, description = "Invites of the space"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn invites(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+) -> ApiResult<Vec<InviteInfo>> {
+    Ok(Json(st.node.invites(&space).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/spaces/{space}/invites/{id}", tag = "members",
+    params(
+        ("space" = String, Path, description = "Space name or id"),
+        ("id" = String, Path, description = "Invite id"),
+    ),
+    responses(
+        (status = 200, body = InviteInfo, description = "Cancelled"),
+        (status = 404, body = ErrorBody, description = "Unknown space or invite"),
+    ))]
 async fn cancel_invite(
     State(st): State<AppState>,
     Path((space, id)): Path<(String, String)>,
-) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.cancel_invite(&space, &id).await?)))
+) -> ApiResult<InviteInfo> {
+    Ok(Json(st.node.cancel_invite(&space, &id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct JoinBody {
+    /// The invite code.
     code: String,
+    /// How long to keep trying to reach the inviter (default 60).
     #[serde(default = "default_join_timeout")]
     timeout_secs: u64,
     /// An absolute folder to sync the space into.
@@ -476,7 +641,13 @@ fn default_join_timeout() -> u64 {
     60
 }
 
-async fn join(State(st): State<AppState>, Json(b): Json<JoinBody>) -> ApiResult<Value> {
+#[utoipa::path(post, path = "/v1/join", tag = "members", request_body = JoinBody,
+    responses(
+        (status = 200, body = SpaceInfo, description = "Joined"),
+        (status = 400, body = ErrorBody, description = "Malformed code"),
+        (status = 403, body = ErrorBody, description = "Refused (expired, used, cancelled)"),
+    ))]
+async fn join(State(st): State<AppState>, Body(b): Body<JoinBody>) -> ApiResult<SpaceInfo> {
     let s = st
         .node
         .join(&b.code, std::time::Duration::from_secs(b.timeout_secs))
@@ -486,50 +657,96 @@ async fn join(State(st): State<AppState>, Json(b): Json<JoinBody>) -> ApiResult<
             .attach_folder(&s.id, std::path::Path::new(f))
             .await?;
     }
-    Ok(Json(json!(s)))
+    Ok(Json(s))
+}
+
+/// The node at a glance.
+#[derive(Serialize, ToSchema)]
+struct Status {
+    /// This device.
+    device_id: String,
+    /// Its name.
+    name: String,
+    /// Connected peers.
+    peers: usize,
+    /// What AutoNAT concluded: `public`, `private` or `unknown`.
+    reachability: String,
+    /// Each space.
+    spaces: Vec<SpaceStatus>,
+    /// Folder counters since start, by name.
+    counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// One space in [`Status`].
+#[derive(Serialize, ToSchema)]
+struct SpaceStatus {
+    /// Space id.
+    id: String,
+    /// Space name.
+    name: String,
+    /// Our role.
+    #[schema(value_type = Option<String>)]
+    role: Option<Role>,
+    /// Connected members.
+    peers: Vec<String>,
+    /// How many of them only through a relay.
+    peers_relayed: usize,
+    /// Its folder, if it has one.
+    folder: Option<FolderStatus>,
+    /// The folder's state, or `documents only`.
+    state: String,
 }
 
 /// Per space: role, peers, and its folder's sync state with real numbers
 /// (files and bytes left from the index and the store, a rate averaged
 /// over 10 s, an ETA); plus the folder counters.
-async fn status(State(st): State<AppState>) -> ApiResult<Value> {
+#[utoipa::path(get, path = "/v1/status", tag = "status",
+    responses((status = 200, body = Status, description = "The node at a glance")))]
+async fn status(State(st): State<AppState>) -> ApiResult<Status> {
     let spaces = st.node.spaces().await?;
     let folders = st.node.folder_status().await;
     let net = st.node.net_info().await?;
     let relayed = |p: &String| net.peers.iter().any(|i| &i.peer == p && i.relayed);
-    let list: Vec<Value> = spaces
-        .iter()
+    let list = spaces
+        .into_iter()
         .map(|s| {
-            let folder = folders.iter().find(|f| f.space == s.id);
-            json!({
-                "id": s.id,
-                "name": s.name,
-                "role": s.role,
-                "peers": s.peers,
-                "peers_relayed": s.peers.iter().filter(|p| relayed(p)).count(),
-                "folder": folder,
-                "state": folder.map(|f| f.state.as_str()).unwrap_or("documents only"),
-            })
+            let folder = folders.iter().find(|f| f.space == s.id).cloned();
+            SpaceStatus {
+                peers_relayed: s.peers.iter().filter(|p| relayed(p)).count(),
+                state: folder
+                    .as_ref()
+                    .map(|f| f.state.clone())
+                    .unwrap_or_else(|| "documents only".into()),
+                folder,
+                id: s.id,
+                name: s.name,
+                role: s.role,
+                peers: s.peers,
+            }
         })
         .collect();
-    let counters: serde_json::Map<String, Value> = st
+    let counters = st
         .node
         .folder_counters()
         .snapshot()
         .into_iter()
-        .map(|(k, v)| (k.to_string(), json!(v)))
+        .map(|(k, v)| (k.to_string(), v))
         .collect();
-    Ok(Json(json!({
-        "device_id": st.node.device_id().to_string(),
-        "name": st.node.name(),
-        "peers": net.peers.len(),
-        "reachability": net.reachability,
-        "spaces": list,
-        "counters": counters,
-    })))
+    Ok(Json(Status {
+        device_id: st.node.device_id().to_string(),
+        name: st.node.name().to_string(),
+        peers: net.peers.len(),
+        reachability: net.reachability,
+        spaces: list,
+        counters,
+    }))
 }
 
 /// Prometheus metrics (OpenMetrics text), behind the same token.
+#[utoipa::path(get, path = "/metrics", tag = "status",
+    responses((status = 200, body = String,
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        description = "libp2p's metrics and shoal's")))]
 async fn metrics(State(st): State<AppState>) -> Response {
     (
         [(
@@ -541,16 +758,25 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct FolderBody {
+    /// An absolute path.
     path: String,
 }
 
+#[utoipa::path(put, path = "/v1/spaces/{space}/folder", tag = "folders",
+    params(("space" = String, Path, description = "Space name or id")),
+    request_body = FolderBody,
+    responses(
+        (status = 200, body = FolderStatus, description = "Attached; scanning starts"),
+        (status = 400, body = ErrorBody, description = "Not an absolute path, or unusable"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
 async fn attach_folder(
     State(st): State<AppState>,
     Path(space): Path<String>,
-    Json(b): Json<FolderBody>,
-) -> ApiResult<Value> {
+    Body(b): Body<FolderBody>,
+) -> ApiResult<FolderStatus> {
     let p = std::path::Path::new(&b.path);
     if !p.is_absolute() {
         return Err(ApiError(
@@ -558,84 +784,188 @@ async fn attach_folder(
             format!("folder path {:?} must be absolute", b.path),
         ));
     }
-    Ok(Json(json!(st.node.attach_folder(&space, p).await?)))
+    Ok(Json(st.node.attach_folder(&space, p).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct FilesQuery {
+    /// Only paths under this one.
     #[serde(default)]
     prefix: String,
 }
 
+#[utoipa::path(get, path = "/v1/spaces/{space}/files", tag = "folders",
+    params(("space" = String, Path, description = "Space name or id"), FilesQuery),
+    responses(
+        (status = 200, body = Vec<FileInfo>, description = "The synced tree as the index sees it"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
 async fn files(
     State(st): State<AppState>,
     Path(space): Path<String>,
     axum::extract::Query(q): axum::extract::Query<FilesQuery>,
-) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.files(&space, &q.prefix).await?)))
+) -> ApiResult<Vec<FileInfo>> {
+    Ok(Json(st.node.files(&space, &q.prefix).await?))
 }
 
-async fn conflicts(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.conflicts(&space).await?)))
+#[utoipa::path(get, path = "/v1/spaces/{space}/conflicts", tag = "folders",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = Vec<ConflictInfo>, description = "Conflict copies"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn conflicts(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+) -> ApiResult<Vec<ConflictInfo>> {
+    Ok(Json(st.node.conflicts(&space).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct RoleBody {
+    /// `owner`, `editor` or `viewer`.
     role: String,
 }
 
+/// A member's role after a change.
+#[derive(Serialize, ToSchema)]
+struct MemberRole {
+    /// Device id.
+    device: String,
+    /// Its role.
+    #[schema(value_type = String)]
+    role: Role,
+}
+
+#[utoipa::path(put, path = "/v1/spaces/{space}/members/{device}", tag = "members",
+    params(
+        ("space" = String, Path, description = "Space name or id"),
+        ("device" = String, Path, description = "Device id"),
+    ),
+    request_body = RoleBody,
+    responses(
+        (status = 200, body = MemberRole, description = "Role set"),
+        (status = 400, body = ErrorBody, description = "Bad device id or role"),
+        (status = 403, body = ErrorBody, description = "Not an owner"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
 async fn set_role(
     State(st): State<AppState>,
     Path((space, device)): Path<(String, String)>,
-    Json(b): Json<RoleBody>,
-) -> ApiResult<Value> {
+    Body(b): Body<RoleBody>,
+) -> ApiResult<MemberRole> {
     let device: DeviceId = device.parse()?;
     let role: Role = b.role.parse()?;
     st.node.set_role(&space, &device, role).await?;
-    Ok(Json(json!({"device": device.to_string(), "role": role})))
+    Ok(Json(MemberRole {
+        device: device.to_string(),
+        role,
+    }))
 }
 
+/// The outcome of a revocation.
+#[derive(Serialize, ToSchema)]
+struct Revocation {
+    /// Device id.
+    device: String,
+    /// Always true.
+    revoked: bool,
+    #[serde(flatten)]
+    outcome: Revoked,
+}
+
+#[utoipa::path(delete, path = "/v1/spaces/{space}/members/{device}", tag = "members",
+    params(
+        ("space" = String, Path, description = "Space name or id"),
+        ("device" = String, Path, description = "Device id"),
+    ),
+    responses(
+        (status = 200, body = Revocation, description = "Revoked; the space key was rotated"),
+        (status = 400, body = ErrorBody, description = "Bad device id"),
+        (status = 403, body = ErrorBody, description = "Not an owner"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
 async fn revoke(
     State(st): State<AppState>,
     Path((space, device)): Path<(String, String)>,
-) -> ApiResult<Value> {
+) -> ApiResult<Revocation> {
     let device: DeviceId = device.parse()?;
-    let r = st.node.revoke(&space, &device).await?;
-    Ok(Json(json!({
-        "device": device.to_string(),
-        "revoked": true,
-        "epoch": r.epoch,
-        "not_rekeyed": r.not_rekeyed,
-    })))
+    let outcome = st.node.revoke(&space, &device).await?;
+    Ok(Json(Revocation {
+        device: device.to_string(),
+        revoked: true,
+        outcome,
+    }))
 }
 
-async fn members(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.members(&space).await?)))
+#[utoipa::path(get, path = "/v1/spaces/{space}/members", tag = "members",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = Vec<MemberInfo>, description = "Members of the space"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn members(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+) -> ApiResult<Vec<MemberInfo>> {
+    Ok(Json(st.node.members(&space).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct AddMember {
+    /// Device id.
     device: String,
+    /// `owner`, `editor` or `viewer`.
     role: String,
+    /// A name for it.
     #[serde(default)]
     name: String,
 }
 
+#[utoipa::path(post, path = "/v1/spaces/{space}/members", tag = "members",
+    params(("space" = String, Path, description = "Space name or id")),
+    request_body = AddMember,
+    responses(
+        (status = 200, body = MemberRole, description = "Added"),
+        (status = 400, body = ErrorBody, description = "Bad device id or role"),
+        (status = 403, body = ErrorBody, description = "Not an owner"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
 async fn add_member(
     State(st): State<AppState>,
     Path(space): Path<String>,
-    Json(b): Json<AddMember>,
-) -> ApiResult<Value> {
+    Body(b): Body<AddMember>,
+) -> ApiResult<MemberRole> {
     let device: DeviceId = b.device.parse()?;
     let role: Role = b.role.parse()?;
     st.node.add_member(&space, &device, role, &b.name).await?;
-    Ok(Json(json!({"device": device.to_string(), "role": role})))
+    Ok(Json(MemberRole {
+        device: device.to_string(),
+        role,
+    }))
 }
 
-async fn docs(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Value> {
-    Ok(Json(json!(st.node.docs(&space).await?)))
+#[utoipa::path(get, path = "/v1/spaces/{space}/docs", tag = "documents",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = Vec<String>, description = "Document ids"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn docs(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Vec<String>> {
+    Ok(Json(st.node.docs(&space).await?))
 }
 
+#[utoipa::path(get, path = "/v1/spaces/{space}/docs/{doc}", tag = "documents",
+    params(
+        ("space" = String, Path, description = "Space name or id"),
+        ("doc" = String, Path, description = "Document id"),
+    ),
+    responses(
+        (status = 200, body = Object, description = "The document as JSON"),
+        (status = 400, body = ErrorBody, description = "Bad document id"),
+        (status = 404, body = ErrorBody, description = "Unknown space or document"),
+    ))]
 async fn get_doc(
     State(st): State<AppState>,
     Path((space, doc)): Path<(String, String)>,
@@ -643,35 +973,69 @@ async fn get_doc(
     Ok(Json(st.node.get(&space, &doc_id(&doc)?).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct PutBody {
+    /// Where in the document, `/`-separated (empty: the root).
     #[serde(default)]
     path: String,
+    /// Any JSON value.
     value: Value,
 }
 
+/// A document's heads after a change.
+#[derive(Serialize, ToSchema)]
+struct Heads {
+    /// Change hashes, hex.
+    heads: Vec<String>,
+}
+
+#[utoipa::path(put, path = "/v1/spaces/{space}/docs/{doc}", tag = "documents",
+    params(
+        ("space" = String, Path, description = "Space name or id"),
+        ("doc" = String, Path, description = "Document id (created on first write)"),
+    ),
+    request_body = PutBody,
+    responses(
+        (status = 200, body = Heads, description = "Written and gossiped"),
+        (status = 400, body = ErrorBody, description = "Bad document id or path"),
+        (status = 403, body = ErrorBody, description = "Viewers cannot write"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
 async fn put_doc(
     State(st): State<AppState>,
     Path((space, doc)): Path<(String, String)>,
-    Json(b): Json<PutBody>,
-) -> ApiResult<Value> {
+    Body(b): Body<PutBody>,
+) -> ApiResult<Heads> {
     let heads = st
         .node
         .put(&space, &doc_id(&doc)?, &b.path, b.value)
         .await?;
-    Ok(Json(json!({"heads": heads})))
+    Ok(Json(Heads { heads }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct DeleteBody {
+    /// What to delete, `/`-separated.
     path: String,
 }
 
+#[utoipa::path(delete, path = "/v1/spaces/{space}/docs/{doc}", tag = "documents",
+    params(
+        ("space" = String, Path, description = "Space name or id"),
+        ("doc" = String, Path, description = "Document id"),
+    ),
+    request_body = DeleteBody,
+    responses(
+        (status = 200, body = Heads, description = "Deleted and gossiped"),
+        (status = 400, body = ErrorBody, description = "Bad document id or path"),
+        (status = 403, body = ErrorBody, description = "Viewers cannot write"),
+        (status = 404, body = ErrorBody, description = "Unknown space or document"),
+    ))]
 async fn delete_doc(
     State(st): State<AppState>,
     Path((space, doc)): Path<(String, String)>,
-    Json(b): Json<DeleteBody>,
-) -> ApiResult<Value> {
+    Body(b): Body<DeleteBody>,
+) -> ApiResult<Heads> {
     let heads = st.node.delete(&space, &doc_id(&doc)?, &b.path).await?;
-    Ok(Json(json!({"heads": heads})))
+    Ok(Json(Heads { heads }))
 }

@@ -65,7 +65,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const SESSION_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How a document change reached this node.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     /// Written through this node's API.
@@ -77,7 +77,7 @@ pub enum Origin {
 }
 
 /// What the node tells its watchers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// A peer connected.
@@ -176,7 +176,7 @@ pub enum Event {
 }
 
 /// Where a file change came from.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FileOrigin {
     /// This device's folder.
@@ -186,7 +186,7 @@ pub enum FileOrigin {
 }
 
 /// A space as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SpaceInfo {
     /// Hex id.
     pub id: String,
@@ -195,6 +195,7 @@ pub struct SpaceInfo {
     /// Current key epoch.
     pub epoch: u32,
     /// Our role, if `members` names us yet.
+    #[schema(value_type = Option<String>, example = "owner")]
     pub role: Option<Role>,
     /// Documents in the space.
     pub docs: Vec<String>,
@@ -203,11 +204,12 @@ pub struct SpaceInfo {
 }
 
 /// A member as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MemberInfo {
     /// Device id.
     pub device: String,
-    /// Role.
+    /// Role: `owner`, `editor` or `viewer`.
+    #[schema(value_type = String, example = "editor")]
     pub role: Role,
     /// Device name.
     pub name: String,

@@ -48,7 +48,7 @@ pub(super) fn now_secs() -> u64 {
 }
 
 /// An invite as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InviteInfo {
     /// Invite id (hex).
     pub id: String,
@@ -57,12 +57,14 @@ pub struct InviteInfo {
     /// Space id.
     pub space: String,
     /// Role it grants.
+    #[schema(value_type = String, example = "editor")]
     pub role: Role,
     /// Unix seconds.
     pub expires_at: u64,
     /// Devices it may still admit.
     pub uses_left: u32,
     /// active, used, expired or cancelled.
+    #[schema(value_type = String)]
     pub state: &'static str,
 }
 
@@ -89,7 +91,7 @@ fn info_of(id: &[u8; 8], r: &InviteRecord, code: Option<String>) -> InviteInfo {
 }
 
 /// The outcome of a revocation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Revoked {
     /// The space key's new epoch.
     pub epoch: u32,

@@ -129,7 +129,7 @@ impl Counters {
 }
 
 /// What one folder is doing, for `shoal status`.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, utoipa::ToSchema)]
 pub struct FolderStatus {
     /// Space id.
     pub space: String,
@@ -156,11 +156,12 @@ pub struct FolderStatus {
 }
 
 /// One path of a synced tree.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FileInfo {
     /// Normalised path.
     pub path: String,
     /// `file`, `dir` or `symlink`.
+    #[schema(value_type = String)]
     pub kind: &'static str,
     /// Size in bytes.
     pub size: u64,
@@ -178,7 +179,7 @@ pub struct FileInfo {
 }
 
 /// A conflict copy.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ConflictInfo {
     /// The copy's path.
     pub copy: String,

@@ -110,7 +110,7 @@ pub enum NetEvent {
 }
 
 /// A connected peer as the network sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PeerInfo {
     /// Its device id.
     pub peer: String,
@@ -123,11 +123,12 @@ pub struct PeerInfo {
 }
 
 /// Our own network state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NetInfo {
     /// Our device id.
     pub peer_id: String,
     /// Addresses we listen on, with `/p2p/<id>`.
+    #[schema(value_type = Vec<String>)]
     pub listen_addrs: Vec<Multiaddr>,
     /// Connected peers.
     pub peers: Vec<PeerInfo>,
@@ -135,6 +136,7 @@ pub struct NetInfo {
     pub reachability: String,
     /// Addresses others confirmed they can reach us on (a relayed one
     /// while a reservation holds).
+    #[schema(value_type = Vec<String>)]
     pub external_addrs: Vec<Multiaddr>,
     /// Configured bootstrap nodes and whether we are connected to each.
     pub bootstrap: Vec<reach::BootstrapInfo>,

@@ -34,7 +34,7 @@ const TICK: Duration = Duration::from_secs(1);
 const BOOTSTRAP_EVERY: u64 = 5;
 
 /// A bootstrap node as `shoal doctor` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BootstrapInfo {
     /// Its configured address.
     pub addr: String,
@@ -45,7 +45,7 @@ pub struct BootstrapInfo {
 }
 
 /// A relay reservation as `shoal doctor` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ReservationInfo {
     /// The relay's device id.
     pub relay: String,

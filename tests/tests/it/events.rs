@@ -20,14 +20,9 @@ async fn a_remote_change_reaches_a_filtered_event_stream() -> Result<()> {
     a.put("notes", &"todo".parse()?, "/x", json!(0)).await?;
     wait_converged(&[a, b], "notes", "todo").await?;
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (addr, _task) =
-        shoal_node::api::serve(b.clone(), "t0ken".into(), "127.0.0.1:0".parse()?, async {
-            let _ = stopped.await;
-        })
-        .await?;
+    let (root, stop) = serve_api(b).await?;
     let http = reqwest::Client::new();
-    let base = format!("http://{addr}/v1/events");
+    let base = format!("{root}/v1/events");
     // no token: 401; an unknown space: 404 naming it
     let r = http.get(&base).send().await?;
     assert_eq!(r.status(), 401);
@@ -67,24 +62,10 @@ async fn a_remote_change_reaches_a_filtered_event_stream() -> Result<()> {
     Ok(())
 }
 
-async fn serve(node: &shoal_node::Node) -> Result<(String, tokio::sync::oneshot::Sender<()>)> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (addr, _task) = shoal_node::api::serve(
-        node.clone(),
-        "t0ken".into(),
-        "127.0.0.1:0".parse()?,
-        async {
-            let _ = stopped.await;
-        },
-    )
-    .await?;
-    Ok((format!("http://{addr}"), stop))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_file_changes_reach_a_path_filtered_stream() -> Result<()> {
     let (nodes, roots, _dirs) = folder_nodes(2, "f").await?;
-    let (base, stop) = serve(&nodes[1].node).await?;
+    let (base, stop) = serve_api(&nodes[1].node).await?;
     let resp = reqwest::Client::new()
         .get(format!("{base}/v1/events?types=file&path=docs/**"))
         .bearer_auth("t0ken")
@@ -141,7 +122,7 @@ async fn a_consumer_that_does_not_read_is_told_how_much_it_missed() -> Result<()
     let n = spawn_nodes(1).await?;
     let a = &n[0].node;
     a.create_space("busy").await?;
-    let (base, stop) = serve(a).await?;
+    let (base, stop) = serve_api(a).await?;
     let resp = reqwest::Client::new()
         .get(format!("{base}/v1/events?space=busy"))
         .bearer_auth("t0ken")

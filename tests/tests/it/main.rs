@@ -2,6 +2,7 @@
 //! off): multi-node sync and hostile peers. The CLI's end-to-end tests and
 //! the namespace LAN lab live with the binary they run, in `cli/tests/`.
 
+mod api;
 mod events;
 mod folders;
 mod hostile;
