@@ -541,11 +541,28 @@ async fn command(c: &Client, cmd: Cmd, json_out: bool) -> Result<()> {
                             .as_f64()
                             .map(|r| format!("{r:.1} ms"))
                             .unwrap_or_else(|| "-".into());
+                        let path = if p["relayed"].as_bool() == Some(true) {
+                            "relayed"
+                        } else {
+                            "direct"
+                        };
+                        let spaces: Vec<&str> = p["spaces"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+                            .unwrap_or_default();
+                        let addrs: Vec<&str> = p["addrs"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+                            .unwrap_or_default();
                         format!(
-                            "{}  {}  {}",
+                            "{}  {path}  {rtt}  spaces: {}  {}",
                             p["peer"].as_str().unwrap_or(""),
-                            rtt,
-                            p["addrs"]
+                            if spaces.is_empty() {
+                                "-".into()
+                            } else {
+                                spaces.join(", ")
+                            },
+                            addrs.join(" ")
                         )
                     })
                     .collect::<Vec<_>>()

@@ -272,6 +272,20 @@ fn two_devices_through_the_cli_with_a_grant_file() -> Result<()> {
         v["items"][1] == "from desk"
     })?;
     assert_eq!(v, json!({"items": ["from laptop", "from desk"]}));
+    // `shoal peers`: b, directly connected, sharing "notes"
+    let peers = ok_json(&ha, &["peers"])?;
+    let p = peers
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["peer"] == b_id.as_str()))
+        .with_context(|| format!("b not among {peers}"))?;
+    assert_eq!(p["spaces"], json!(["notes"]), "{p}");
+    assert_eq!(p["relayed"], false, "{p}");
+    let text = shoal(&ha, &["peers"])?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("direct") && text.contains("spaces: notes"),
+        "{text}"
+    );
     // the joiner cannot hand out the key: only owners can
     assert!(err_text(&hb, &["space", "grant", "notes", "--out", "/dev/null"])?.contains("owner"));
     Ok(())

@@ -460,10 +460,33 @@ async fn id(State(st): State<AppState>) -> ApiResult<IdInfo> {
     }))
 }
 
+/// A connected device and the spaces it shares with us.
+#[derive(Serialize, ToSchema)]
+struct Peer {
+    #[serde(flatten)]
+    info: PeerInfo,
+    /// Names of the spaces it proved membership of.
+    spaces: Vec<String>,
+}
+
 #[utoipa::path(get, path = "/v1/peers", tag = "network",
-    responses((status = 200, body = Vec<PeerInfo>, description = "Connected devices")))]
-async fn peers(State(st): State<AppState>) -> ApiResult<Vec<PeerInfo>> {
-    Ok(Json(st.node.net_info().await?.peers))
+    responses((status = 200, body = Vec<Peer>, description = "Connected devices")))]
+async fn peers(State(st): State<AppState>) -> ApiResult<Vec<Peer>> {
+    let spaces = st.node.spaces().await?;
+    let peers = st.node.net_info().await?.peers;
+    Ok(Json(
+        peers
+            .into_iter()
+            .map(|info| Peer {
+                spaces: spaces
+                    .iter()
+                    .filter(|s| s.peers.contains(&info.peer))
+                    .map(|s| s.name.clone())
+                    .collect(),
+                info,
+            })
+            .collect(),
+    ))
 }
 
 /// Reachability, bootstrap nodes, relay reservations and peers.

@@ -368,7 +368,12 @@ impl RelayHandle {
     }
 }
 
-fn build(key: Keypair, config: &RelayConfig) -> Result<Swarm<RelayBehaviour>> {
+/// The relay's swarm; its bytes per transport are counted into `registry`.
+fn build(
+    key: Keypair,
+    config: &RelayConfig,
+    registry: &mut Registry,
+) -> Result<Swarm<RelayBehaviour>> {
     let relay_config = config.relay_config()?;
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(config.max_connections))
@@ -384,6 +389,7 @@ fn build(key: Keypair, config: &RelayConfig) -> Result<Swarm<RelayBehaviour>> {
         )
         .map_err(|e| Error::Network(format!("tcp transport: {e}")))?
         .with_quic()
+        .with_bandwidth_metrics(registry)
         .with_behaviour(|key| {
             let me = key.public().to_peer_id();
             let mut kad = kad::Behaviour::with_config(
@@ -426,7 +432,8 @@ pub async fn spawn(key: Keypair, config: &RelayConfig) -> Result<RelayHandle> {
             "a relay needs at least one listen address".into(),
         ));
     }
-    let mut swarm = build(key, config)?;
+    let mut registry = Registry::default();
+    let mut swarm = build(key, config, &mut registry)?;
     let me = *swarm.local_peer_id();
     let addrs = crate::net::listen_all(&mut swarm, &listen).await?;
     // Relayed addresses handed to clients are built from ours.
@@ -442,7 +449,6 @@ pub async fn spawn(key: Keypair, config: &RelayConfig) -> Result<RelayHandle> {
         .into_iter()
         .map(|a| a.with_p2p(me).unwrap_or_else(|a| a))
         .collect();
-    let mut registry = Registry::default();
     let stats = Arc::new(RelayStats::default());
     let metrics = libp2p::metrics::Metrics::new(registry.sub_registry_with_prefix("libp2p"));
     registry

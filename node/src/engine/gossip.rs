@@ -334,6 +334,14 @@ impl Engine {
         if !changed {
             return;
         }
+        let origin = if synced_from.is_some() {
+            Origin::Sync
+        } else {
+            Origin::Gossip
+        };
+        for t in &applied.times {
+            self.counters.sync_lag.observe(origin.as_str(), *t);
+        }
         if doc.is_members() {
             self.refresh_roster(space);
         }
@@ -346,11 +354,7 @@ impl Engine {
         self.emit(Event::DocChanged {
             space: space.to_string(),
             doc: doc.to_string(),
-            origin: if synced_from.is_some() {
-                Origin::Sync
-            } else {
-                Origin::Gossip
-            },
+            origin,
             heads: hex_heads(&heads),
             authors: applied.authors.clone(),
         });

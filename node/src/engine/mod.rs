@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use automerge::sync;
+use automerge::transaction::CommitOptions;
 use automerge::{AutoCommit, Change, ChangeHash};
 use libp2p::gossipsub::{IdentTopic, MessageAcceptance, TopicHash};
 use libp2p::{Multiaddr, PeerId};
@@ -74,6 +75,17 @@ pub enum Origin {
     Gossip,
     /// Arrived through the sync protocol.
     Sync,
+}
+
+impl Origin {
+    /// As in events and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Local => "local",
+            Origin::Gossip => "gossip",
+            Origin::Sync => "sync",
+        }
+    }
 }
 
 /// What the node tells its watchers.
@@ -393,10 +405,13 @@ struct Gap {
 pub(super) struct Applied {
     raw: Vec<Vec<u8>>,
     authors: Vec<String>,
+    /// Commit times (Unix milliseconds), for the sync lag metric.
+    times: Vec<i64>,
 }
 
 impl Applied {
     fn new(raw: Vec<Vec<u8>>, changes: &[Change]) -> Self {
+        let times = changes.iter().map(|c| c.timestamp()).collect();
         let mut authors: Vec<String> = changes
             .iter()
             .filter_map(|c| shoal_protocol::actor::device_of(c.actor_id()).ok())
@@ -404,7 +419,11 @@ impl Applied {
             .collect();
         authors.sort();
         authors.dedup();
-        Self { raw, authors }
+        Self {
+            raw,
+            authors,
+            times,
+        }
     }
 }
 
@@ -1115,7 +1134,10 @@ impl Engine {
             d.doc.rollback();
             return Err(e.into());
         }
-        d.doc.commit();
+        // Stamped in milliseconds (Automerge's time is advisory; shoal
+        // reads it for the sync lag metric).
+        d.doc
+            .commit_with(CommitOptions::default().with_time(crate::metrics::unix_millis()));
         let change = d
             .doc
             .get_last_local_change()

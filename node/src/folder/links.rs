@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::Shared;
+use crate::metrics::{Metered, Traffic};
 
 /// Requests queued on one peer's stream before callers wait.
 const LINK_QUEUE: usize = 64;
@@ -62,15 +63,17 @@ pub struct Links {
     control: Mutex<libp2p_stream::Control>,
     map: Mutex<HashMap<PeerId, (u64, mpsc::Sender<Req>)>>,
     next: std::sync::atomic::AtomicU64,
+    traffic: Traffic,
 }
 
 impl Links {
-    /// Links opened through `control`.
-    pub fn new(control: libp2p_stream::Control) -> Self {
+    /// Links opened through `control`, their bytes counted into `traffic`.
+    pub fn new(control: libp2p_stream::Control, traffic: Traffic) -> Self {
         Self {
             control: Mutex::new(control),
             map: Mutex::new(HashMap::new()),
             next: Default::default(),
+            traffic,
         }
     }
 
@@ -142,7 +145,7 @@ impl Links {
         drop(map);
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            run_link(stream, rx).await;
+            run_link(me.traffic.meter(BLOB_PROTOCOL, stream), rx).await;
             let mut map = me.lock_map();
             if map.get(&peer).is_some_and(|(g, _)| *g == gen) {
                 map.remove(&peer);
@@ -156,7 +159,7 @@ impl Links {
     }
 }
 
-async fn run_link(stream: Stream, mut rx: mpsc::Receiver<Req>) {
+async fn run_link(stream: Metered<Stream>, mut rx: mpsc::Receiver<Req>) {
     let (mut r, mut w) = stream.split();
     let (wait_tx, mut wait_rx) = mpsc::unbounded_channel::<Waiter>();
     let reader = async move {
@@ -259,7 +262,7 @@ pub async fn serve(shared: Arc<Shared>, mut control: libp2p_stream::Control) {
 }
 
 async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std::io::Result<()> {
-    let (mut r, mut w) = stream.split();
+    let (mut r, mut w) = shared.counters.traffic.meter(BLOB_PROTOCOL, stream).split();
     let (tx, mut rx) = mpsc::channel::<(BlobResponse, Option<Vec<u8>>)>(SERVE_AHEAD);
     let reader = async move {
         // Only admissions are remembered, and only briefly: a device

@@ -103,6 +103,8 @@ pub struct Counters {
     pub files_placed: AtomicU64,
     /// Conflicts resolved.
     pub conflicts: AtomicU64,
+    /// Bytes per protocol; blob streams count theirs here.
+    pub traffic: crate::metrics::Traffic,
 }
 
 impl Counters {
@@ -470,8 +472,8 @@ impl Folders {
             engine,
             events,
             settings,
+            links: Arc::new(links::Links::new(control.clone(), counters.traffic.clone())),
             counters,
-            links: Arc::new(links::Links::new(control.clone())),
             me,
             inflight: Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CHUNKS)),
             roots: RwLock::default(),

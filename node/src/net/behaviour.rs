@@ -59,6 +59,7 @@ impl Behaviour {
         key: &Keypair,
         relay: relay::client::Behaviour,
         config: &NodeConfig,
+        traffic: &crate::metrics::Traffic,
     ) -> Result<Self> {
         let peer_id = key.public().to_peer_id();
         let identify = identify::Behaviour::new(
@@ -107,7 +108,7 @@ impl Behaviour {
                 .map_err(|e| Error::Network(format!("gossipsub: {e}")))?;
         let rr = |proto: &'static str, limit: usize, timeout: Duration| {
             request_response::Behaviour::with_codec(
-                BytesCodec::new(limit),
+                BytesCodec::new(proto, limit, traffic.clone()),
                 [(StreamProtocol::new(proto), ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(timeout),
             )

@@ -10,16 +10,25 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::request_response;
 use libp2p::StreamProtocol;
 
-/// Raw request and response bytes, bounded by `limit`.
+use crate::metrics::Traffic;
+
+/// Raw request and response bytes, bounded by `limit`, counted into
+/// `traffic` under `protocol`.
 #[derive(Debug, Clone)]
 pub struct BytesCodec {
     limit: usize,
+    protocol: &'static str,
+    traffic: Traffic,
 }
 
 impl BytesCodec {
-    /// A codec refusing messages above `limit` bytes.
-    pub fn new(limit: usize) -> Self {
-        Self { limit }
+    /// A codec for `protocol` refusing messages above `limit` bytes.
+    pub fn new(protocol: &'static str, limit: usize, traffic: Traffic) -> Self {
+        Self {
+            limit,
+            protocol,
+            traffic,
+        }
     }
 }
 
@@ -63,14 +72,14 @@ impl request_response::Codec for BytesCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, self.limit).await
+        read_frame(&mut self.traffic.meter(self.protocol, io), self.limit).await
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, self.limit).await
+        read_frame(&mut self.traffic.meter(self.protocol, io), self.limit).await
     }
 
     async fn write_request<T>(
@@ -82,7 +91,7 @@ impl request_response::Codec for BytesCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &req, self.limit).await
+        write_frame(&mut self.traffic.meter(self.protocol, io), &req, self.limit).await
     }
 
     async fn write_response<T>(
@@ -94,6 +103,6 @@ impl request_response::Codec for BytesCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &res, self.limit).await
+        write_frame(&mut self.traffic.meter(self.protocol, io), &res, self.limit).await
     }
 }

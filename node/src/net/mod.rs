@@ -264,7 +264,7 @@ pub async fn spawn(
     config: &NodeConfig,
     metrics: &crate::metrics::Metrics,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
-    let mut swarm = build_swarm(key, config)?;
+    let mut swarm = build_swarm(key, config, metrics)?;
     listen_all(&mut swarm, &config.listen).await?;
     for addr in &config.peers {
         if let Err(e) = swarm.dial(dial_opts(addr)) {
@@ -302,6 +302,10 @@ pub async fn spawn(
     ))
 }
 
+/// The label of gossip payloads in [`crate::metrics::Traffic`]: messages
+/// we publish and receive, counted once each (not per peer sent to).
+const GOSSIP: &str = "gossipsub";
+
 /// Starts listening on every address and waits until each listener
 /// reports one, so callers can read real ports (tests bind port 0).
 /// Returns the addresses reported. Shared by devices and relays.
@@ -335,11 +339,17 @@ pub(crate) async fn listen_all<B: libp2p::swarm::NetworkBehaviour>(
     Ok(addrs)
 }
 
-/// Builds a shoal swarm (TCP+Noise+Yamux, QUIC, DNS) for `key`. Public so
-/// tests can drive a raw swarm as a hostile peer.
-pub fn build_swarm(key: Keypair, config: &NodeConfig) -> Result<Swarm<Behaviour>> {
+/// Builds a shoal swarm (TCP+Noise+Yamux, QUIC, DNS, relayed circuits) for
+/// `key`, its bytes per transport and per protocol counted into `metrics`.
+/// Public so tests can drive a raw swarm as a hostile peer.
+pub fn build_swarm(
+    key: Keypair,
+    config: &NodeConfig,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Swarm<Behaviour>> {
     let idle = config.idle_timeout;
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+    let traffic = &metrics.node.traffic;
+    let builder = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -351,12 +361,17 @@ pub fn build_swarm(key: Keypair, config: &NodeConfig) -> Result<Swarm<Behaviour>
         .with_dns()
         .map_err(|e| Error::Network(format!("dns: {e}")))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|e| Error::Network(format!("relay transport: {e}")))?
-        .with_behaviour(|key, relay| Behaviour::new(key, relay, config).map_err(Box::from))
-        .map_err(|e| Error::Network(format!("behaviour: {e}")))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-        .build();
-    Ok(swarm)
+        .map_err(|e| Error::Network(format!("relay transport: {e}")))?;
+    metrics.with_registry(|r| {
+        Ok(builder
+            .with_bandwidth_metrics(r) // registers as libp2p_bandwidth_bytes
+            .with_behaviour(|key, relay| {
+                Behaviour::new(key, relay, config, traffic).map_err(Box::from)
+            })
+            .map_err(|e| Error::Network(format!("behaviour: {e}")))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build())
+    })
 }
 
 /// Dial options for an address: a fresh source port always, since two
@@ -534,8 +549,10 @@ impl Actor {
             NetCommand::Publish { topic, data } => {
                 // Best effort: with no subscribed peer yet, the sync
                 // protocol carries the change when one connects.
-                if let Err(e) = b.gossipsub.publish(IdentTopic::new(topic), data) {
-                    debug!(error = %e, "publish not sent");
+                let n = data.len();
+                match b.gossipsub.publish(IdentTopic::new(topic), data) {
+                    Ok(_) => self.counters.traffic.outbound(GOSSIP, n),
+                    Err(e) => debug!(error = %e, "publish not sent"),
                 }
             }
             NetCommand::Validate {
@@ -721,6 +738,7 @@ impl Actor {
                 message_id,
                 message,
             }) => {
+                self.counters.traffic.inbound(GOSSIP, message.data.len());
                 let ev = NetEvent::Gossip {
                     id: message_id,
                     propagation: propagation_source,

@@ -106,13 +106,42 @@ async fn remote_file_changes_reach_a_path_filtered_stream() -> Result<()> {
         "{text}"
     );
     assert!(text.contains("shoal_connected_peers 1"), "{text}");
-    let fetched = text
+    let metric = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {series} in\n{text}"))
+    };
+    assert!(metric("shoal_folder_chunks_fetched_total")? >= 2.0);
+    assert!(metric("shoal_doc_updates_remote_total")? >= 1.0);
+    // bytes per protocol: the blob stream carried at least the chunk bytes
+    // (plus framing), gossip and sync carried the index changes, and the
+    // transport carried all of it
+    let fetched = metric("shoal_folder_bytes_fetched_total")?;
+    let blob_in = metric(r#"shoal_protocol_bytes_total{protocol="/shoal/blob/1",direction="in"}"#)?;
+    assert!(
+        blob_in > fetched,
+        "blob stream {blob_in} <= payload {fetched}"
+    );
+    let gossip =
+        metric(r#"shoal_protocol_bytes_total{protocol="gossipsub",direction="in"}"#).unwrap_or(0.0);
+    let sync = metric(r#"shoal_protocol_bytes_total{protocol="/shoal/sync/1",direction="in"}"#)
+        .unwrap_or(0.0);
+    assert!(gossip + sync > 0.0, "{text}");
+    let transport_in: f64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("shoal_folder_chunks_fetched_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .context("no chunks_fetched counter")?;
-    assert!(fetched >= 2, "{text}");
-    assert!(text.contains("shoal_doc_updates_remote_total"), "{text}");
+        .filter(|l| l.starts_with("libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp"))
+        .filter(|l| l.contains(r#"direction="Inbound""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(transport_in > blob_in + gossip + sync, "{text}");
+    // sync lag: every remote index change was observed, and none took long
+    let lagged = metric(r#"shoal_sync_lag_seconds_count{origin="gossip"}"#).unwrap_or(0.0)
+        + metric(r#"shoal_sync_lag_seconds_count{origin="sync"}"#).unwrap_or(0.0);
+    assert!(lagged >= 1.0, "{text}");
+    let total = metric(r#"shoal_sync_lag_seconds_sum{origin="gossip"}"#).unwrap_or(0.0)
+        + metric(r#"shoal_sync_lag_seconds_sum{origin="sync"}"#).unwrap_or(0.0);
+    assert!(total / lagged < 20.0, "mean lag {} s", total / lagged);
     let _ = stop.send(());
     Ok(())
 }

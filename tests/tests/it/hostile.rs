@@ -64,7 +64,7 @@ impl Hostile {
                 let rr = |p: &'static str| {
                     request_response::Behaviour::with_codec(
                         // far above what shoal accepts, to send oversized frames
-                        BytesCodec::new(64 * 1024 * 1024),
+                        BytesCodec::new(p, 64 * 1024 * 1024, Default::default()),
                         [(StreamProtocol::new(p), ProtocolSupport::Full)],
                         request_response::Config::default()
                             .with_request_timeout(Duration::from_secs(20)),

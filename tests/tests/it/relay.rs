@@ -86,6 +86,14 @@ async fn members_meet_through_the_relay_dht_and_sync_over_a_circuit() -> Result<
         text.contains("shoal_relay_circuits_accepted_total"),
         "{text}"
     );
+    // and bytes per transport: the circuit's bytes crossed the relay's TCP
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp")
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(1000.0)
+        ),
+        "{text}"
+    );
 
     // A restarted device finds its member again the same way.
     let mut b = b;
