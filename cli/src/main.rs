@@ -1088,7 +1088,8 @@ fn status_text(v: &Value) -> String {
         if left > 0 {
             let rate = f["rate"].as_u64().unwrap_or(0);
             out.push_str(&format!(
-                "\n    {left} file(s), {} left at {}/s, ETA {}",
+                "\n    {}% done, {left} file(s), {} left at {}/s, ETA {}",
+                f["progress"].as_f64().unwrap_or(0.0),
                 human_bytes(f["bytes_left"].as_u64().unwrap_or(0)),
                 human_bytes(rate),
                 f["eta_secs"]

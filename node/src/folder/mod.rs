@@ -141,6 +141,9 @@ pub struct FolderStatus {
     pub state: String,
     /// Why it is paused, or what it is doing.
     pub detail: Option<String>,
+    /// Percent done: files in place of those in place or waiting (one
+    /// decimal; 100 when nothing waits).
+    pub progress: f64,
     /// Files waiting to be reconciled or transferred.
     pub files_left: u64,
     /// Bytes still to fetch or copy.

@@ -224,17 +224,26 @@ impl Worker {
         } else {
             "in sync"
         };
+        let files = self.shared.blobs.local_count(&self.space) as u64;
+        // Files, not bytes: the bytes of files not yet started are unknown
+        // until their manifests arrive.
+        let progress = if pending == 0 {
+            100.0
+        } else {
+            (1000.0 * files as f64 / (files + pending) as f64).floor() / 10.0
+        };
         FolderStatus {
             space: self.space.to_string(),
             path: self.root.display().to_string(),
             state: state.into(),
+            progress,
             detail: p.detail.clone(),
             files_left: pending,
             bytes_left,
             rate,
             eta_secs: (rate > 0 && bytes_left > 0).then(|| bytes_left / rate),
             peers: 0,
-            files: self.shared.blobs.local_count(&self.space) as u64,
+            files,
             problems: p.problems.iter().cloned().collect(),
         }
     }

@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use shoal_tests::{folder_nodes, wait_file, wait_gone};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,11 +341,23 @@ async fn a_full_disk_pauses_the_transfer_and_places_nothing() -> Result<()> {
         })
     })
     .await?;
+    // ...with the file still to do in its numbers...
+    let st = b.node.folder_status().await;
+    let st = st.first().context("no folder status")?;
+    assert!(st.files_left >= 1 && st.progress < 100.0, "{st:?}");
     // ...and placed nothing half-written
     assert!(!small.join("f/big.bin").exists());
     // a small file still fits once the big one is abandoned by the user
     fs::remove_file(ra.join("big.bin"))?;
     fs::write(ra.join("note.txt"), b"fits")?;
     wait_file(&b.node, &small.join("f/note.txt"), b"fits").await?;
+    shoal_tests::wait_for(&b.node, shoal_tests::TIMEOUT, || async {
+        b.node
+            .folder_status()
+            .await
+            .iter()
+            .any(|f| f.state == "in sync" && f.files_left == 0 && f.progress == 100.0)
+    })
+    .await?;
     Ok(())
 }
