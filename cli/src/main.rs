@@ -109,7 +109,8 @@ enum Cmd {
     Watch {
         /// Only this space (name or id).
         space: Option<String>,
-        /// Event types, comma-separated: doc, peer, member, rejected.
+        /// Event groups or types, comma-separated: doc, file, transfer,
+        /// progress, error, peer, member, rejected (or e.g. doc_changed).
         #[arg(long = "type")]
         types: Option<String>,
         /// Only documents whose id matches this glob.
@@ -1004,6 +1005,15 @@ syncing {f}"
                             .as_str()
                             .map(String::from)
                             .unwrap_or_else(|| human_bytes(v["bytes"].as_u64().unwrap_or(0)))
+                    ),
+                    "sync_progress" => format!(
+                        "{} {} {}% ({} file(s), {} left at {}/s)",
+                        v["space"].as_str().unwrap_or("").get(..8).unwrap_or(""),
+                        v["state"].as_str().unwrap_or(""),
+                        v["progress"].as_f64().unwrap_or(0.0),
+                        v["files_left"],
+                        human_bytes(v["bytes_left"].as_u64().unwrap_or(0)),
+                        human_bytes(v["rate"].as_u64().unwrap_or(0))
                     ),
                     _ => format!("{t} {}", v["peer"].as_str().unwrap_or("")),
                 };

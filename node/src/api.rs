@@ -234,8 +234,9 @@ fn doc_id(s: &str) -> Result<DocId, ApiError> {
 #[derive(Deserialize, Default, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct EventQuery {
-    /// Comma-separated event types: `doc`, `peer`, `member`, `rejected`, or
-    /// exact type names such as `doc_changed`.
+    /// Comma-separated event groups (`doc`, `file`, `transfer`,
+    /// `progress`, `peer`, `member`, `rejected`, `error`) or exact types
+    /// such as `doc_changed`.
     pub types: Option<String>,
     /// A space, by name or id.
     pub space: Option<String>,
@@ -354,6 +355,9 @@ impl EventFilter {
                 Some(path),
                 &[],
             ),
+            Event::SyncProgress { space, .. } => {
+                ("sync_progress", "progress", Some(space), None, &[])
+            }
             Event::FolderError { space, path, .. } => {
                 ("folder_error", "error", Some(space), Some(path), &[])
             }

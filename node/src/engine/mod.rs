@@ -176,6 +176,24 @@ pub enum Event {
         /// How long it took.
         millis: u64,
     },
+    /// A folder's sync progress: every half second while it is not in
+    /// sync, and once when it gets there.
+    SyncProgress {
+        /// The space id.
+        space: String,
+        /// `scanning`, `syncing`, `paused` or `in sync`.
+        state: String,
+        /// Percent of files in place.
+        progress: f64,
+        /// Files waiting.
+        files_left: u64,
+        /// Bytes still to fetch or copy for transfers under way.
+        bytes_left: u64,
+        /// Bytes per second over the last 10 s.
+        rate: u64,
+        /// Seconds to go at that rate.
+        eta_secs: Option<u64>,
+    },
     /// Something in a folder could not be synced (and is retried).
     FolderError {
         /// The space id.

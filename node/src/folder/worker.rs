@@ -248,6 +248,25 @@ impl Worker {
         }
     }
 
+    /// Emits a progress event unless the folder is in sync and was at the
+    /// last tick too; returns whether it is in sync now.
+    fn report_progress(&self, was_in_sync: bool) -> bool {
+        let st = self.status();
+        let in_sync = st.state == "in sync";
+        if !(in_sync && was_in_sync) {
+            self.shared.emit(Event::SyncProgress {
+                space: st.space,
+                state: st.state,
+                progress: st.progress,
+                files_left: st.files_left,
+                bytes_left: st.bytes_left,
+                rate: st.rate,
+                eta_secs: st.eta_secs,
+            });
+        }
+        in_sync
+    }
+
     pub(super) async fn run(self: Arc<Self>) {
         for d in [TMP_DIR, VERSIONS_DIR] {
             if let Err(e) = fs::create_dir_all(self.root.join(d)) {
@@ -276,6 +295,7 @@ impl Worker {
         rescan.tick().await;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut reconcile = true;
+        let mut was_in_sync = true;
         info!(space = %self.space.short(), folder = %self.root.display(), "folder sync started");
         loop {
             if self.stopped.load(Ordering::SeqCst) {
@@ -356,6 +376,7 @@ impl Worker {
                 }
                 _ = rescan.tick() => full_scan = true,
                 _ = tick.tick() => {
+                    was_in_sync = self.report_progress(was_in_sync);
                     let now = Instant::now();
                     if !queue.is_empty()
                         || retry.values().any(|(at, _)| *at <= now)

@@ -72,6 +72,12 @@ async fn remote_file_changes_reach_a_path_filtered_stream() -> Result<()> {
         .send()
         .await?;
     let mut events = resp.bytes_stream().eventsource();
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/v1/events?types=progress&space=f"))
+        .bearer_auth("t0ken")
+        .send()
+        .await?;
+    let mut progress = resp.bytes_stream().eventsource();
     std::fs::create_dir_all(roots[0].join("other"))?;
     std::fs::write(roots[0].join("other/b.txt"), b"b")?;
     wait_file(&nodes[1].node, &roots[1].join("other/b.txt"), b"b").await?;
@@ -86,6 +92,21 @@ async fn remote_file_changes_reach_a_path_filtered_stream() -> Result<()> {
     assert_eq!(v["path"], "docs/deep/a.txt", "{v}");
     assert_eq!(v["origin"], "remote", "{v}");
     assert_eq!(v["device"], nodes[0].node.device_id().to_string());
+    // progress events while B syncs, ending with one saying it is in sync
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(ev) = progress.next().await {
+            let v: Value = serde_json::from_str(&ev?.data)?;
+            assert_eq!(v["type"], "sync_progress", "{v}");
+            if v["state"] == "in sync" {
+                assert_eq!(v["progress"], 100.0, "{v}");
+                assert_eq!(v["files_left"], 0, "{v}");
+                return anyhow::Ok(());
+            }
+        }
+        anyhow::bail!("the progress stream ended")
+    })
+    .await
+    .context("no in-sync progress event within the timeout")??;
 
     // Prometheus metrics, behind the token: libp2p's and shoal's, with the
     // chunks B just fetched counted
