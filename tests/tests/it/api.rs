@@ -194,6 +194,12 @@ async fn bad_requests_get_json_errors_with_fitting_codes() -> Result<()> {
         .send()
         .await?;
     assert_eq!(error(r).await?.0, 400);
+    // the API cannot be bound beyond loopback
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let r = shoal_node::api::serve(node.clone(), "t0ken".into(), addr.parse()?, async {}).await;
+        let e = r.err().context("bound a non-loopback address")?.to_string();
+        assert!(e.contains("loopback"), "{e}");
+    }
     // nothing above changed the node
     assert_eq!(node.spaces().await?.len(), 1);
     assert!(node.docs("notes").await?.is_empty());
