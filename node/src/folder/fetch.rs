@@ -38,6 +38,9 @@ pub enum TransferError {
     Failed(String),
 }
 
+/// Bytes written to a temp file between background flushes.
+const FLUSH_EVERY: u64 = 64 << 20;
+
 fn io_err(what: &str, e: std::io::Error) -> TransferError {
     if matches!(e.raw_os_error(), Some(28) | Some(122)) {
         TransferError::DiskFull(format!("{what}: {e}"))
@@ -245,7 +248,9 @@ impl Worker {
                 .await?;
         }
 
-        // Durable, then verified as a whole.
+        // Verified as a whole and, for a large file, made durable at the
+        // same time (its own fsync; small files share one, below).
+        let own_sync = size >= super::OWN_SYNC_BYTES;
         let chunk_list = chunks.clone();
         let (sh, space, t, p) = (
             Arc::clone(&self.shared),
@@ -257,20 +262,18 @@ impl Worker {
             if chunk_list.len() > 1 {
                 let _ = sh.blobs.set_part(&space, &p, &bits);
             }
-            drop(file);
             // Streamed, so memory stays bounded whatever the size.
-            let mut h = blake3::Hasher::new();
-            let mut r = File::open(&t).map_err(|e| io_err("read temp file", e))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = std::io::Read::read(&mut r, &mut buf)
-                    .map_err(|e| io_err("read temp file", e))?;
-                if n == 0 {
-                    break;
-                }
-                h.update_rayon(&buf[..n]);
-            }
-            if *h.finalize().as_bytes() != file_hash {
+            let (whole, synced) = std::thread::scope(|s| {
+                let sync = own_sync.then(|| s.spawn(|| file.sync_data()));
+                let whole = super::scan::hash_path(&t);
+                let synced = sync.map(|j| {
+                    j.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("sync panicked")))
+                });
+                (whole, synced)
+            });
+            let whole = whole.map_err(|e| io_err("read temp file", e))?;
+            if whole != file_hash {
                 // Find the chunks that are wrong (a stale local source) and
                 // forget only those; the retry reads and verifies them.
                 let f = File::open(&t).map_err(|e| io_err("read temp file", e))?;
@@ -288,6 +291,9 @@ impl Worker {
                     "whole-file hash mismatch; retrying the chunks that differ".into(),
                 ));
             }
+            if let Some(r) = synced {
+                r.map_err(|e| io_err("sync temp file", e))?;
+            }
             Ok(())
         })
         .await
@@ -297,13 +303,7 @@ impl Worker {
             ms = t0.elapsed().as_millis() as u64,
             "transfer fetched and verified"
         );
-        if size >= super::OWN_SYNC_BYTES {
-            let t = temp.clone();
-            tokio::task::spawn_blocking(move || File::open(&t)?.sync_data())
-                .await
-                .map_err(|e| TransferError::Failed(e.to_string()))?
-                .map_err(|e| io_err("sync temp file", e))?;
-        } else {
+        if !own_sync {
             self.sync
                 .durable(&self.root)
                 .await
@@ -334,6 +334,10 @@ impl Worker {
         let mut inflight = FuturesUnordered::new();
         let mut rr = 0usize;
         let mut since_save = Instant::now();
+        // Large files start their way to the disk while the rest arrives,
+        // so the final fsync has little left to write.
+        let mut unsynced = 0u64;
+        let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             while inflight.len() < sh.settings.window {
                 let Some((i, tried)) = queue.pop_front() else {
@@ -380,6 +384,15 @@ impl Worker {
                         .bytes_fetched
                         .fetch_add(u64::from(len), Ordering::Relaxed);
                     self.progress(rel, u64::from(len));
+                    unsynced += u64::from(len);
+                    if unsynced >= FLUSH_EVERY && flushing.as_ref().is_none_or(|j| j.is_finished()) {
+                        if let Ok(f) = file.try_clone() {
+                            unsynced = 0;
+                            flushing = Some(tokio::task::spawn_blocking(move || {
+                                let _ = f.sync_data();
+                            }));
+                        }
+                    }
                     if since_save.elapsed() > Duration::from_millis(200) {
                         let _ = sh.blobs.set_part(&self.space, part, bits);
                         since_save = Instant::now();

@@ -125,55 +125,202 @@ impl Hashed {
     }
 }
 
-/// Hashes and chunks the file at `path` in one pass, never holding more
-/// than one chunk. `None` when the file changed while it was read: the
-/// caller tries again later rather than record a torn version.
-pub fn hash_file(path: &Path) -> std::io::Result<Option<Hashed>> {
-    use rayon::prelude::*;
-    let f = File::open(path)?;
-    let before = stat_of(&f.metadata()?);
-    let mut whole = blake3::Hasher::new();
-    let mut chunks = Vec::new();
-    // A small file gets a small buffer: most files are small.
-    let cap = (before.size as usize).clamp(4096, 1 << 20);
-    let reader = BufReader::with_capacity(cap, &f);
+/// Files above this are cut in parallel segments.
+const SEGMENT_MIN: u64 = 8 << 20;
+
+/// Reads `f` from `pos` up to `end` with positional reads, so several
+/// readers share one open file.
+struct ReadAt<'a> {
+    f: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let left = self.end.saturating_sub(self.pos);
+        let want = (buf.len() as u64).min(left) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.f.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// (chunk hash, offset, length).
+type Chunk = ([u8; 32], u64, u32);
+
+/// Cuts `f` (of `size` bytes) into content-defined chunks from `start`,
+/// hashing each, until a chunk ends where `stop` says or at the end.
+/// Chunk boundaries depend only on the bytes from the previous boundary,
+/// so cutting from any boundary gives the same chunks as from the start.
+fn cut_from(
+    f: &File,
+    start: u64,
+    size: u64,
+    stop: impl Fn(u64) -> bool,
+) -> std::io::Result<Vec<Chunk>> {
+    let reader = BufReader::with_capacity(1 << 20, ReadAt { f, pos: start, end: size });
     let cdc = fastcdc::v2020::StreamCDC::new(
         reader,
         CHUNK_MIN as usize,
         CHUNK_AVG as usize,
         CHUNK_MAX as usize,
     );
-    // Chunks are hashed in parallel a batch at a time, while the whole-file
-    // hash runs over the same bytes in order.
-    let mut batch: Vec<fastcdc::v2020::ChunkData> = Vec::new();
-    let mut flush = |batch: &mut Vec<fastcdc::v2020::ChunkData>, whole: &mut blake3::Hasher| {
-        let hashes: Vec<[u8; 32]> = batch
-            .par_iter()
-            .map(|c| *blake3::hash(&c.data).as_bytes())
-            .collect();
-        for (c, h) in batch.drain(..).zip(hashes) {
-            whole.update(&c.data);
-            chunks.push((h, c.offset, c.length as u32));
-        }
-    };
+    let mut out = Vec::new();
     for c in cdc {
         let c = c.map_err(|e| match e {
             fastcdc::v2020::Error::IoError(io) => io,
             other => std::io::Error::other(other.to_string()),
         })?;
-        batch.push(c);
-        if batch.len() >= 32 {
-            flush(&mut batch, &mut whole);
+        let offset = start + c.offset;
+        let end = offset + c.length as u64;
+        out.push((*blake3::hash(&c.data).as_bytes(), offset, c.length as u32));
+        if stop(end) {
+            break;
         }
     }
-    flush(&mut batch, &mut whole);
+    Ok(out)
+}
+
+/// The chunks of all of `f`: `n` segments are cut in parallel, then
+/// joined where a segment's chunks meet the boundaries its predecessor
+/// reaches (cutting on from there until they do). The result is exactly
+/// what one pass from the start gives.
+fn cut_all(f: &File, size: u64, n: u64) -> std::io::Result<Vec<Chunk>> {
+    use rayon::prelude::*;
+    let n = n.clamp(1, size.max(1));
+    let starts: Vec<u64> = (0..n).map(|k| k * size / n).collect();
+    let segments = starts
+        .par_iter()
+        .enumerate()
+        .map(|(k, s)| {
+            let next = starts.get(k + 1).copied().unwrap_or(u64::MAX);
+            cut_from(f, *s, size, |end| end >= next)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut segments = segments.into_iter();
+    let mut out = segments.next().unwrap_or_default();
+    for seg in segments {
+        loop {
+            let b = out.last().map_or(0, |c| c.1 + u64::from(c.2));
+            if b >= size {
+                break;
+            }
+            if let Ok(i) = seg.binary_search_by_key(&b, |c| c.1) {
+                out.extend_from_slice(&seg[i..]);
+                break;
+            }
+            // Not met yet: cut on until a chunk ends where one of this
+            // segment's starts, or beyond its last.
+            let seg_end = seg.last().map_or(0, |c| c.1 + u64::from(c.2));
+            let more = cut_from(f, b, size, |end| {
+                end >= seg_end || seg.binary_search_by_key(&end, |c| c.1).is_ok()
+            })?;
+            if more.is_empty() {
+                break;
+            }
+            out.extend(more);
+            let b = out.last().map_or(0, |c| c.1 + u64::from(c.2));
+            if b >= seg_end && seg.binary_search_by_key(&b, |c| c.1).is_err() {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// BLAKE3 of `size` bytes of `f`, read in order.
+fn hash_whole(f: &File, size: u64) -> std::io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let mut r = ReadAt { f, pos: 0, end: size };
+    let mut buf = vec![0u8; (size as usize).clamp(1, 1 << 20)];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// BLAKE3 of the file at `path`, read on one thread and hashed on this
+/// one (twice the speed of either alone), holding at most three 1 MiB
+/// buffers.
+pub fn hash_path(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::sync::mpsc;
+    const BUF: usize = 1 << 20;
+    let mut f = File::open(path)?;
+    let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(2);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..3 {
+        let _ = empty_tx.send(vec![0u8; BUF]);
+    }
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || -> std::io::Result<()> {
+            while let Ok(mut b) = empty_rx.recv() {
+                b.resize(BUF, 0);
+                let n = f.read(&mut b)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                b.truncate(n);
+                if full_tx.send(b).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        });
+        let mut h = blake3::Hasher::new();
+        for b in full_rx {
+            h.update(&b);
+            let _ = empty_tx.send(b);
+        }
+        drop(empty_tx);
+        reader
+            .join()
+            .map_err(|_| std::io::Error::other("hash reader panicked"))??;
+        Ok(*h.finalize().as_bytes())
+    })
+}
+
+/// Hashes and chunks the file at `path`, never holding more than a few
+/// chunks per thread. Large files are cut in parallel segments while the
+/// whole-file hash runs beside them. `None` when the file changed while it
+/// was read: the caller tries again later rather than record a torn
+/// version.
+pub fn hash_file(path: &Path) -> std::io::Result<Option<Hashed>> {
+    let f = File::open(path)?;
+    let before = stat_of(&f.metadata()?);
+    let size = before.size;
+    let (file_hash, chunks) = if size <= u64::from(CHUNK_MIN) {
+        // One chunk at most: it is the whole file.
+        let mut data = Vec::with_capacity(size as usize);
+        (&f).take(size).read_to_end(&mut data)?;
+        let h = *blake3::hash(&data).as_bytes();
+        let chunks = if data.is_empty() {
+            Vec::new()
+        } else {
+            vec![(h, 0, data.len() as u32)]
+        };
+        (h, chunks)
+    } else {
+        // Segments of at least SEGMENT_MIN, one per thread at most.
+        let n = (size / SEGMENT_MIN).clamp(1, rayon::current_num_threads().max(1) as u64);
+        let (whole, chunks) = rayon::join(|| hash_whole(&f, size), || cut_all(&f, size, n));
+        (whole?, chunks?)
+    };
     let after = stat_of(&std::fs::symlink_metadata(path)?);
     let total: u64 = chunks.iter().map(|(_, _, l)| u64::from(*l)).sum();
-    if before != after || total != before.size {
+    if before != after || total != size {
         return Ok(None);
     }
     Ok(Some(Hashed {
-        file_hash: *whole.finalize().as_bytes(),
+        file_hash,
         chunks,
         stat: after,
     }))
@@ -321,6 +468,26 @@ mod tests {
         let old: std::collections::HashSet<_> = a.chunks.iter().map(|c| c.0).collect();
         let new = b.chunks.iter().filter(|c| !old.contains(&c.0)).count();
         assert!(new <= 2, "{new} chunks changed");
+        // cut in any number of segments, the chunks are those of one pass
+        let f = File::open(&p).unwrap();
+        let size = edited.len() as u64;
+        let one = cut_from(&f, 0, size, |_| false).unwrap();
+        for n in 2..=7 {
+            assert_eq!(cut_all(&f, size, n).unwrap(), one, "{n} segments");
+        }
+        for len in [40_000usize, 600_000, 1_234_567] {
+            let q = dir.path().join(format!("p{len}"));
+            std::fs::write(&q, &data[len / 3..len / 3 + len]).unwrap();
+            let f = File::open(&q).unwrap();
+            let one = cut_from(&f, 0, len as u64, |_| false).unwrap();
+            for n in 2..=5 {
+                assert_eq!(cut_all(&f, len as u64, n).unwrap(), one, "{len} {n}");
+            }
+            let h = hash_file(&q).unwrap().unwrap();
+            assert_eq!(h.chunks, one);
+            assert_eq!(hash_path(&q).unwrap(), h.file_hash);
+            assert_eq!(h.file_hash, *blake3::hash(&data[len / 3..len / 3 + len]).as_bytes());
+        }
         let empty = dir.path().join("e");
         std::fs::write(&empty, b"").unwrap();
         let e = hash_file(&empty).unwrap().unwrap();
