@@ -255,6 +255,13 @@ pub fn hash_path(path: &Path) -> std::io::Result<[u8; 32]> {
     use std::sync::mpsc;
     const BUF: usize = 1 << 20;
     let mut f = File::open(path)?;
+    let size = f.metadata()?.len();
+    if size <= BUF as u64 {
+        // Small: one read, no thread.
+        let mut data = Vec::with_capacity(size as usize);
+        f.read_to_end(&mut data)?;
+        return Ok(*blake3::hash(&data).as_bytes());
+    }
     let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(2);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
     for _ in 0..3 {

@@ -1109,18 +1109,30 @@ impl Worker {
             let _ = f.set_permissions(fs::Permissions::from_mode(w.mode & 0o777));
         }
         let guard = self.fs.lock().await;
-        // The index may have moved on while we fetched.
-        let current = self
-            .index_get(vec![rel.to_string()])
-            .await
-            .map_err(|e| TransferError::Failed(e.to_string()))?;
-        let now_values = entries(current.first().map(|v| v.as_slice()).unwrap_or_default());
+        let blobs = &self.shared.blobs;
+        // The index may have moved on while we fetched. A path whose index
+        // entry changed since we decided was marked pending again; only
+        // then is the index asked (a round trip to the engine, which is
+        // busiest exactly when many files arrive). A change the worker has
+        // not pulled yet marks it afterwards, and that reconciles it again.
+        let remarked = blobs
+            .pending_mark(&self.space, rel)
+            .map_err(|e| TransferError::Failed(e.to_string()))?
+            .is_none_or(|m| m != mark);
+        let now_values = if remarked {
+            let current = self
+                .index_get(vec![rel.to_string()])
+                .await
+                .map_err(|e| TransferError::Failed(e.to_string()))?;
+            entries(current.first().map(|v| v.as_slice()).unwrap_or_default())
+        } else {
+            Vec::new()
+        };
         if files::winner(&now_values).is_some_and(|n| n.hash != w.hash || n.deleted) {
             return Err(TransferError::Failed(
                 "superseded while fetched; again".into(),
             ));
         }
-        let blobs = &self.shared.blobs;
         let fail = |e: io::Error| TransferError::Failed(format!("place {rel}: {e}"));
         let local = blobs
             .local(&self.space, rel)

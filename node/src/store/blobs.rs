@@ -205,15 +205,14 @@ impl Blobs {
                     chunked,
                 }),
             )?;
-            let mut batch = sled::Batch::default();
-            for (h, off, len) in chunks {
+            let writes = chunks.iter().map(|(h, off, len)| {
                 let mut k = h.to_vec();
                 k.extend_from_slice(&fid.to_be_bytes());
                 let mut v = off.to_be_bytes().to_vec();
                 v.extend_from_slice(&len.to_be_bytes());
-                batch.insert(k, v);
-            }
-            self.chunks.apply_batch(batch)?;
+                (k, Some(v))
+            });
+            write_many(&self.chunks, writes.collect())?;
         }
         let rec = LocalFile {
             fid,
@@ -286,14 +285,12 @@ impl Blobs {
         } else {
             vec![rec.hash]
         };
-        let mut batch = sled::Batch::default();
-        for h in hashes {
+        let removes = hashes.iter().map(|h| {
             let mut k = h.to_vec();
             k.extend_from_slice(&fid.to_be_bytes());
-            batch.remove(k);
-        }
-        self.chunks.apply_batch(batch)?;
-        Ok(())
+            (k, None)
+        });
+        write_many(&self.chunks, removes.collect())
     }
 
     /// The file record of `fid`.
@@ -431,6 +428,14 @@ impl Blobs {
         Ok(out)
     }
 
+    /// The mark `path` waits under, if it waits.
+    pub fn pending_mark(&self, space: &SpaceId, path: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .pending
+            .get(key(space, path.as_bytes()))?
+            .map(|v| v.to_vec()))
+    }
+
     /// How many paths wait for reconciliation.
     pub fn pending_count(&self, space: &SpaceId) -> usize {
         self.pending.scan_prefix(space.0).count()
@@ -446,6 +451,37 @@ impl Blobs {
         )?;
         Ok(())
     }
+}
+
+/// Applies `writes` (a value, or `None` to remove) to `tree`: one by one
+/// when they are few, as one batch when many. A sled batch forces two
+/// synchronous log writes, which for a one-chunk file cost more than the
+/// file itself. Chunk records need no atomicity: a stale one fails
+/// verification when read and is dropped, a missing one means a fetch.
+fn write_many(tree: &sled::Tree, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
+    const ONE_BY_ONE: usize = 32;
+    if writes.len() <= ONE_BY_ONE {
+        for (k, v) in writes {
+            match v {
+                Some(v) => {
+                    tree.insert(k, v)?;
+                }
+                None => {
+                    tree.remove(k)?;
+                }
+            }
+        }
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    for (k, v) in writes {
+        match v {
+            Some(v) => batch.insert(k, v),
+            None => batch.remove(k),
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
 }
 
 #[cfg(test)]
