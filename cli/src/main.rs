@@ -286,6 +286,7 @@ pub(crate) fn host_name() -> String {
 }
 
 fn main() -> ExitCode {
+    shoal_node::memory::limit_arenas();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

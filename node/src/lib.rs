@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod folder;
 pub mod home;
+pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod relay;

@@ -264,6 +264,10 @@ impl Worker {
                 eta_secs: st.eta_secs,
             });
         }
+        if in_sync && !was_in_sync {
+            // Done for now: what the sync allocated goes back.
+            tokio::task::spawn_blocking(crate::memory::trim);
+        }
         in_sync
     }
 

@@ -89,11 +89,12 @@ fn doc_key(space: &SpaceId, doc: &DocId, kind: u8, seq: u64) -> Vec<u8> {
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        // sled caches 1 GiB by default; the store is small and hot paths
-        // batch, so a small cache keeps the node lean at rest.
+        // sled caches 1 GiB by default; the store is small, hot paths
+        // batch, and the OS caches its file, so a small cache keeps the
+        // node lean at rest.
         let db = sled::Config::new()
             .path(path)
-            .cache_capacity(16 << 20)
+            .cache_capacity(4 << 20)
             .open()?;
         Ok(Self {
             spaces: db.open_tree("spaces")?,
