@@ -385,7 +385,8 @@ impl Worker {
                         .fetch_add(u64::from(len), Ordering::Relaxed);
                     self.progress(rel, u64::from(len));
                     unsynced += u64::from(len);
-                    if unsynced >= FLUSH_EVERY && flushing.as_ref().is_none_or(|j| j.is_finished()) {
+                    if unsynced >= FLUSH_EVERY && flushing.as_ref().is_none_or(|j| j.is_finished())
+                    {
                         if let Ok(f) = file.try_clone() {
                             unsynced = 0;
                             flushing = Some(tokio::task::spawn_blocking(move || {

@@ -245,12 +245,21 @@ pub async fn serve(shared: Arc<Shared>, mut control: libp2p_stream::Control) {
     };
     // Stream tasks live in this set: stopping the server stops them all.
     let mut tasks = tokio::task::JoinSet::new();
+    // Streams open per peer: a peer opens one (and another after a
+    // timeout), so more than a few is a peer trying to tie us up.
+    let open: Arc<std::sync::Mutex<HashMap<PeerId, usize>>> = Arc::default();
     loop {
         tokio::select! {
             next = incoming.next() => {
                 let Some((peer, stream)) = next else { break };
+                let Some(slot) = StreamSlot::take(&open, peer) else {
+                    debug!(%peer, "refused a blob stream: too many open");
+                    drop(stream);
+                    continue;
+                };
                 let shared = Arc::clone(&shared);
                 tasks.spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = serve_stream(shared, peer, stream).await {
                         debug!(%peer, error = %e, "blob stream ended");
                     }
@@ -260,6 +269,43 @@ pub async fn serve(shared: Arc<Shared>, mut control: libp2p_stream::Control) {
         }
     }
 }
+
+/// One of a peer's [`MAX_STREAMS_PER_PEER`] stream slots, given back when
+/// dropped (also when the stream's task panics).
+struct StreamSlot {
+    open: Arc<std::sync::Mutex<HashMap<PeerId, usize>>>,
+    peer: PeerId,
+}
+
+impl StreamSlot {
+    fn take(open: &Arc<std::sync::Mutex<HashMap<PeerId, usize>>>, peer: PeerId) -> Option<Self> {
+        let mut m = open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(peer).or_default();
+        if *n >= MAX_STREAMS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            open: Arc::clone(open),
+            peer,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Blob streams served to one peer at once.
+const MAX_STREAMS_PER_PEER: usize = 4;
 
 async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std::io::Result<()> {
     let (mut r, mut w) = shared.counters.traffic.meter(BLOB_PROTOCOL, stream).split();

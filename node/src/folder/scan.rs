@@ -163,7 +163,14 @@ fn cut_from(
     size: u64,
     stop: impl Fn(u64) -> bool,
 ) -> std::io::Result<Vec<Chunk>> {
-    let reader = BufReader::with_capacity(1 << 20, ReadAt { f, pos: start, end: size });
+    let reader = BufReader::with_capacity(
+        1 << 20,
+        ReadAt {
+            f,
+            pos: start,
+            end: size,
+        },
+    );
     let cdc = fastcdc::v2020::StreamCDC::new(
         reader,
         CHUNK_MIN as usize,
@@ -236,7 +243,11 @@ fn cut_all(f: &File, size: u64, n: u64) -> std::io::Result<Vec<Chunk>> {
 /// BLAKE3 of `size` bytes of `f`, read in order.
 fn hash_whole(f: &File, size: u64) -> std::io::Result<[u8; 32]> {
     let mut h = blake3::Hasher::new();
-    let mut r = ReadAt { f, pos: 0, end: size };
+    let mut r = ReadAt {
+        f,
+        pos: 0,
+        end: size,
+    };
     let mut buf = vec![0u8; (size as usize).clamp(1, 1 << 20)];
     loop {
         let n = r.read(&mut buf)?;
@@ -493,7 +504,10 @@ mod tests {
             let h = hash_file(&q).unwrap().unwrap();
             assert_eq!(h.chunks, one);
             assert_eq!(hash_path(&q).unwrap(), h.file_hash);
-            assert_eq!(h.file_hash, *blake3::hash(&data[len / 3..len / 3 + len]).as_bytes());
+            assert_eq!(
+                h.file_hash,
+                *blake3::hash(&data[len / 3..len / 3 + len]).as_bytes()
+            );
         }
         let empty = dir.path().join("e");
         std::fs::write(&empty, b"").unwrap();

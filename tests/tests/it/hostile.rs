@@ -560,3 +560,82 @@ async fn a_flood_of_wrong_invite_secrets_is_rate_limited_and_slows_nothing() -> 
     wait_converged(&[a, b], "notes", "todo").await?;
     Ok(())
 }
+
+#[derive(NetworkBehaviour)]
+struct StreamsOnly {
+    stream: libp2p_stream::Behaviour,
+}
+
+/// Asks for one blob on `s` and reads the answer's header; `None` when the
+/// node closed the stream instead.
+async fn ask_blob(s: &mut libp2p::Stream) -> Option<shoal_protocol::files::BlobResponse> {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use shoal_protocol::files::{BlobKind, BlobRequest};
+    let req = wire::encode(&BlobRequest::V1 {
+        space: shoal_protocol::SpaceId([9; 32]),
+        kind: BlobKind::Chunk,
+        hash: [7; 32],
+    });
+    let mut frame = (req.len() as u16).to_be_bytes().to_vec();
+    frame.extend(req);
+    s.write_all(&frame).await.ok()?;
+    s.flush().await.ok()?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).await.ok()?;
+    let mut head = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut head).await.ok()?;
+    wire::decode("blob response", &head, 1024).ok()
+}
+
+/// A peer that opens blob stream after blob stream gets four; the rest are
+/// closed at once, and a stranger's requests on the four are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_gets_at_most_four_blob_streams() -> Result<()> {
+    use shoal_protocol::files::{BlobResponse, BLOB_PROTOCOL};
+    let n = spawn_nodes(1).await?;
+    let node = &n[0].node;
+    let addr = node.net_info().await?.listen_addrs[0].clone();
+    let key = Keypair::generate_ed25519();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_behaviour(|_| StreamsOnly {
+            stream: libp2p_stream::Behaviour::new(),
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .build();
+    let mut control = swarm.behaviour().stream.new_control();
+    swarm.dial(addr)?;
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let peer: libp2p::PeerId = node.device_id().to_string().parse()?;
+    let mut streams = Vec::new();
+    for _ in 0..7 {
+        let s = tokio::time::timeout(
+            TIMEOUT,
+            control.open_stream(peer, StreamProtocol::new(BLOB_PROTOCOL)),
+        )
+        .await
+        .context("opening a stream timed out")??;
+        streams.push(s);
+    }
+    let mut answered = 0;
+    for s in &mut streams {
+        match tokio::time::timeout(TIMEOUT, ask_blob(s)).await {
+            Ok(Some(BlobResponse::Refused)) => answered += 1,
+            Ok(Some(other)) => bail!("a stranger got {other:?}"),
+            Ok(None) => {}
+            Err(_) => bail!("a stream neither answered nor closed"),
+        }
+    }
+    assert_eq!(answered, 4, "streams served");
+    driver.abort();
+    Ok(())
+}
