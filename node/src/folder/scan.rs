@@ -2,7 +2,7 @@
 //! content-defined chunks in one streaming pass.
 
 use std::fs::{File, Metadata};
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -163,34 +163,87 @@ fn cut_from(
     size: u64,
     stop: impl Fn(u64) -> bool,
 ) -> std::io::Result<Vec<Chunk>> {
-    let reader = BufReader::with_capacity(
-        1 << 20,
-        ReadAt {
-            f,
-            pos: start,
-            end: size,
-        },
-    );
-    let cdc = fastcdc::v2020::StreamCDC::new(
+    cut_from_with(f, start, size, stop, CUT_BUFFER)
+}
+
+/// Bytes read at a time while cutting.
+const CUT_BUFFER: usize = 4 << 20;
+
+/// [`cut_from`] with a buffer of `cap` bytes (at least two chunks' worth).
+/// Cuts are made on the buffer in place, as FastCDC's streaming cutter
+/// would make them (each with a full chunk's worth of bytes ahead, or
+/// what is left of the file), without its copy per chunk.
+fn cut_from_with(
+    f: &File,
+    start: u64,
+    size: u64,
+    stop: impl Fn(u64) -> bool,
+    cap: usize,
+) -> std::io::Result<Vec<Chunk>> {
+    use fastcdc::v2020::{cut, select_masks, Normalization};
+    let (min, avg, max) = (CHUNK_MIN as usize, CHUNK_AVG as usize, CHUNK_MAX as usize);
+    let cap = cap.max(2 * max);
+    let (mask_s, mask_l) = select_masks(avg, Normalization::Level1);
+    let mut r = ReadAt { f, pos: start, end: size };
+    let mut buf = vec![0u8; cap];
+    let (mut len, mut at, mut eof) = (0usize, 0usize, false);
+    let mut offset = start; // file offset of buf[at]
+    let mut out = Vec::new();
+    loop {
+        // Keep a full chunk's worth ahead of the cut, unless at the end.
+        if !eof && len - at < max {
+            buf.copy_within(at..len, 0);
+            len -= at;
+            at = 0;
+            while len < cap {
+                let n = r.read(&mut buf[len..])?;
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                len += n;
+            }
+        }
+        if at == len {
+            return Ok(out);
+        }
+        let (_, n) = cut(
+            &buf[at..len],
+            min,
+            avg,
+            max,
+            mask_s,
+            mask_l,
+            mask_s << 1,
+            mask_l << 1,
+        );
+        if n == 0 {
+            return Ok(out);
+        }
+        out.push((*blake3::hash(&buf[at..at + n]).as_bytes(), offset, n as u32));
+        at += n;
+        offset += n as u64;
+        if stop(offset) {
+            return Ok(out);
+        }
+    }
+}
+
+/// FastCDC's own streaming cutter, the reference [`cut_from`] must match.
+#[cfg(test)]
+fn cut_stream(f: &File, size: u64) -> Vec<Chunk> {
+    let reader = std::io::BufReader::new(ReadAt { f, pos: 0, end: size });
+    fastcdc::v2020::StreamCDC::new(
         reader,
         CHUNK_MIN as usize,
         CHUNK_AVG as usize,
         CHUNK_MAX as usize,
-    );
-    let mut out = Vec::new();
-    for c in cdc {
-        let c = c.map_err(|e| match e {
-            fastcdc::v2020::Error::IoError(io) => io,
-            other => std::io::Error::other(other.to_string()),
-        })?;
-        let offset = start + c.offset;
-        let end = offset + c.length as u64;
-        out.push((*blake3::hash(&c.data).as_bytes(), offset, c.length as u32));
-        if stop(end) {
-            break;
-        }
-    }
-    Ok(out)
+    )
+    .map(|c| {
+        let c = c.expect("read");
+        (*blake3::hash(&c.data).as_bytes(), c.offset, c.length as u32)
+    })
+    .collect()
 }
 
 /// The chunks of all of `f`: `n` segments are cut in parallel, then
@@ -486,10 +539,15 @@ mod tests {
         let old: std::collections::HashSet<_> = a.chunks.iter().map(|c| c.0).collect();
         let new = b.chunks.iter().filter(|c| !old.contains(&c.0)).count();
         assert!(new <= 2, "{new} chunks changed");
-        // cut in any number of segments, the chunks are those of one pass
+        // cut in any number of segments, the chunks are those of one pass,
+        // which are FastCDC's own, whatever the buffer size
         let f = File::open(&p).unwrap();
         let size = edited.len() as u64;
         let one = cut_from(&f, 0, size, |_| false).unwrap();
+        assert_eq!(one, cut_stream(&f, size));
+        for cap in [1 << 20, 1_300_001, 3 << 20] {
+            assert_eq!(cut_from_with(&f, 0, size, |_| false, cap).unwrap(), one, "{cap}");
+        }
         for n in 2..=7 {
             assert_eq!(cut_all(&f, size, n).unwrap(), one, "{n} segments");
         }
@@ -498,6 +556,8 @@ mod tests {
             std::fs::write(&q, &data[len / 3..len / 3 + len]).unwrap();
             let f = File::open(&q).unwrap();
             let one = cut_from(&f, 0, len as u64, |_| false).unwrap();
+            assert_eq!(one, cut_stream(&f, len as u64), "{len}");
+            assert_eq!(cut_from_with(&f, 0, len as u64, |_| false, 1 << 20).unwrap(), one);
             for n in 2..=5 {
                 assert_eq!(cut_all(&f, len as u64, n).unwrap(), one, "{len} {n}");
             }
