@@ -184,7 +184,11 @@ fn cut_from_with(
     let (min, avg, max) = (CHUNK_MIN as usize, CHUNK_AVG as usize, CHUNK_MAX as usize);
     let cap = cap.max(2 * max);
     let (mask_s, mask_l) = select_masks(avg, Normalization::Level1);
-    let mut r = ReadAt { f, pos: start, end: size };
+    let mut r = ReadAt {
+        f,
+        pos: start,
+        end: size,
+    };
     let mut buf = vec![0u8; cap];
     let (mut len, mut at, mut eof) = (0usize, 0usize, false);
     let mut offset = start; // file offset of buf[at]
@@ -232,7 +236,11 @@ fn cut_from_with(
 /// FastCDC's own streaming cutter, the reference [`cut_from`] must match.
 #[cfg(test)]
 fn cut_stream(f: &File, size: u64) -> Vec<Chunk> {
-    let reader = std::io::BufReader::new(ReadAt { f, pos: 0, end: size });
+    let reader = std::io::BufReader::new(ReadAt {
+        f,
+        pos: 0,
+        end: size,
+    });
     fastcdc::v2020::StreamCDC::new(
         reader,
         CHUNK_MIN as usize,
@@ -546,7 +554,11 @@ mod tests {
         let one = cut_from(&f, 0, size, |_| false).unwrap();
         assert_eq!(one, cut_stream(&f, size));
         for cap in [1 << 20, 1_300_001, 3 << 20] {
-            assert_eq!(cut_from_with(&f, 0, size, |_| false, cap).unwrap(), one, "{cap}");
+            assert_eq!(
+                cut_from_with(&f, 0, size, |_| false, cap).unwrap(),
+                one,
+                "{cap}"
+            );
         }
         for n in 2..=7 {
             assert_eq!(cut_all(&f, size, n).unwrap(), one, "{n} segments");
@@ -557,7 +569,10 @@ mod tests {
             let f = File::open(&q).unwrap();
             let one = cut_from(&f, 0, len as u64, |_| false).unwrap();
             assert_eq!(one, cut_stream(&f, len as u64), "{len}");
-            assert_eq!(cut_from_with(&f, 0, len as u64, |_| false, 1 << 20).unwrap(), one);
+            assert_eq!(
+                cut_from_with(&f, 0, len as u64, |_| false, 1 << 20).unwrap(),
+                one
+            );
             for n in 2..=5 {
                 assert_eq!(cut_all(&f, len as u64, n).unwrap(), one, "{len} {n}");
             }
