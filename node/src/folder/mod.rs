@@ -450,7 +450,7 @@ pub struct Folders {
     /// Taken at shutdown, so the store closes even while handles live.
     shared: Mutex<Option<Arc<Shared>>>,
     running: Mutex<HashMap<SpaceId, Running>>,
-    server: JoinHandle<()>,
+    server: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Folders {
@@ -486,7 +486,7 @@ impl Folders {
         let folders = Self {
             shared: Mutex::new(Some(Arc::clone(&shared))),
             running: Mutex::new(HashMap::new()),
-            server,
+            server: std::sync::Mutex::new(Some(server)),
         };
         for (space, root) in existing {
             folders.spawn(&shared, space, PathBuf::from(root));
@@ -608,7 +608,13 @@ impl Folders {
                 warn!("folder worker did not stop in time");
             }
         }
-        self.server.abort();
+        // The server holds the store too: wait until its task is gone, so
+        // a restart on the same home can open it.
+        let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(server) = server {
+            server.abort();
+            let _ = server.await;
+        }
         let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(s) = shared {
             let _ = s.blobs.flush().await;
@@ -618,7 +624,14 @@ impl Folders {
 
 impl Drop for Folders {
     fn drop(&mut self) {
-        self.server.abort();
+        if let Some(s) = self
+            .server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            s.abort();
+        }
         for (_, r) in self.lock().drain() {
             r.task.abort();
         }

@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -76,6 +76,9 @@ pub struct Worker {
     stop: Notify,
     stopped: AtomicBool,
     rules: RwLock<Rules>,
+    /// Files placed and scans that recorded changes: progress reports
+    /// say "in sync" again after any, however quick.
+    activity: AtomicU64,
 }
 
 /// A path the scanner found changed.
@@ -150,6 +153,7 @@ impl Worker {
             stop: Notify::new(),
             stopped: AtomicBool::new(false),
             rules: RwLock::new(rules),
+            activity: AtomicU64::new(0),
         }
     }
 
@@ -248,11 +252,15 @@ impl Worker {
         }
     }
 
-    /// Emits a progress event unless the folder is in sync and was at the
-    /// last tick too; returns whether it is in sync now.
-    fn report_progress(&self, was_in_sync: bool) -> bool {
+    /// Emits a progress event unless the folder is in sync, was at the
+    /// last tick too, and did nothing since (`seen` is the activity count
+    /// at the last tick); returns whether it is in sync now.
+    fn report_progress(&self, was_in_sync: bool, seen: &mut u64) -> bool {
         let st = self.status();
         let in_sync = st.state == "in sync";
+        let now = self.activity.load(Ordering::Relaxed);
+        let was_in_sync = was_in_sync && now == *seen;
+        *seen = now;
         if !(in_sync && was_in_sync) {
             self.shared.emit(Event::SyncProgress {
                 space: st.space,
@@ -300,6 +308,7 @@ impl Worker {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut reconcile = true;
         let mut was_in_sync = true;
+        let mut activity_seen = 0u64;
         info!(space = %self.space.short(), folder = %self.root.display(), "folder sync started");
         loop {
             if self.stopped.load(Ordering::SeqCst) {
@@ -380,7 +389,7 @@ impl Worker {
                 }
                 _ = rescan.tick() => full_scan = true,
                 _ = tick.tick() => {
-                    was_in_sync = self.report_progress(was_in_sync);
+                    was_in_sync = self.report_progress(was_in_sync, &mut activity_seen);
                     let now = Instant::now();
                     if !queue.is_empty()
                         || retry.values().any(|(at, _)| *at <= now)
@@ -483,6 +492,7 @@ impl Worker {
             self.problem("", format!("cannot record local changes: {e}"));
         }
         if changed > 0 {
+            self.activity.fetch_add(1, Ordering::Relaxed);
             info!(space = %self.space.short(), changed, full, ms = started.elapsed().as_millis() as u64, "scan recorded local changes");
         }
         again
@@ -1180,6 +1190,7 @@ impl Worker {
             .counters
             .files_placed
             .fetch_add(1, Ordering::Relaxed);
+        self.activity.fetch_add(1, Ordering::Relaxed);
         self.remote_changed(rel, w);
         if big {
             let ms = started.elapsed().as_millis() as u64;
