@@ -253,3 +253,34 @@ pub async fn serve_api(node: &Node) -> Result<(String, tokio::sync::oneshot::Sen
     .await?;
     Ok((format!("http://{addr}"), stop))
 }
+
+/// Writes `n` changes to `doc` in `space` on `node` from `writers` tasks at
+/// once (so the node batches them), returning when every one is acked.
+pub async fn write_burst(
+    node: &Node,
+    space: &str,
+    doc: &shoal_protocol::DocId,
+    n: usize,
+    writers: usize,
+) -> Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let (node, doc, space) = (node.clone(), doc.clone(), space.to_string());
+        tasks.spawn(async move {
+            for i in (w..n).step_by(writers) {
+                node.put(
+                    &space,
+                    &doc,
+                    &format!("/t{}", i % 500),
+                    serde_json::json!(i),
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use shoal_node::{Event, Node};
 use shoal_protocol::DocId;
-use shoal_tests::{connect, share_space, spawn_nodes, wait_converged, TestNode};
+use shoal_tests::{connect, share_space, spawn_nodes, wait_converged, write_burst, TestNode};
 use tokio::sync::Notify;
 
 struct Arrivals {
@@ -114,22 +114,7 @@ async fn run(n: usize, changes: usize, burst: usize) -> Result<(Vec<f64>, f64)> 
     // Throughput: `burst` changes, many in flight (group commit), until all
     // receivers have the last heads.
     let t0 = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let writers = 64;
-    for w in 0..writers {
-        let a = a.clone();
-        let doc = doc.clone();
-        tasks.spawn(async move {
-            for i in (w..burst).step_by(writers) {
-                a.put("bench", &doc, &format!("/t{}", i % 500), json!(i))
-                    .await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    write_burst(&a, "bench", &doc, burst, 64).await?;
     wait_converged(&all, "bench", "bench").await?;
     let secs = t0.elapsed().as_secs_f64();
     for t in &nodes {

@@ -21,7 +21,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use shoal_protocol::DocId;
-use shoal_tests::{folder_nodes, serve_api, spawn_nodes};
+use shoal_tests::{folder_nodes, serve_api, spawn_nodes, write_burst};
 
 /// What one consumer saw.
 #[derive(Default)]
@@ -114,22 +114,7 @@ async fn delivery(consumers: usize, burst: usize) -> Result<Delivery> {
     }
     let start = Instant::now();
     let _ = t0.set(start);
-    let mut tasks = tokio::task::JoinSet::new();
-    let writers = 64;
-    for w in 0..writers {
-        let a = a.clone();
-        let doc = doc.clone();
-        tasks.spawn(async move {
-            for i in (w..burst).step_by(writers) {
-                a.put("bench", &doc, &format!("/t{}", i % 500), json!(i))
-                    .await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    write_burst(&a, "bench", &doc, burst, 64).await?;
     let produced_per_s = burst as f64 / start.elapsed().as_secs_f64();
     // every consumer has each event or was told it lost it
     until(Duration::from_secs(60), "delivery of every event", || {
