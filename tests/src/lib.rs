@@ -284,3 +284,18 @@ pub async fn write_burst(
     }
     Ok(())
 }
+
+/// The number after `flag` in `args` (`--runs 3`), or `default`.
+pub fn flag_value(args: &[String], flag: &str, default: usize) -> usize {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of `v` (NaN when empty); benchmarks report medians.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|x, y| x.total_cmp(y));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}

@@ -256,11 +256,22 @@ impl Worker {
     /// last tick too, and did nothing since (`seen` is the activity count
     /// at the last tick); returns whether it is in sync now.
     fn report_progress(&self, was_in_sync: bool, seen: &mut u64) -> bool {
-        let st = self.status();
-        let in_sync = st.state == "in sync";
         let now = self.activity.load(Ordering::Relaxed);
         let was_in_sync = was_in_sync && now == *seen;
         *seen = now;
+        // A quiet folder costs one look at the pending set, not a full
+        // status (which counts every file the store knows).
+        let quiet = || {
+            self.shared.blobs.pending_count(&self.space) == 0 && {
+                let p = self.prog();
+                p.state != "scanning" && p.detail.is_none()
+            }
+        };
+        if was_in_sync && quiet() {
+            return true;
+        }
+        let st = self.status();
+        let in_sync = st.state == "in sync";
         if !(in_sync && was_in_sync) {
             self.shared.emit(Event::SyncProgress {
                 space: st.space,

@@ -14,7 +14,9 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use shoal_node::{Event, Node};
 use shoal_protocol::DocId;
-use shoal_tests::{connect, share_space, spawn_nodes, wait_converged, write_burst, TestNode};
+use shoal_tests::{
+    connect, flag_value, median, share_space, spawn_nodes, wait_converged, write_burst, TestNode,
+};
 use tokio::sync::Notify;
 
 struct Arrivals {
@@ -127,13 +129,7 @@ async fn run(n: usize, changes: usize, burst: usize) -> Result<(Vec<f64>, f64)> 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str, d: usize| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
+    let get = |flag: &str, d: usize| flag_value(&args, flag, d);
     let changes = get("--changes", 1000);
     let burst = get("--burst", 10_000);
     let runs = get("--runs", 3).max(1);
@@ -178,11 +174,6 @@ async fn main() -> Result<()> {
         println!("| {n} | {p50:.2} | {p99:.2} | {max:.2} | {rate:.0} | {goal} |");
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|x, y| x.total_cmp(y));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn ok(b: bool) -> &'static str {

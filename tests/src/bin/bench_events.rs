@@ -21,7 +21,8 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use shoal_protocol::DocId;
-use shoal_tests::{folder_nodes, serve_api, spawn_nodes, write_burst};
+use shoal_tests::{flag_value, folder_nodes, median, serve_api, spawn_nodes, write_burst};
+use tokio::sync::Notify;
 
 /// What one consumer saw.
 #[derive(Default)]
@@ -33,8 +34,12 @@ struct Seen {
 }
 
 /// Attaches a consumer to `base`'s event stream; returns once the stream is
-/// open. It counts until the stream ends.
-async fn consume(base: &str, t0: Arc<std::sync::OnceLock<Instant>>) -> Result<Arc<Seen>> {
+/// open. It counts until the stream ends, waking `wake` at each event.
+async fn consume(
+    base: &str,
+    t0: Arc<std::sync::OnceLock<Instant>>,
+    wake: Arc<Notify>,
+) -> Result<Arc<Seen>> {
     let resp = reqwest::Client::new()
         .get(format!("{base}/v1/events"))
         .bearer_auth("t0ken")
@@ -59,6 +64,7 @@ async fn consume(base: &str, t0: Arc<std::sync::OnceLock<Instant>>) -> Result<Ar
                 s.last_us
                     .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
+            wake.notify_waiters();
         }
     });
     Ok(seen)
@@ -75,16 +81,38 @@ fn cpu_secs() -> Result<f64> {
     Ok(ticks / 100.0) // USER_HZ is 100 on Linux
 }
 
-/// Waits (polling) until `cond` holds, or fails after `limit`.
-async fn until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let end = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() > end {
+/// Waits until `cond` holds, checking it each time `wake` is woken, or
+/// fails after `limit`.
+async fn until(
+    limit: Duration,
+    what: &str,
+    wake: &Notify,
+    mut cond: impl FnMut() -> bool,
+) -> Result<()> {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        // Registered before the check, so no wake-up in between is lost.
+        woken.as_mut().enable();
+        if cond() {
+            return Ok(());
+        }
+        if tokio::time::timeout_at(end, woken).await.is_err() {
             bail!("{what} did not happen within {} s", limit.as_secs());
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Ok(())
+}
+
+/// Wakes `wake` at every event of `node` (its own, in-process stream).
+fn wake_on_events(node: &shoal_node::Node, wake: Arc<Notify>) {
+    let mut rx = node.events();
+    tokio::spawn(async move {
+        while let Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) = rx.recv().await
+        {
+            wake.notify_waiters();
+        }
+    });
 }
 
 struct Delivery {
@@ -99,13 +127,14 @@ async fn delivery(consumers: usize, burst: usize) -> Result<Delivery> {
     a.create_space("bench").await?;
     let (base, stop) = serve_api(&a).await?;
     let t0 = Arc::new(std::sync::OnceLock::new());
+    let wake = Arc::new(Notify::new());
     let mut seen = Vec::new();
     for _ in 0..consumers {
-        seen.push(consume(&base, Arc::clone(&t0)).await?);
+        seen.push(consume(&base, Arc::clone(&t0), Arc::clone(&wake)).await?);
     }
     let doc: DocId = "bench".parse()?;
     a.put("bench", &doc, "/warm", json!(0)).await?;
-    until(Duration::from_secs(10), "warm-up event", || {
+    until(Duration::from_secs(10), "warm-up event", &wake, || {
         seen.iter().all(|s| s.events.load(Ordering::Relaxed) >= 1)
     })
     .await?;
@@ -117,11 +146,16 @@ async fn delivery(consumers: usize, burst: usize) -> Result<Delivery> {
     write_burst(&a, "bench", &doc, burst, 64).await?;
     let produced_per_s = burst as f64 / start.elapsed().as_secs_f64();
     // every consumer has each event or was told it lost it
-    until(Duration::from_secs(60), "delivery of every event", || {
-        seen.iter().all(|s| {
-            s.events.load(Ordering::Relaxed) + s.dropped.load(Ordering::Relaxed) >= burst as u64
-        })
-    })
+    until(
+        Duration::from_secs(60),
+        "delivery of every event",
+        &wake,
+        || {
+            seen.iter().all(|s| {
+                s.events.load(Ordering::Relaxed) + s.dropped.load(Ordering::Relaxed) >= burst as u64
+            })
+        },
+    )
     .await?;
     let consumers = seen
         .iter()
@@ -152,9 +186,12 @@ async fn overhead(consumers: usize, files: usize) -> Result<Overhead> {
     let b = &nodes[1].node;
     let (base, stop) = serve_api(b).await?;
     let t0 = Arc::new(std::sync::OnceLock::new());
+    // B's own events (a placement is one) wake the wait for completion.
+    let wake = Arc::new(Notify::new());
+    wake_on_events(b, Arc::clone(&wake));
     let mut seen = Vec::new();
     for _ in 0..consumers {
-        seen.push(consume(&base, Arc::clone(&t0)).await?);
+        seen.push(consume(&base, Arc::clone(&t0), Arc::clone(&wake)).await?);
     }
     let placed = b.folder_counters();
     let placed0 = placed.files_placed.load(Ordering::Relaxed);
@@ -168,9 +205,12 @@ async fn overhead(consumers: usize, files: usize) -> Result<Overhead> {
         body[..8].copy_from_slice(&(i as u64).to_le_bytes());
         std::fs::write(dir.join(format!("f{i:05}")), body)?;
     }
-    until(Duration::from_secs(300), "every file placed on B", || {
-        placed.files_placed.load(Ordering::Relaxed) - placed0 >= files as u64
-    })
+    until(
+        Duration::from_secs(300),
+        "every file placed on B",
+        &wake,
+        || placed.files_placed.load(Ordering::Relaxed) - placed0 >= files as u64,
+    )
     .await?;
     let secs = start.elapsed().as_secs_f64();
     let cpu = cpu_secs()? - cpu0;
@@ -199,13 +239,7 @@ async fn overhead(consumers: usize, files: usize) -> Result<Overhead> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str, d: usize| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
+    let get = |flag: &str, d: usize| flag_value(&args, flag, d);
     let burst = get("--burst", 20_000);
     let files = get("--files", 2_000);
     let runs = get("--runs", 3).max(1);
@@ -270,9 +304,4 @@ async fn main() -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|x, y| x.total_cmp(y));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
