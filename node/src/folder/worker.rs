@@ -79,6 +79,10 @@ pub struct Worker {
     /// Files placed and scans that recorded changes: progress reports
     /// say "in sync" again after any, however quick.
     activity: AtomicU64,
+    /// Paths renamed into place whose record is not written yet: the
+    /// scanner leaves them for later, or it would take the placed content
+    /// for a local edit (and publish it over a newer version).
+    placing: Mutex<HashSet<String>>,
 }
 
 /// A path the scanner found changed.
@@ -154,6 +158,7 @@ impl Worker {
             stopped: AtomicBool::new(false),
             rules: RwLock::new(rules),
             activity: AtomicU64::new(0),
+            placing: Mutex::new(HashSet::new()),
         }
     }
 
@@ -496,6 +501,36 @@ impl Worker {
         }
         if full {
             self.prog().state = "";
+        }
+        {
+            // A placement that finished while the scan read its file has
+            // recorded that very stat: nothing changed locally.
+            result.found.retain(|f| {
+                let st = match f {
+                    Found::File(_, h) => h.stat,
+                    Found::Dir(_, st) | Found::Link(_, st, _) => *st,
+                };
+                !matches!(self.shared.blobs.local(&self.space, f.rel()), Ok(Some(l)) if l.stat == st)
+            });
+            let placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
+            if !placing.is_empty() {
+                let mut later = Vec::new();
+                result.found.retain(|f| {
+                    let busy = placing.contains(f.rel());
+                    if busy {
+                        later.push(f.rel().to_string());
+                    }
+                    !busy
+                });
+                result.gone.retain(|g| {
+                    let busy = placing.contains(g);
+                    if busy {
+                        later.push(g.clone());
+                    }
+                    !busy
+                });
+                result.again.extend(later);
+            }
         }
         let again = std::mem::take(&mut result.again);
         let changed = result.found.len() + result.gone.len();
@@ -1135,24 +1170,15 @@ impl Worker {
         }
         let guard = self.fs.lock().await;
         let blobs = &self.shared.blobs;
-        // The index may have moved on while we fetched. A path whose index
-        // entry changed since we decided was marked pending again; only
-        // then is the index asked (a round trip to the engine, which is
-        // busiest exactly when many files arrive). A change the worker has
-        // not pulled yet marks it afterwards, and that reconciles it again.
-        let remarked = blobs
-            .pending_mark(&self.space, rel)
-            .map_err(|e| TransferError::Failed(e.to_string()))?
-            .is_none_or(|m| m != mark);
-        let now_values = if remarked {
-            let current = self
-                .index_get(vec![rel.to_string()])
-                .await
-                .map_err(|e| TransferError::Failed(e.to_string()))?;
-            entries(current.first().map(|v| v.as_slice()).unwrap_or_default())
-        } else {
-            Vec::new()
-        };
+        // The index may have moved on while we fetched. Asked every time,
+        // under the lock: a stale version placed here would be found by
+        // the scanner as content that is not the winner, and published
+        // as a local edit over the newer one.
+        let current = self
+            .index_get(vec![rel.to_string()])
+            .await
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        let now_values = entries(current.first().map(|v| v.as_slice()).unwrap_or_default());
         if files::winner(&now_values).is_some_and(|n| n.hash != w.hash || n.deleted) {
             return Err(TransferError::Failed(
                 "superseded while fetched; again".into(),
@@ -1176,6 +1202,11 @@ impl Worker {
                 .map_err(fail)?;
         }
         let dest = place::safe_parent(&self.root, rel).map_err(fail)?;
+        self.placing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rel.to_string());
+        let placed = Placing(self, rel);
         fs::rename(&fetched.temp, &dest).map_err(fail)?;
         let st = scan::stat_of(&fs::symlink_metadata(&dest).map_err(fail)?);
         // The rename is made durable outside the lock, so placements in
@@ -1195,6 +1226,7 @@ impl Worker {
         blobs
             .set_local(&self.space, rel, st, w.hash, w.chunked, &fetched.chunks)
             .map_err(|e| TransferError::Failed(e.to_string()))?;
+        drop(placed);
         let _ = blobs.remove_part(&self.space, &fetched.part);
         let _ = blobs.done_pending(&self.space, rel, mark);
         self.shared
@@ -1214,6 +1246,20 @@ impl Worker {
             });
         }
         Ok(())
+    }
+}
+
+/// Takes a path out of [`Worker::placing`] when dropped, whatever way the
+/// placement ends.
+struct Placing<'a>(&'a Worker, &'a str);
+
+impl Drop for Placing<'_> {
+    fn drop(&mut self) {
+        self.0
+            .placing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.1);
     }
 }
 

@@ -428,14 +428,6 @@ impl Blobs {
         Ok(out)
     }
 
-    /// The mark `path` waits under, if it waits.
-    pub fn pending_mark(&self, space: &SpaceId, path: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .pending
-            .get(key(space, path.as_bytes()))?
-            .map(|v| v.to_vec()))
-    }
-
     /// How many paths wait for reconciliation.
     pub fn pending_count(&self, space: &SpaceId) -> usize {
         self.pending.scan_prefix(space.0).count()
