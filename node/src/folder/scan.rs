@@ -125,8 +125,8 @@ impl Hashed {
     }
 }
 
-/// Files above this are cut in parallel segments.
-const SEGMENT_MIN: u64 = 8 << 20;
+/// Files above this are cut and hashed in parallel segments.
+const SEGMENT_MIN: u64 = 4 << 20;
 
 /// Reads `f` from `pos` up to `end` with positional reads, so several
 /// readers share one open file.
@@ -163,7 +163,16 @@ fn cut_from(
     size: u64,
     stop: impl Fn(u64) -> bool,
 ) -> std::io::Result<Vec<Chunk>> {
-    cut_from_with(f, start, size, stop, CUT_BUFFER)
+    cut_from_with(f, start, size, stop, None, CUT_BUFFER)
+}
+
+/// A BLAKE3 hasher fed the bytes a cut reads from its start up to `end`,
+/// so that the whole-file hash needs no second read.
+struct Subtree<'a> {
+    hasher: &'a mut blake3::Hasher,
+    end: u64,
+    /// Bytes fed so far.
+    fed: u64,
 }
 
 /// Bytes read at a time while cutting.
@@ -178,11 +187,16 @@ fn cut_from_with(
     start: u64,
     size: u64,
     stop: impl Fn(u64) -> bool,
+    mut tree: Option<&mut Subtree<'_>>,
     cap: usize,
 ) -> std::io::Result<Vec<Chunk>> {
     use fastcdc::v2020::{cut, select_masks, Normalization};
     let (min, avg, max) = (CHUNK_MIN as usize, CHUNK_AVG as usize, CHUNK_MAX as usize);
-    let cap = cap.max(2 * max);
+    // No bigger than what is left of the file: a small file does not
+    // zero a whole buffer.
+    let cap = cap
+        .max(2 * max)
+        .min(usize::try_from(size.saturating_sub(start)).unwrap_or(usize::MAX));
     let (mask_s, mask_l) = select_masks(avg, Normalization::Level1);
     let mut r = ReadAt {
         f,
@@ -200,10 +214,16 @@ fn cut_from_with(
             len -= at;
             at = 0;
             while len < cap {
+                let from = r.pos;
                 let n = r.read(&mut buf[len..])?;
                 if n == 0 {
                     eof = true;
                     break;
+                }
+                if let Some(t) = tree.as_mut() {
+                    let take = t.end.saturating_sub(from).min(n as u64) as usize;
+                    t.hasher.update(&buf[len..len + take]);
+                    t.fed += take as u64;
                 }
                 len += n;
             }
@@ -254,22 +274,55 @@ fn cut_stream(f: &File, size: u64) -> Vec<Chunk> {
     .collect()
 }
 
-/// The chunks of all of `f`: `n` segments are cut in parallel, then
-/// joined where a segment's chunks meet the boundaries its predecessor
-/// reaches (cutting on from there until they do). The result is exactly
-/// what one pass from the start gives.
-fn cut_all(f: &File, size: u64, n: u64) -> std::io::Result<Vec<Chunk>> {
+/// The chunks and the BLAKE3 of all of `f`, cut in segments of `seg`
+/// bytes (a power of two, at least BLAKE3's chunk) in parallel. Each
+/// segment's cutter also hashes the segment as a BLAKE3 subtree, and the
+/// subtrees are merged along BLAKE3's own tree into the whole-file hash:
+/// the file is read once. Segments' chunks are joined where a segment's
+/// chunks meet the boundaries its predecessor reaches (cutting on from
+/// there until they do). The result is exactly what one pass from the
+/// start gives.
+fn cut_all(f: &File, size: u64, seg: u64) -> std::io::Result<([u8; 32], Vec<Chunk>)> {
+    use blake3::hazmat::HasherExt;
     use rayon::prelude::*;
-    let n = n.clamp(1, size.max(1));
-    let starts: Vec<u64> = (0..n).map(|k| k * size / n).collect();
+    debug_assert!(seg.is_power_of_two() && seg >= blake3::CHUNK_LEN as u64);
+    if size <= seg {
+        let mut hasher = blake3::Hasher::new();
+        let mut tree = Subtree {
+            hasher: &mut hasher,
+            end: size,
+            fed: 0,
+        };
+        let chunks = cut_from_with(f, 0, size, |_| false, Some(&mut tree), CUT_BUFFER)?;
+        return Ok((*hasher.finalize().as_bytes(), chunks));
+    }
+    let starts: Vec<u64> = (0..size.div_ceil(seg)).map(|k| k * seg).collect();
     let segments = starts
         .par_iter()
-        .enumerate()
-        .map(|(k, s)| {
-            let next = starts.get(k + 1).copied().unwrap_or(u64::MAX);
-            cut_from(f, *s, size, |end| end >= next)
+        .map(|&s| {
+            let next = (s + seg).min(size);
+            let mut hasher = blake3::Hasher::new();
+            hasher.set_input_offset(s);
+            let mut tree = Subtree {
+                hasher: &mut hasher,
+                end: next,
+                fed: 0,
+            };
+            let chunks = cut_from_with(f, s, size, |end| end >= next, Some(&mut tree), CUT_BUFFER)?;
+            // A file cut short under us: its subtree would be short (or
+            // empty, which BLAKE3 refuses); no chunks tells the caller the
+            // file changed while it was read.
+            if tree.fed != next - s {
+                return Ok(None);
+            }
+            Ok(Some((chunks, hasher.finalize_non_root())))
         })
-        .collect::<std::io::Result<Vec<_>>>()?;
+        .collect::<std::io::Result<Option<Vec<_>>>>()?;
+    let Some(segments) = segments else {
+        return Ok(([0; 32], Vec::new()));
+    };
+    let (segments, cvs): (Vec<_>, Vec<_>) = segments.into_iter().unzip();
+    let whole = tree_root(&cvs, seg, size);
     let mut segments = segments.into_iter();
     let mut out = segments.next().unwrap_or_default();
     for seg in segments {
@@ -298,26 +351,42 @@ fn cut_all(f: &File, size: u64, n: u64) -> std::io::Result<Vec<Chunk>> {
             }
         }
     }
-    Ok(out)
+    Ok((whole, out))
 }
 
-/// BLAKE3 of `size` bytes of `f`, read in order.
-fn hash_whole(f: &File, size: u64) -> std::io::Result<[u8; 32]> {
-    let mut h = blake3::Hasher::new();
-    let mut r = ReadAt {
-        f,
-        pos: 0,
-        end: size,
-    };
-    let mut buf = vec![0u8; (size as usize).clamp(1, 1 << 20)];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
+/// The BLAKE3 of `size` bytes from the chaining values of its segments of
+/// `seg` bytes (a power of two; the last may be short), joined as BLAKE3's
+/// tree joins them: each parent's left side is the largest power of two
+/// of chunks shorter than the whole, which always ends on a segment
+/// boundary.
+fn tree_root(cvs: &[blake3::hazmat::ChainingValue], seg: u64, size: u64) -> [u8; 32] {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, Mode};
+    fn node(cvs: &[blake3::hazmat::ChainingValue], seg: u64, lo: u64, hi: u64) -> [u8; 32] {
+        if hi - lo <= seg {
+            return cvs[(lo / seg) as usize];
         }
-        h.update(&buf[..n]);
+        let mid = lo + left_subtree_len(hi - lo);
+        merge_subtrees_non_root(
+            &node(cvs, seg, lo, mid),
+            &node(cvs, seg, mid, hi),
+            Mode::Hash,
+        )
     }
-    Ok(*h.finalize().as_bytes())
+    let mid = left_subtree_len(size);
+    let root = merge_subtrees_root(
+        &node(cvs, seg, 0, mid),
+        &node(cvs, seg, mid, size),
+        Mode::Hash,
+    );
+    *root.as_bytes()
+}
+
+/// Segment length for cutting and hashing `size` bytes on `threads`
+/// threads: about four segments per thread, so that work-stealing evens
+/// out, and never under 4 MiB; a power of two, as BLAKE3's tree needs.
+fn segment_len(size: u64, threads: usize) -> u64 {
+    let per = size.div_ceil(4 * threads.max(1) as u64);
+    per.next_power_of_two().max(SEGMENT_MIN)
 }
 
 /// BLAKE3 of the file at `path`, read on one thread and hashed on this
@@ -368,10 +437,10 @@ pub fn hash_path(path: &Path) -> std::io::Result<[u8; 32]> {
 }
 
 /// Hashes and chunks the file at `path`, never holding more than a few
-/// chunks per thread. Large files are cut in parallel segments while the
-/// whole-file hash runs beside them. `None` when the file changed while it
-/// was read: the caller tries again later rather than record a torn
-/// version.
+/// chunks per thread, and reading it once. Large files are cut in
+/// parallel segments, each also hashing its part of the whole-file BLAKE3
+/// tree. `None` when the file changed while it was read: the caller tries
+/// again later rather than record a torn version.
 pub fn hash_file(path: &Path) -> std::io::Result<Option<Hashed>> {
     let f = File::open(path)?;
     let before = stat_of(&f.metadata()?);
@@ -388,10 +457,7 @@ pub fn hash_file(path: &Path) -> std::io::Result<Option<Hashed>> {
         };
         (h, chunks)
     } else {
-        // Segments of at least SEGMENT_MIN, one per thread at most.
-        let n = (size / SEGMENT_MIN).clamp(1, rayon::current_num_threads().max(1) as u64);
-        let (whole, chunks) = rayon::join(|| hash_whole(&f, size), || cut_all(&f, size, n));
-        (whole?, chunks?)
+        cut_all(&f, size, segment_len(size, rayon::current_num_threads()))?
     };
     let after = stat_of(&std::fs::symlink_metadata(path)?);
     let total: u64 = chunks.iter().map(|(_, _, l)| u64::from(*l)).sum();
@@ -523,6 +589,39 @@ mod tests {
     }
 
     #[test]
+    fn segment_subtrees_join_into_the_blake3_of_the_whole() {
+        use blake3::hazmat::HasherExt;
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for seg in [1024u64, 2048, 4096, 16384] {
+            for len in [
+                1025usize, 2048, 2049, 3072, 4097, 8192, 12_345, 16_385, 65_536, 70_000,
+            ] {
+                if len as u64 <= seg {
+                    continue;
+                }
+                let cvs: Vec<_> = data[..len]
+                    .chunks(seg as usize)
+                    .enumerate()
+                    .map(|(k, part)| {
+                        let mut h = blake3::Hasher::new();
+                        h.set_input_offset(k as u64 * seg);
+                        h.update(part);
+                        h.finalize_non_root()
+                    })
+                    .collect();
+                assert_eq!(
+                    tree_root(&cvs, seg, len as u64),
+                    *blake3::hash(&data[..len]).as_bytes(),
+                    "{len} bytes in segments of {seg}"
+                );
+            }
+        }
+        assert_eq!(segment_len(1 << 30, 2), 128 << 20);
+        assert_eq!(segment_len(10 << 20, 2), SEGMENT_MIN);
+        assert_eq!(segment_len((1 << 30) + 1, 2), 256 << 20);
+    }
+
+    #[test]
     fn hashing_cuts_stable_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
@@ -547,42 +646,48 @@ mod tests {
         let old: std::collections::HashSet<_> = a.chunks.iter().map(|c| c.0).collect();
         let new = b.chunks.iter().filter(|c| !old.contains(&c.0)).count();
         assert!(new <= 2, "{new} chunks changed");
-        // cut in any number of segments, the chunks are those of one pass,
-        // which are FastCDC's own, whatever the buffer size
+        // cut in segments of any size, the chunks are those of one pass,
+        // which are FastCDC's own, whatever the buffer size, and the
+        // segments' BLAKE3 subtrees join into the whole file's hash
         let f = File::open(&p).unwrap();
         let size = edited.len() as u64;
+        let whole = *blake3::hash(&edited).as_bytes();
         let one = cut_from(&f, 0, size, |_| false).unwrap();
         assert_eq!(one, cut_stream(&f, size));
         for cap in [1 << 20, 1_300_001, 3 << 20] {
             assert_eq!(
-                cut_from_with(&f, 0, size, |_| false, cap).unwrap(),
+                cut_from_with(&f, 0, size, |_| false, None, cap).unwrap(),
                 one,
                 "{cap}"
             );
         }
-        for n in 2..=7 {
-            assert_eq!(cut_all(&f, size, n).unwrap(), one, "{n} segments");
+        for seg in [64 << 10, 256 << 10, 1 << 20, 2 << 20, 4 << 20] {
+            assert_eq!(
+                cut_all(&f, size, seg).unwrap(),
+                (whole, one.clone()),
+                "{seg}"
+            );
         }
         for len in [40_000usize, 600_000, 1_234_567] {
             let q = dir.path().join(format!("p{len}"));
-            std::fs::write(&q, &data[len / 3..len / 3 + len]).unwrap();
+            let part = &data[len / 3..len / 3 + len];
+            std::fs::write(&q, part).unwrap();
             let f = File::open(&q).unwrap();
             let one = cut_from(&f, 0, len as u64, |_| false).unwrap();
             assert_eq!(one, cut_stream(&f, len as u64), "{len}");
             assert_eq!(
-                cut_from_with(&f, 0, len as u64, |_| false, 1 << 20).unwrap(),
+                cut_from_with(&f, 0, len as u64, |_| false, None, 1 << 20).unwrap(),
                 one
             );
-            for n in 2..=5 {
-                assert_eq!(cut_all(&f, len as u64, n).unwrap(), one, "{len} {n}");
+            let whole = *blake3::hash(part).as_bytes();
+            for seg in [32 << 10, 128 << 10, 1 << 20] {
+                let got = cut_all(&f, len as u64, seg).unwrap();
+                assert_eq!(got, (whole, one.clone()), "{len} {seg}");
             }
             let h = hash_file(&q).unwrap().unwrap();
             assert_eq!(h.chunks, one);
             assert_eq!(hash_path(&q).unwrap(), h.file_hash);
-            assert_eq!(
-                h.file_hash,
-                *blake3::hash(&data[len / 3..len / 3 + len]).as_bytes()
-            );
+            assert_eq!(h.file_hash, whole);
         }
         let empty = dir.path().join("e");
         std::fs::write(&empty, b"").unwrap();
