@@ -41,6 +41,86 @@ pub enum TransferError {
 /// Bytes written to a temp file between background flushes.
 const FLUSH_EVERY: u64 = 64 << 20;
 
+/// Files from this size on are read back and hashed while they arrive.
+const VERIFY_AHEAD_BYTES: u64 = 16 << 20;
+
+/// The whole-file check of a large transfer, run while its chunks arrive:
+/// a thread reads back the temp file's written prefix as it grows and
+/// hashes it, so that once the last chunk is in, only what came last is
+/// left to read. It is the same check as reading the file back at the
+/// end (every byte hashed is read from the file), earlier.
+struct Verifier {
+    tx: std::sync::mpsc::Sender<u64>,
+    thread: std::thread::JoinHandle<std::io::Result<[u8; 32]>>,
+}
+
+impl Verifier {
+    fn start(file: &File) -> std::io::Result<Self> {
+        let f = file.try_clone()?;
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let thread = std::thread::Builder::new()
+            .name("shoal-verify".into())
+            .spawn(move || {
+                let mut hasher = blake3::Hasher::new();
+                let mut done = 0u64;
+                let mut buf = vec![0u8; 1 << 20];
+                while let Ok(mut end) = rx.recv() {
+                    // Only the longest prefix told matters.
+                    while let Ok(e) = rx.try_recv() {
+                        end = end.max(e);
+                    }
+                    while done < end {
+                        let want =
+                            usize::try_from(end - done).map_or(buf.len(), |w| w.min(buf.len()));
+                        let n = f.read_at(&mut buf[..want], done)?;
+                        if n == 0 {
+                            return Err(std::io::ErrorKind::UnexpectedEof.into());
+                        }
+                        hasher.update(&buf[..n]);
+                        done += n as u64;
+                    }
+                }
+                Ok(*hasher.finalize().as_bytes())
+            })?;
+        Ok(Self { tx, thread })
+    }
+
+    /// The first `end` bytes are written.
+    fn advance(&self, end: u64) {
+        let _ = self.tx.send(end);
+    }
+
+    /// Hashes the rest up to `size` and returns the file's BLAKE3.
+    fn finish(self, size: u64) -> std::io::Result<[u8; 32]> {
+        let _ = self.tx.send(size);
+        drop(self.tx);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the verifier panicked")))
+    }
+}
+
+/// The temp file a transfer assembles, and its whole-file check when that
+/// runs ahead.
+struct Assembly {
+    file: File,
+    verifier: Option<Verifier>,
+}
+
+/// The end of the written prefix: the offset of the first chunk not yet
+/// in the file (from `from` on), or `size`.
+fn written_prefix(
+    bits: &[u8],
+    chunks: &[([u8; 32], u64, u32)],
+    from: &mut usize,
+    size: u64,
+) -> u64 {
+    while *from < chunks.len() && bits[*from / 8] & (1 << (*from % 8)) != 0 {
+        *from += 1;
+    }
+    chunks.get(*from).map_or(size, |c| c.1)
+}
+
 fn io_err(what: &str, e: std::io::Error) -> TransferError {
     if matches!(e.raw_os_error(), Some(28) | Some(122)) {
         TransferError::DiskFull(format!("{what}: {e}"))
@@ -243,8 +323,19 @@ impl Worker {
         let needed: u64 = need.iter().map(|i| u64::from(chunks[*i].2)).sum();
         let local_bytes = size.saturating_sub(needed);
         self.progress(rel, local_bytes);
+        let ahead = if size >= VERIFY_AHEAD_BYTES {
+            let v = Verifier::start(&file).map_err(|e| io_err("start the whole-file check", e))?;
+            v.advance(written_prefix(&bits, &chunks, &mut 0, size));
+            Some(v)
+        } else {
+            None
+        };
+        let asm = Assembly {
+            file,
+            verifier: ahead,
+        };
         if !need.is_empty() {
-            self.fetch_chunks(rel, &file, &chunks, need, &mut bits, &part)
+            self.fetch_chunks(rel, &asm, &chunks, need, &mut bits, &part)
                 .await?;
         }
 
@@ -264,8 +355,12 @@ impl Worker {
             }
             // Streamed, so memory stays bounded whatever the size.
             let (whole, synced) = std::thread::scope(|s| {
-                let sync = own_sync.then(|| s.spawn(|| file.sync_data()));
-                let whole = super::scan::hash_path(&t);
+                let Assembly { file, verifier } = asm;
+                let sync = own_sync.then(|| s.spawn(move || file.sync_data()));
+                let whole = match verifier {
+                    Some(v) => v.finish(size),
+                    None => super::scan::hash_path(&t),
+                };
                 let synced = sync.map(|j| {
                     j.join()
                         .unwrap_or_else(|_| Err(std::io::Error::other("sync panicked")))
@@ -320,13 +415,16 @@ impl Worker {
     async fn fetch_chunks(
         &self,
         rel: &str,
-        file: &File,
+        asm: &Assembly,
         chunks: &[([u8; 32], u64, u32)],
         need: Vec<usize>,
         bits: &mut [u8],
         part: &str,
     ) -> Result<(), TransferError> {
-        let sh = &self.shared;
+        let (sh, file) = (&self.shared, &asm.file);
+        let file_size = chunks.last().map_or(0, |c| c.1 + u64::from(c.2));
+        let mut frontier = 0usize;
+        written_prefix(bits, chunks, &mut frontier, file_size);
         let peers = self.peers().await?;
         let mut bad: HashSet<PeerId> = HashSet::new();
         let mut queue: VecDeque<(usize, Vec<PeerId>)> =
@@ -379,6 +477,11 @@ impl Worker {
                     file.write_all_at(&data, off)
                         .map_err(|e| io_err("write temp file", e))?;
                     bits[i / 8] |= 1 << (i % 8);
+                    if let Some(v) = &asm.verifier {
+                        if i == frontier {
+                            v.advance(written_prefix(bits, chunks, &mut frontier, file_size));
+                        }
+                    }
                     sh.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
                     sh.counters
                         .bytes_fetched
@@ -413,5 +516,58 @@ impl Worker {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_check_ahead_hashes_what_is_in_the_file_as_the_prefix_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("part");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        // the prefix told may grow in any steps, even go back
+        let v = Verifier::start(&f).unwrap();
+        for end in [0, 10, 1_500_000, 700, 2_999_999] {
+            v.advance(end);
+        }
+        assert_eq!(
+            v.finish(3_000_000).unwrap(),
+            *blake3::hash(&data).as_bytes()
+        );
+        // what it reads is the file, not what was meant to be written
+        let mut wrong = data.clone();
+        wrong[2_000_000] ^= 1;
+        std::fs::write(&p, &wrong).unwrap();
+        let v = Verifier::start(&File::open(&p).unwrap()).unwrap();
+        assert_ne!(
+            v.finish(3_000_000).unwrap(),
+            *blake3::hash(&data).as_bytes()
+        );
+        // a file shorter than promised is an error, not a hash
+        let v = Verifier::start(&File::open(&p).unwrap()).unwrap();
+        assert!(v.finish(3_000_001).is_err());
+    }
+
+    #[test]
+    fn the_written_prefix_ends_at_the_first_missing_chunk() {
+        let chunks: Vec<([u8; 32], u64, u32)> =
+            (0..10u64).map(|i| ([0; 32], i * 100, 100)).collect();
+        let mut bits = vec![0u8; 2];
+        let mut from = 0;
+        assert_eq!(written_prefix(&bits, &chunks, &mut from, 1000), 0);
+        for i in [0usize, 1, 2, 5] {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+        assert_eq!(written_prefix(&bits, &chunks, &mut from, 1000), 300);
+        assert_eq!(from, 3);
+        for i in [3usize, 4, 6, 7, 8, 9] {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+        assert_eq!(written_prefix(&bits, &chunks, &mut from, 1000), 1000);
     }
 }
