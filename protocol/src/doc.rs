@@ -11,6 +11,16 @@ use serde_json::{Map, Number, Value as Json};
 
 use crate::error::{Error, Result};
 
+/// Drops the patches automerge 0.12 records while it applies remote
+/// changes. Applying changes (directly or from a sync message) logs an
+/// event, with a copy of the value, for every map key they touch, even
+/// when nobody asked for patches; only this call empties the log. Without
+/// it a document keeps a copy of every value it ever received: 10,000
+/// index entries took 5.7 MB instead of 1.7 MB. Call it after every apply.
+pub fn forget_patches(doc: &mut AutoCommit) {
+    doc.reset_diff_cursor();
+}
+
 /// Deepest JSON nesting accepted in a put.
 pub const MAX_DEPTH: usize = 64;
 

@@ -312,7 +312,9 @@ pub fn apply_members_changes(
         if ok.is_empty() {
             return Ok(pending);
         }
-        doc.apply_changes(ok)?;
+        let applied = doc.apply_changes(ok);
+        crate::doc::forget_patches(doc);
+        applied?;
     }
 }
 

@@ -290,6 +290,7 @@ impl Engine {
                     .apply_changes(changes)
                     .map_err(shoal_protocol::Error::from)
             };
+            shoal_protocol::doc::forget_patches(&mut d.doc);
             if let Err(e) = r {
                 // Not stored either: a bad chunk in the log would take good
                 // changes down with it at load. Sync fetches them again.

@@ -409,6 +409,7 @@ impl Engine {
             .sync()
             .receive_sync_message(state, msg)
             .map_err(shoal_protocol::Error::from)?;
+        shoal_protocol::doc::forget_patches(&mut d.doc);
         let changed = d.doc.get_heads() != before;
         self.store_sigs(&verified);
         Ok((changed, Applied::new(raw, &authored)))
