@@ -182,7 +182,12 @@ impl Worker {
             *left = left.saturating_sub(n);
         }
         let now = Instant::now();
-        p.window.push_back((now, n));
+        // One entry per tenth of a second at most: ten thousand small
+        // files would otherwise leave a deque of ten thousand behind.
+        match p.window.back_mut() {
+            Some((t, m)) if now.duration_since(*t) < Duration::from_millis(100) => *m += n,
+            _ => p.window.push_back((now, n)),
+        }
         while p
             .window
             .front()
@@ -289,7 +294,14 @@ impl Worker {
             });
         }
         if in_sync && !was_in_sync {
-            // Done for now: what the sync allocated goes back.
+            // Done for now: what the sync allocated goes back, the room
+            // its queue grew to too.
+            {
+                let mut p = self.prog();
+                if p.queued.is_empty() {
+                    p.queued = HashMap::new();
+                }
+            }
             tokio::task::spawn_blocking(crate::memory::trim);
         }
         in_sync
