@@ -142,17 +142,25 @@ class Shoal(Node):
             raise RuntimeError(f"shoal {args}: {out.stderr.strip()}")
         return json.loads(out.stdout)
 
+    def listen_addr(self):
+        if TRANSPORT == "quic":
+            return f"/ip4/{self.ip}/udp/4747/quic-v1"
+        return f"/ip4/{self.ip}/tcp/4747"
+
     def start(self):
         log = open(os.path.join(os.path.dirname(self.home), f"shoal-{self.ns}.log"), "a")
         self.proc = subprocess.Popen(
             ns_cmd(self.ns, [self.bin, "--home", self.home, "--json", "up", "--no-mdns",
-                             "--listen", f"/ip4/{self.ip}/tcp/4747"]),
+                             "--listen", self.listen_addr()]),
             stdout=subprocess.PIPE, stderr=log, text=True,
             env=dict(os.environ, RUST_LOG=os.environ.get("SHOAL_LOG", "warn,shoal_node=info")))
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("shoal up did not start")
         return json.loads(line)
+
+
+TRANSPORT = "tcp"
 
 
 def pair_shoal(a, b):
@@ -448,7 +456,11 @@ def main():
     p.add_argument("--only", default="big,small,edit,insert",
                    help="workloads, comma-separated: big,small,edit,insert,scale "
                         "(scale, 100,000 files, is not in the default set)")
+    p.add_argument("--transport", choices=["tcp", "quic"], default="tcp",
+                   help="the one address shoal listens on (Syncthing keeps its defaults)")
     args = p.parse_args()
+    global TRANSPORT
+    TRANSPORT = args.transport
     work, staging = args.work, os.path.join(args.work, "staging")
     os.makedirs(staging, exist_ok=True)
 
