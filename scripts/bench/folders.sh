@@ -6,6 +6,7 @@
 #
 # usage: sudo scripts/bench/folders.sh [--big-mib N] [--mid-mib N] [--edits N]
 #                                      [--default-delay-edits N] [--skip-syncthing]
+#                                      [--only big,small,edit,insert,scale] [--transport tcp|quic]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
