@@ -31,6 +31,7 @@ const LINK_QUEUE: usize = 64;
 /// verifies one chunk at a time per stream, so two keep it busy while
 /// an answer is on its way (the 1 GiB transfer took 7% less time).
 const LINKS_PER_PEER: usize = 2;
+
 /// Longest wait for one chunk (queueing on the stream included).
 const CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Longest wait for a manifest (up to 64 MiB).
@@ -66,7 +67,7 @@ type LinkMap = HashMap<(PeerId, usize), (u64, mpsc::Sender<Req>)>;
 
 type Waiter = (BlobKind, oneshot::Sender<Result<Vec<u8>, FetchError>>);
 
-/// One pipelined stream per peer, opened on first use.
+/// [`LINKS_PER_PEER`] pipelined streams per peer, each opened on first use.
 pub struct Links {
     control: Mutex<libp2p_stream::Control>,
     map: Mutex<LinkMap>,
@@ -259,8 +260,8 @@ pub async fn serve(shared: Arc<Shared>, mut control: libp2p_stream::Control) {
     };
     // Stream tasks live in this set: stopping the server stops them all.
     let mut tasks = tokio::task::JoinSet::new();
-    // Streams open per peer: a peer opens one (and another after a
-    // timeout), so more than a few is a peer trying to tie us up.
+    // Streams open per peer: a peer opens LINKS_PER_PEER (and more after
+    // a timeout), so more than a few is a peer trying to tie us up.
     let open: Arc<std::sync::Mutex<HashMap<PeerId, usize>>> = Arc::default();
     loop {
         tokio::select! {
