@@ -616,24 +616,25 @@ async fn a_peer_gets_at_most_four_blob_streams() -> Result<()> {
         }
     });
     let peer: libp2p::PeerId = node.device_id().to_string().parse()?;
+    // One at a time, each asked before the next opens (a burst can
+    // overflow libp2p-stream's accept queue, which drops streams too).
+    // All stay open, holding their slots.
     let mut streams = Vec::new();
+    let mut answered = 0;
     for _ in 0..7 {
-        let s = tokio::time::timeout(
+        let mut s = tokio::time::timeout(
             TIMEOUT,
             control.open_stream(peer, StreamProtocol::new(BLOB_PROTOCOL)),
         )
         .await
         .context("opening a stream timed out")??;
-        streams.push(s);
-    }
-    let mut answered = 0;
-    for s in &mut streams {
-        match tokio::time::timeout(TIMEOUT, ask_blob(s)).await {
+        match tokio::time::timeout(TIMEOUT, ask_blob(&mut s)).await {
             Ok(Some(BlobResponse::Refused)) => answered += 1,
             Ok(Some(other)) => bail!("a stranger got {other:?}"),
             Ok(None) => {}
             Err(_) => bail!("a stream neither answered nor closed"),
         }
+        streams.push(s);
     }
     assert_eq!(answered, 4, "streams served");
     driver.abort();
