@@ -1013,7 +1013,10 @@ impl Worker {
                 Ok(Action::Done)
             }
             Kind::File => {
-                if known && local.as_ref().is_some_and(|l| l.hash == w.hash) {
+                if local.as_ref().is_some_and(|l| l.hash == w.hash) {
+                    // In sync; or edited here since the scan recorded the
+                    // winner itself (often our own version coming back):
+                    // a plain local edit, which the scanner publishes.
                     return Ok(Action::Done);
                 }
                 // Anything else here (changed since the last scan, or a
