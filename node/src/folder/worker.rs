@@ -75,7 +75,9 @@ pub struct Worker {
     progress: Mutex<Progress>,
     stop: Notify,
     stopped: AtomicBool,
-    rules: RwLock<Rules>,
+    /// The ignore rules, and the stat of the `.shoalignore` they were
+    /// read from (`None`: there was none).
+    rules: RwLock<(Rules, Option<Stat>)>,
     /// Files placed and scans that recorded changes: progress reports
     /// say "in sync" again after any, however quick.
     activity: AtomicU64,
@@ -143,6 +145,7 @@ fn now_ns() -> i64 {
 
 impl Worker {
     pub(super) fn new(shared: Arc<Shared>, space: SpaceId, root: PathBuf) -> Self {
+        let stat = ignore_file_stat(&root);
         let (rules, _) = Rules::load(&root);
         Self {
             shared,
@@ -156,7 +159,7 @@ impl Worker {
             }),
             stop: Notify::new(),
             stopped: AtomicBool::new(false),
-            rules: RwLock::new(rules),
+            rules: RwLock::new((rules, stat)),
             activity: AtomicU64::new(0),
             placing: Mutex::new(HashSet::new()),
         }
@@ -172,7 +175,22 @@ impl Worker {
     }
 
     fn rules(&self) -> Rules {
-        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).0.clone()
+    }
+
+    /// Reads `.shoalignore` again if it changed since the rules were read
+    /// (or always, with `force`). Returns whether the rules were read.
+    fn refresh_rules(&self, force: bool) -> bool {
+        let stat = ignore_file_stat(&self.root);
+        if !force && self.rules.read().unwrap_or_else(|p| p.into_inner()).1 == stat {
+            return false;
+        }
+        let (r, err) = Rules::load(&self.root);
+        if let Some(e) = err {
+            self.problem(scan::IGNORE_FILE, e);
+        }
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = (r, stat);
+        true
     }
 
     /// Counts `n` bytes of transfer progress.
@@ -392,11 +410,7 @@ impl Worker {
                 Some(p) = watch_rx.recv() => {
                     if let Some(rel) = scan::rel_of(&self.root, &p) {
                         if rel == scan::IGNORE_FILE {
-                            let (r, err) = Rules::load(&self.root);
-                            if let Some(e) = err {
-                                self.problem(scan::IGNORE_FILE, e);
-                            }
-                            *self.rules.write().unwrap_or_else(|p| p.into_inner()) = r;
+                            self.refresh_rules(true);
                             full_scan = true;
                         }
                         dirty_paths.insert(rel);
@@ -497,6 +511,9 @@ impl Worker {
         if full {
             self.prog().state = "scanning";
         }
+        // The watcher's word on `.shoalignore` may still be queued behind
+        // this scan: the rules are checked against the file itself.
+        self.refresh_rules(false);
         let (root, rules, blobs, space) = (
             self.root.clone(),
             self.rules(),
@@ -513,6 +530,13 @@ impl Worker {
         }
         if full {
             self.prog().state = "";
+        }
+        if self.refresh_rules(false) {
+            // `.shoalignore` changed during the walk: nothing it now
+            // ignores is published (the full scan its event starts reads
+            // the folder again with the new rules).
+            let rules = self.rules();
+            result.found.retain(|f| !rules.ignored(f.rel(), matches!(f, Found::Dir(..))));
         }
         {
             // A placement that finished while the scan read its file has
@@ -927,6 +951,7 @@ impl Worker {
             .rules
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .0
             .ignored(rel, w.kind == Kind::Dir);
         if ignored {
             return Ok(Action::Done);
@@ -1262,6 +1287,13 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// The stat of the folder's `.shoalignore`, if there is one.
+fn ignore_file_stat(root: &Path) -> Option<Stat> {
+    fs::symlink_metadata(root.join(scan::IGNORE_FILE))
+        .ok()
+        .map(|m| scan::stat_of(&m))
 }
 
 /// Takes a path out of [`Worker::placing`] when dropped, whatever way the
