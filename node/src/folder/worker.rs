@@ -175,7 +175,11 @@ impl Worker {
     }
 
     fn rules(&self) -> Rules {
-        self.rules.read().unwrap_or_else(|p| p.into_inner()).0.clone()
+        self.rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
     }
 
     /// Reads `.shoalignore` again if it changed since the rules were read
@@ -536,7 +540,9 @@ impl Worker {
             // ignores is published (the full scan its event starts reads
             // the folder again with the new rules).
             let rules = self.rules();
-            result.found.retain(|f| !rules.ignored(f.rel(), matches!(f, Found::Dir(..))));
+            result
+                .found
+                .retain(|f| !rules.ignored(f.rel(), matches!(f, Found::Dir(..))));
         }
         {
             // A placement that finished while the scan read its file has

@@ -4,7 +4,7 @@
 use std::fs;
 
 use anyhow::{Context, Result};
-use shoal_tests::{folder_nodes, wait_file, wait_gone};
+use shoal_tests::{folder_nodes, wait_file, wait_gone, TestNode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_modify_append_truncate_delete_rename() -> Result<()> {
@@ -126,6 +126,49 @@ async fn modify_wins_over_delete_and_offline_edits_meet() -> Result<()> {
     wait_file(&nodes[0].node, &a.join("keep.txt"), b"v2 edited offline").await?;
     wait_file(&nodes[0].node, &a.join("only-b.txt"), b"b").await?;
     wait_file(&nodes[1].node, &b.join("only-a.txt"), b"a").await?;
+    Ok(())
+}
+
+/// A file edited again right after its first version was published: when
+/// that version comes back through the index, the newer content on disk is
+/// a plain local edit, not a conflict (it was once set aside as one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_right_after_publishing_is_not_a_conflict() -> Result<()> {
+    // A's watcher waits 1.5 s before it scans a change, so the second write
+    // is still unscanned when A's own first version comes back.
+    let a = TestNode::spawn_with("slow", |c| {
+        c.folders.debounce = std::time::Duration::from_millis(1500)
+    })
+    .await?;
+    let b = TestNode::spawn("b").await?;
+    a.node.create_space("e").await?;
+    shoal_tests::share_space(&a.node, "e", &[&b.node]).await?;
+    shoal_tests::connect(&b.node, &a.node).await?;
+    let dirs = tempfile::tempdir()?;
+    let (ra, rb) = (dirs.path().join("a"), dirs.path().join("b"));
+    a.node.attach_folder("e", &ra).await?;
+    b.node.attach_folder("e", &rb).await?;
+
+    fs::write(ra.join("f.txt"), b"")?;
+    shoal_tests::wait_for(&a.node, shoal_tests::TIMEOUT, || async {
+        a.node
+            .files("e", "f.txt")
+            .await
+            .is_ok_and(|f| f.len() == 1 && f[0].size == 0)
+    })
+    .await?;
+    fs::write(ra.join("f.txt"), b"data")?;
+    wait_file(&b.node, &rb.join("f.txt"), b"data").await?;
+    wait_file(&a.node, &ra.join("f.txt"), b"data").await?;
+    assert!(a.node.conflicts("e").await?.is_empty());
+    let names: Vec<String> = fs::read_dir(&ra)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.contains("sync-conflict")),
+        "{names:?}"
+    );
     Ok(())
 }
 
