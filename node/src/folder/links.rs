@@ -1,8 +1,9 @@
 //! Blob exchange over raw libp2p streams (`/shoal/blob/1`).
 //!
-//! A fetching node keeps one stream per peer and pipelines requests on it:
-//! a writer task sends request frames as callers ask, a reader task reads
-//! the answers in order and hands each to its caller. A serving node answers
+//! A fetching node keeps [`LINKS_PER_PEER`] streams per peer, used in turn,
+//! and pipelines requests on each: a writer task sends request frames as
+//! callers ask, a reader task reads the answers in order and hands each to
+//! its caller. A serving node answers
 //! each stream's requests in order, reading and re-verifying every chunk
 //! from the synced file it lives in.
 //!
