@@ -3,9 +3,9 @@
 //! glibc keeps freed memory in per-thread arenas; a node that just synced
 //! ten thousand files would hold tens of megabytes it no longer uses. The
 //! node caps the arenas at start, gives buffers of half a megabyte and
-//! more their own mappings (returned whole when freed, instead of leaving holes
-//! in the heap), and trims the heap when a folder becomes idle. Other
-//! allocators and systems: all are no-ops.
+//! more their own mappings (returned whole when freed, instead of leaving
+//! holes in the heap), and trims the heap when a folder becomes idle.
+//! Other allocators and systems: all are no-ops.
 
 /// Caps glibc's malloc arenas at two and maps allocations of 512 KiB and
 /// more on their own (call before threads start). A fixed threshold also
