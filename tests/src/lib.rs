@@ -195,7 +195,19 @@ pub async fn folder_nodes(
     n: usize,
     space: &str,
 ) -> Result<(Vec<TestNode>, Vec<std::path::PathBuf>, TempDir)> {
-    let nodes = spawn_nodes(n).await?;
+    folder_nodes_with(n, space, |_, _| {}).await
+}
+
+/// [`folder_nodes`], with node `i`'s config adjusted by `tweak(i, config)`.
+pub async fn folder_nodes_with(
+    n: usize,
+    space: &str,
+    tweak: impl Fn(usize, &mut NodeConfig),
+) -> Result<(Vec<TestNode>, Vec<std::path::PathBuf>, TempDir)> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        nodes.push(TestNode::spawn_with(&format!("n{i}"), |c| tweak(i, c)).await?);
+    }
     nodes[0].node.create_space(space).await?;
     let others: Vec<&Node> = nodes[1..].iter().map(|t| &t.node).collect();
     share_space(&nodes[0].node, space, &others).await?;

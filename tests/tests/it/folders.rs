@@ -4,7 +4,7 @@
 use std::fs;
 
 use anyhow::{Context, Result};
-use shoal_tests::{folder_nodes, wait_file, wait_gone, TestNode};
+use shoal_tests::{folder_nodes, folder_nodes_with, wait_file, wait_gone};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_modify_append_truncate_delete_rename() -> Result<()> {
@@ -136,18 +136,14 @@ async fn modify_wins_over_delete_and_offline_edits_meet() -> Result<()> {
 async fn an_edit_right_after_publishing_is_not_a_conflict() -> Result<()> {
     // A's watcher waits 1.5 s before it scans a change, so the second write
     // is still unscanned when A's own first version comes back.
-    let a = TestNode::spawn_with("slow", |c| {
-        c.folders.debounce = std::time::Duration::from_millis(1500)
+    let (nodes, roots, _dirs) = folder_nodes_with(2, "e", |i, c| {
+        if i == 0 {
+            c.folders.debounce = std::time::Duration::from_millis(1500);
+        }
     })
     .await?;
-    let b = TestNode::spawn("b").await?;
-    a.node.create_space("e").await?;
-    shoal_tests::share_space(&a.node, "e", &[&b.node]).await?;
-    shoal_tests::connect(&b.node, &a.node).await?;
-    let dirs = tempfile::tempdir()?;
-    let (ra, rb) = (dirs.path().join("a"), dirs.path().join("b"));
-    a.node.attach_folder("e", &ra).await?;
-    b.node.attach_folder("e", &rb).await?;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (ra, rb) = (&roots[0], &roots[1]);
 
     fs::write(ra.join("f.txt"), b"")?;
     shoal_tests::wait_for(&a.node, shoal_tests::TIMEOUT, || async {
@@ -161,7 +157,7 @@ async fn an_edit_right_after_publishing_is_not_a_conflict() -> Result<()> {
     wait_file(&b.node, &rb.join("f.txt"), b"data").await?;
     wait_file(&a.node, &ra.join("f.txt"), b"data").await?;
     assert!(a.node.conflicts("e").await?.is_empty());
-    let names: Vec<String> = fs::read_dir(&ra)?
+    let names: Vec<String> = fs::read_dir(ra)?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
