@@ -157,16 +157,16 @@ pub fn router(node: Node, token: String) -> Router {
         node,
         token: Arc::new(token),
     };
-    let spec = Arc::new(openapi());
     let (api, _) = routes()
         .fallback(unknown_endpoint)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .split_for_parts();
     // The description is public (it is checked in), so tools that fetch it
-    // without the token work.
+    // without the token work. Built per request: it is fetched rarely, and
+    // kept it would hold most of a megabyte for the node's whole life.
     api.route(
         "/v1/openapi.json",
-        axum::routing::get(move || async move { Json(spec.as_ref().clone()) }),
+        axum::routing::get(|| async { Json(openapi()) }),
     )
     .with_state(state)
 }
