@@ -305,11 +305,13 @@ fn run(cli: Cli) -> Result<()> {
         Some(h) => h.clone(),
         None => default_home()?,
     });
-    // Few blocking threads: each keeps its own malloc arena, and a node at
-    // rest should stay small.
+    // Few blocking threads, and they end a second after their last job
+    // (tokio's default is ten): a node at rest should stay small, and each
+    // idle thread keeps its stack and its malloc cache.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(8)
+        .thread_keep_alive(std::time::Duration::from_secs(1))
         .build()
         .context("start the async runtime")?;
     match cli.cmd {

@@ -286,8 +286,10 @@ impl Worker {
 
     /// Emits a progress event unless the folder is in sync, was at the
     /// last tick too, and did nothing since (`seen` is the activity count
-    /// at the last tick); returns whether it is in sync now.
-    fn report_progress(&self, was_in_sync: bool, seen: &mut u64) -> bool {
+    /// at the last tick); returns whether it is in sync now. On reaching
+    /// sync it calls `settle` (the caller gives back the room its queues
+    /// grew to), then returns freed memory to the system.
+    fn report_progress(&self, was_in_sync: bool, seen: &mut u64, settle: impl FnOnce()) -> bool {
         let now = self.activity.load(Ordering::Relaxed);
         let was_in_sync = was_in_sync && now == *seen;
         *seen = now;
@@ -317,7 +319,8 @@ impl Worker {
         }
         if in_sync && !was_in_sync {
             // Done for now: what the sync allocated goes back, the room
-            // its queue grew to too.
+            // its queues grew to too.
+            settle();
             {
                 let mut p = self.prog();
                 if p.queued.is_empty() {
@@ -435,7 +438,12 @@ impl Worker {
                 }
                 _ = rescan.tick() => full_scan = true,
                 _ = tick.tick() => {
-                    was_in_sync = self.report_progress(was_in_sync, &mut activity_seen);
+                    was_in_sync = self.report_progress(was_in_sync, &mut activity_seen, || {
+                        dirty_paths.shrink_to_fit();
+                        active.shrink_to_fit();
+                        queue.shrink_to_fit();
+                        retry.shrink_to_fit();
+                    });
                     let now = Instant::now();
                     if !queue.is_empty()
                         || retry.values().any(|(at, _)| *at <= now)

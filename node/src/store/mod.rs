@@ -91,10 +91,12 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self> {
         // sled caches 1 GiB by default; the store is small, hot paths
         // batch, and the OS caches its file, so a small cache keeps the
-        // node lean at rest.
+        // node lean at rest. sled holds about three times the budget in
+        // memory; 2 MiB measured 3 MB less at rest than 4 MiB with 10,000
+        // files, and no slower to receive them (1 MiB was 10% slower).
         let db = sled::Config::new()
             .path(path)
-            .cache_capacity(4 << 20)
+            .cache_capacity(2 << 20)
             .open()?;
         Ok(Self {
             spaces: db.open_tree("spaces")?,
