@@ -530,7 +530,7 @@ def main():
          ratio(s["insert_s"], t.get("insert_s"))),
         ("5. peak RSS during 1 (larger node), MB", s["peak_rss_mb"], t.get("peak_rss_mb"), ".0f",
          ratio(s["peak_rss_mb"], t.get("peak_rss_mb"))),
-        ("5. RSS at rest after 2 (larger node), MB", s["rest_rss_mb"], t.get("rest_rss_mb"), ".0f",
+        ("5. RSS at rest after 2 (larger node), MB", s["rest_rss_mb"], t.get("rest_rss_mb"), ".1f",
          ratio(s["rest_rss_mb"], t.get("rest_rss_mb"))),
     ]
     if s["scale_first_s"] is not None or t.get("scale_first_s") is not None:
