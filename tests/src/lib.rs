@@ -78,9 +78,17 @@ pub fn init_tracing() {
 
 /// Starts `n` nodes named n0, n1, ...
 pub async fn spawn_nodes(n: usize) -> Result<Vec<TestNode>> {
+    spawn_nodes_with(n, |_, _| {}).await
+}
+
+/// [`spawn_nodes`], with node `i`'s config adjusted by `tweak(i, config)`.
+pub async fn spawn_nodes_with(
+    n: usize,
+    tweak: impl Fn(usize, &mut NodeConfig),
+) -> Result<Vec<TestNode>> {
     let mut v = Vec::new();
     for i in 0..n {
-        v.push(TestNode::spawn(&format!("n{i}")).await?);
+        v.push(TestNode::spawn_with(&format!("n{i}"), |c| tweak(i, c)).await?);
     }
     Ok(v)
 }
@@ -204,10 +212,7 @@ pub async fn folder_nodes_with(
     space: &str,
     tweak: impl Fn(usize, &mut NodeConfig),
 ) -> Result<(Vec<TestNode>, Vec<std::path::PathBuf>, TempDir)> {
-    let mut nodes = Vec::new();
-    for i in 0..n {
-        nodes.push(TestNode::spawn_with(&format!("n{i}"), |c| tweak(i, c)).await?);
-    }
+    let nodes = spawn_nodes_with(n, tweak).await?;
     nodes[0].node.create_space(space).await?;
     let others: Vec<&Node> = nodes[1..].iter().map(|t| &t.node).collect();
     share_space(&nodes[0].node, space, &others).await?;
