@@ -3,9 +3,8 @@
 //! A fetching node keeps [`LINKS_PER_PEER`] streams per peer, used in turn,
 //! and pipelines requests on each: a writer task sends request frames as
 //! callers ask, a reader task reads the answers in order and hands each to
-//! its caller. A serving node answers
-//! each stream's requests in order, reading and re-verifying every chunk
-//! from the synced file it lives in.
+//! its caller. A serving node answers each stream's requests in order,
+//! reading and re-verifying every chunk from the synced file it lives in.
 //!
 //! Frames: a request is `u16 length | postcard BlobRequest`; an answer is
 //! `u16 length | postcard BlobResponse`, followed by the bytes when found.

@@ -91,7 +91,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self> {
         // sled caches 1 GiB by default; the store is small, hot paths
         // batch, and the OS caches its file, so a small cache keeps the
-        // node lean at rest. sled holds about three times the budget in
+        // node lean at rest. sled holds two to three times the budget in
         // memory; 2 MiB measured 3 MB less at rest than 4 MiB with 10,000
         // files, and no slower to receive them (1 MiB was 10% slower).
         let db = sled::Config::new()
