@@ -9,6 +9,7 @@
 pub mod behaviour;
 pub mod codec;
 mod reach;
+mod readahead;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -351,13 +352,9 @@ pub fn build_swarm(
     let traffic = &metrics.node.traffic;
     let builder = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| Error::Network(format!("tcp transport: {e}")))?
         .with_quic()
+        .with_other_transport(tcp_transport)
+        .map_err(|e| Error::Network(format!("tcp transport: {e}")))?
         .with_dns()
         .map_err(|e| Error::Network(format!("dns: {e}")))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -373,6 +370,26 @@ pub fn build_swarm(
             .build())
     })
 }
+
+/// TCP with Noise and Yamux, the socket read in large gulps
+/// ([`readahead`]) under Noise.
+fn tcp_transport(key: &Keypair) -> std::result::Result<TcpTransport, BoxError> {
+    use libp2p::core::muxing::StreamMuxerBox;
+    use libp2p::core::upgrade::Version;
+    use libp2p::Transport as _;
+    Ok(
+        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+            .map(|socket, _| readahead::ReadAhead::new(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise::Config::new(key)?)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    )
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type TcpTransport = libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing::StreamMuxerBox)>;
 
 /// Dial options for an address: a fresh source port always, since two
 /// nodes that dial each other at once with port reuse end up in one TCP
