@@ -322,14 +322,45 @@ impl Drop for StreamSlot {
 /// Blob streams served to one peer at once.
 const MAX_STREAMS_PER_PEER: usize = 4;
 
+/// What a served stream's reads are asked for, in request order.
+enum Job {
+    Read {
+        space: SpaceId,
+        kind: BlobKind,
+        hash: [u8; 32],
+    },
+    Refused,
+}
+
+/// An answer head and, when found, the bytes.
+type Answer = (BlobResponse, Option<Vec<u8>>);
+
+/// A served stream's reading side, handed from one blocking job to the
+/// next: the queue of jobs and the files kept open across them.
+struct Reads {
+    jobs: mpsc::Receiver<Job>,
+    open: super::OpenFiles,
+}
+
+/// Requests read ahead of the one being served, per served stream.
+const SERVE_QUEUE: usize = 16;
+
 async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std::io::Result<()> {
     let (mut r, mut w) = shared.counters.traffic.meter(BLOB_PROTOCOL, stream).split();
-    let (tx, mut rx) = mpsc::channel::<(BlobResponse, Option<Vec<u8>>)>(SERVE_AHEAD);
+    let (tx, mut rx) = mpsc::channel::<Answer>(SERVE_AHEAD);
+    let (jobs_tx, jobs) = mpsc::channel::<Job>(SERVE_QUEUE);
+    // One blocking job at a time drains the queue, so answers keep the
+    // requests' order; a new one starts only when the last found it
+    // empty, not once per chunk.
+    let reads = Arc::new(Mutex::new(Reads {
+        jobs,
+        open: super::OpenFiles::default(),
+    }));
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = async move {
         // Only admissions are remembered, and only briefly: a device
         // removed from the space stops being served on an open stream too.
         let mut allowed: HashMap<SpaceId, std::time::Instant> = HashMap::new();
-        let open = Arc::new(std::sync::Mutex::new(super::OpenFiles::default()));
         loop {
             let mut len = [0u8; 2];
             if r.read_exact(&mut len).await.is_err() {
@@ -360,37 +391,22 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
                     ok
                 }
             };
-            let answer = if !ok {
-                (BlobResponse::Refused, None)
+            let job = if ok {
+                Job::Read { space, kind, hash }
             } else {
-                let (s, o) = (Arc::clone(&shared), Arc::clone(&open));
-                let found = tokio::task::spawn_blocking(move || {
-                    let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
-                    s.read_blob(&space, kind, &hash, &mut o)
-                })
-                .await
-                .ok()
-                .flatten();
-                match found {
-                    Some(mut data) => {
-                        if shared.settings.serve_corrupt_chunks && kind == BlobKind::Chunk {
-                            if let Some(b) = data.first_mut() {
-                                *b ^= 0xff;
-                            }
-                        }
-                        shared.counters.add_served(data.len());
-                        (
-                            BlobResponse::Found {
-                                len: data.len() as u32,
-                            },
-                            Some(data),
-                        )
-                    }
-                    None => (BlobResponse::Missing, None),
-                }
+                Job::Refused
             };
-            if tx.send(answer).await.is_err() {
+            if jobs_tx.send(job).await.is_err() {
                 return;
+            }
+            if !draining.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                let (s, reads, tx, d) = (
+                    Arc::clone(&shared),
+                    Arc::clone(&reads),
+                    tx.clone(),
+                    Arc::clone(&draining),
+                );
+                tokio::task::spawn_blocking(move || drain(&s, &reads, &tx, &d));
             }
         }
     };
@@ -411,4 +427,48 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
     };
     let (_, res) = tokio::join!(reader, writer);
     res
+}
+
+/// Answers the queued jobs in order until the queue is empty (or the
+/// stream is gone), reading and re-verifying each blob from its file.
+fn drain(
+    shared: &Shared,
+    reads: &Mutex<Reads>,
+    tx: &mpsc::Sender<Answer>,
+    draining: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    let mut reads = reads.lock().unwrap_or_else(|p| p.into_inner());
+    let Reads { jobs, open } = &mut *reads;
+    loop {
+        while let Ok(job) = jobs.try_recv() {
+            let answer = match job {
+                Job::Refused => (BlobResponse::Refused, None),
+                Job::Read { space, kind, hash } => {
+                    match shared.read_blob(&space, kind, &hash, open) {
+                        Some(mut data) => {
+                            if shared.settings.serve_corrupt_chunks && kind == BlobKind::Chunk {
+                                if let Some(b) = data.first_mut() {
+                                    *b ^= 0xff;
+                                }
+                            }
+                            shared.counters.add_served(data.len());
+                            let len = data.len() as u32;
+                            (BlobResponse::Found { len }, Some(data))
+                        }
+                        None => (BlobResponse::Missing, None),
+                    }
+                }
+            };
+            if tx.blocking_send(answer).is_err() {
+                return;
+            }
+        }
+        draining.store(false, Ordering::Release);
+        // A job queued after the queue looked empty but before the flag
+        // fell found the flag up and started no job: take it here.
+        if jobs.is_empty() || draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+    }
 }
