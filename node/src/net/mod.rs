@@ -10,6 +10,7 @@ pub mod behaviour;
 pub mod codec;
 mod reach;
 mod readahead;
+mod tls;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -340,7 +341,7 @@ pub(crate) async fn listen_all<B: libp2p::swarm::NetworkBehaviour>(
     Ok(addrs)
 }
 
-/// Builds a shoal swarm (TCP+Noise+Yamux, QUIC, DNS, relayed circuits) for
+/// Builds a shoal swarm (TCP+TLS or Noise+Yamux, QUIC, DNS, relayed circuits) for
 /// `key`, its bytes per transport and per protocol counted into `metrics`.
 /// Public so tests can drive a raw swarm as a hostile peer.
 pub fn build_swarm(
@@ -371,8 +372,8 @@ pub fn build_swarm(
     })
 }
 
-/// TCP with Noise and Yamux, the socket read in large gulps
-/// ([`readahead`]) under Noise.
+/// TCP with TLS (AES-GCM preferred) or Noise, and Yamux; the socket read
+/// in large gulps ([`readahead`]) under the security layer.
 fn tcp_transport(key: &Keypair) -> std::result::Result<TcpTransport, BoxError> {
     use libp2p::core::muxing::StreamMuxerBox;
     use libp2p::core::upgrade::Version;
@@ -381,7 +382,7 @@ fn tcp_transport(key: &Keypair) -> std::result::Result<TcpTransport, BoxError> {
         tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
             .map(|socket, _| readahead::ReadAhead::new(socket))
             .upgrade(Version::V1Lazy)
-            .authenticate(noise::Config::new(key)?)
+            .authenticate(tls::Security::new(key)?)
             .multiplex(yamux::Config::default())
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed(),
