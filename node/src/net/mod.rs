@@ -394,7 +394,7 @@ type TcpTransport = libp2p::core::transport::Boxed<(PeerId, libp2p::core::muxing
 
 /// Dial options for an address: a fresh source port always, since two
 /// nodes that dial each other at once with port reuse end up in one TCP
-/// simultaneous open, which Noise refuses.
+/// simultaneous open, which the security handshake refuses.
 ///
 /// A dial to a known peer goes ahead while another dial to it is under way
 /// (that one may be to a stale address), but not when already connected.
