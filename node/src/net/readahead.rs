@@ -6,9 +6,9 @@
 //! from memory. Writes pass straight through.
 //!
 //! The buffer exists only while the connection carries bulk data: it is
-//! taken on the first small read and given back once it is drained and
-//! the socket has nothing more, unless the last read filled it (a bulk
-//! transfer waiting for the next packets). An idle connection holds none.
+//! taken when a read fills the caller's buffer, and given back when a
+//! short read drains the socket (control traffic again). A connection that
+//! is idle or only writing holds none and allocates nothing.
 
 use std::io;
 use std::pin::Pin;
@@ -19,6 +19,9 @@ use futures::{AsyncRead, AsyncWrite};
 /// Bytes asked of the socket per read: a full Noise frame and then some.
 const GULP: usize = 128 << 10;
 
+/// A read shorter than this, followed by an empty socket, ends bulk mode.
+const SMALL: usize = 16 << 10;
+
 /// A socket read in gulps of up to [`GULP`] bytes.
 #[derive(Debug)]
 pub struct ReadAhead<S> {
@@ -26,6 +29,8 @@ pub struct ReadAhead<S> {
     buf: Vec<u8>,
     pos: usize,
     end: usize,
+    /// Bytes the last gulp brought (a full small read counts as a gulp).
+    last: usize,
 }
 
 impl<S> ReadAhead<S> {
@@ -36,6 +41,7 @@ impl<S> ReadAhead<S> {
             buf: Vec::new(),
             pos: 0,
             end: 0,
+            last: 0,
         }
     }
 }
@@ -48,26 +54,30 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.pos == this.end {
-            if out.len() >= GULP {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
-            }
-            if this.buf.is_empty() {
-                this.buf = vec![0; GULP];
+            if this.buf.is_empty() || out.len() >= GULP {
+                // No bulk data seen: read into the caller's buffer. Only a
+                // read that fills it takes the gulp buffer for the next.
+                let r = Pin::new(&mut this.inner).poll_read(cx, out);
+                if matches!(r, Poll::Ready(Ok(n)) if n > 0 && n == out.len() && n < GULP) {
+                    this.buf = vec![0; GULP];
+                    this.last = GULP;
+                }
+                return r;
             }
             match Pin::new(&mut this.inner).poll_read(cx, &mut this.buf) {
                 Poll::Ready(Ok(n)) => {
                     this.pos = 0;
                     this.end = n;
+                    this.last = n;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    // Idle, or between the packets of a bulk transfer:
-                    // keep the buffer only in the second case.
-                    if this.end < GULP {
+                    // Between the packets of a bulk transfer the last read
+                    // was large: keep the buffer. After a small one the
+                    // connection is back to control traffic: give it back.
+                    if this.last < SMALL {
                         this.buf = Vec::new();
                     }
-                    this.end = 0;
-                    this.pos = 0;
                     return Poll::Pending;
                 }
             }
@@ -165,8 +175,34 @@ mod tests {
             }
         });
         assert_eq!(got, data);
-        // ten pieces and the end, not 245 reads of 4 KiB
-        assert_eq!(r.inner.reads, 11);
+        // one 4 KiB read that found more, the rest of ten pieces in gulps,
+        // and the end: not 245 reads of 4 KiB
+        assert_eq!(r.inner.reads, 12);
+        // kept between the pieces of a bulk transfer
+        assert!(!r.buf.is_empty());
+    }
+
+    #[test]
+    fn a_short_read_after_bulk_gives_the_buffer_back() {
+        let mut r = ReadAhead::new(Pieces {
+            pieces: vec![vec![1u8; 100_000], b"ping".to_vec()],
+            pending: false,
+            reads: 0,
+        });
+        let mut got = vec![0u8; 100_004];
+        futures::executor::block_on(async {
+            for piece in got.chunks_mut(4096) {
+                r.read_exact(piece).await.unwrap();
+            }
+        });
+        assert_eq!(&got[100_000..], b"ping");
+        assert!(!r.buf.is_empty());
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut r)
+            .poll_read(&mut cx, &mut [0u8; 16])
+            .is_pending());
+        assert!(r.buf.is_empty());
     }
 
     #[test]
