@@ -64,21 +64,18 @@ impl Security {
             ..rustls::crypto::aws_lc_rs::default_provider()
         });
         let versions = &[&rustls::version::TLS13];
-        // A certificate for each side, as libp2p-tls makes them. rustls
-        // would refuse them as its own (their libp2p extension is marked
-        // critical), so they are handed over ready-made.
-        let certified = |provider: &rustls::crypto::CryptoProvider| {
-            let (cert, private) = certificate::generate(key)?;
-            let signer = provider.key_provider.load_private_key(private)?;
-            let ck = rustls::sign::CertifiedKey::new(vec![cert], signer);
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(
-                rustls::sign::SingleCertAndKey::from(ck),
-            ))
-        };
+        // The certificate libp2p-tls makes, for both sides. rustls would
+        // refuse it as its own (its libp2p extension is marked critical),
+        // so it is handed over ready-made.
+        let (cert, private) = certificate::generate(key)?;
+        let signer = provider.key_provider.load_private_key(private)?;
+        let certified = Arc::new(rustls::sign::SingleCertAndKey::from(
+            rustls::sign::CertifiedKey::new(vec![cert], signer),
+        ));
         let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(versions)?
             .with_client_cert_verifier(Arc::new(PeerCert))
-            .with_cert_resolver(certified(&provider)?);
+            .with_cert_resolver(certified.clone());
         server.alpn_protocols = vec![ALPN.to_vec()];
         // Our order, not the client's: a libp2p-tls client lists ChaCha20 first.
         server.ignore_client_order = true;
@@ -86,7 +83,7 @@ impl Security {
             .with_protocol_versions(versions)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PeerCert))
-            .with_client_cert_resolver(certified(&provider)?);
+            .with_client_cert_resolver(certified);
         client.alpn_protocols = vec![ALPN.to_vec()];
         Ok(Self {
             server: Arc::new(server),
