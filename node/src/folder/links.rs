@@ -445,7 +445,12 @@ fn drain(
             let answer = match job {
                 Job::Refused => (BlobResponse::Refused, None),
                 Job::Read { space, kind, hash } => {
-                    match shared.read_blob(&space, kind, &hash, open) {
+                    // A read that panics answers "missing", as a failed
+                    // task did before: the queue behind it keeps its order.
+                    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        shared.read_blob(&space, kind, &hash, open)
+                    }));
+                    match read.ok().flatten() {
                         Some(mut data) => {
                             if shared.settings.serve_corrupt_chunks && kind == BlobKind::Chunk {
                                 if let Some(b) = data.first_mut() {
