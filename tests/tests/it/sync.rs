@@ -244,3 +244,44 @@ async fn viewer_writes_are_refused_locally() -> Result<()> {
     assert!(v.export_grant("notes").await.is_err());
     Ok(())
 }
+
+/// The value of one of `node`'s counters, by its metric name.
+fn counter(node: &shoal_node::Node, name: &str) -> u64 {
+    let text = node.metrics_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("shoal_{name}_total ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_documents_keep_syncing_and_survive_a_restart() -> Result<()> {
+    let mut n = spawn_nodes(2).await?;
+    let (a, b) = (n[0].node.clone(), n[1].node.clone());
+    a.create_space("notes").await?;
+    share_space(&a, "notes", &[&b]).await?;
+    connect(&b, &a).await?;
+    for i in 0..200 {
+        a.put("notes", &todo(), &format!("/k{i}"), json!(i)).await?;
+    }
+    wait_converged(&[&a, &b], "notes", "todo").await?;
+    // Quiet for a moment, each node rebuilds its changed documents from a
+    // snapshot (and stores that snapshot in place of the change log).
+    wait_for(&a, TIMEOUT, || async { counter(&a, "docs_settled") > 0 }).await?;
+    wait_for(&b, TIMEOUT, || async { counter(&b, "docs_settled") > 0 }).await?;
+    // The rebuilt documents go on syncing, both ways, with the same actors.
+    b.put("notes", &todo(), "/from_b", json!(true)).await?;
+    wait_converged(&[&a, &b], "notes", "todo").await?;
+    a.put("notes", &todo(), "/k0", json!("again")).await?;
+    let heads = wait_converged(&[&a, &b], "notes", "todo").await?;
+    let doc = b.get("notes", &todo()).await?;
+    assert_eq!(doc, a.get("notes", &todo()).await?);
+    assert_eq!(doc["k0"], json!("again"));
+    assert_eq!(doc["k199"], json!(199));
+    assert_eq!(doc["from_b"], json!(true));
+    // and a restart loads the stored snapshot to the same document
+    n[1].restart().await?;
+    assert_eq!(n[1].node.get("notes", &todo()).await?, doc);
+    assert_eq!(n[1].node.heads("notes", &todo()).await?, heads);
+    Ok(())
+}
