@@ -490,7 +490,7 @@ impl Worker {
         tx: mpsc::Sender<PathBuf>,
         overflow: Arc<AtomicBool>,
     ) -> notify::Result<notify::RecommendedWatcher> {
-        let internal = self.root.join(".shoal");
+        let internal = self.root.join(place::SHOAL_DIR);
         let mut w =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
                 // Opening and reading a file (our own hashing included) is not a
@@ -509,6 +509,13 @@ impl Worker {
                 Err(_) => overflow.store(true, Ordering::SeqCst),
             })?;
         w.watch(&self.root, notify::RecursiveMode::Recursive)?;
+        // Nothing under `.shoal` is synced, and placing a file there makes
+        // seven of its eight events (create, writes, close, two attribute
+        // changes, the move out): without these watches the kernel queues
+        // none of them. (Dropped also if missing: the events are ignored.)
+        if let Err(e) = w.unwatch(&self.root.join(place::SHOAL_DIR)) {
+            debug!(error = %e, "cannot drop the watch on .shoal");
+        }
         Ok(w)
     }
 
