@@ -188,8 +188,6 @@ pub struct NodeCounters {
     pub doc_updates_remote: AtomicU64,
     /// Network input refused (bad envelopes, forged authors, bad chunks...).
     pub rejected: AtomicU64,
-    /// Documents rebuilt compact after their changes settled.
-    pub docs_settled: AtomicU64,
     /// Bytes per application protocol.
     pub traffic: Traffic,
     /// How old remote changes are when applied.
@@ -234,11 +232,6 @@ impl prometheus_client::collector::Collector for NodeCollector {
                 &self.0.doc_updates_remote,
             ),
             ("rejected", "network input refused", &self.0.rejected),
-            (
-                "docs_settled",
-                "documents rebuilt compact once their changes settled",
-                &self.0.docs_settled,
-            ),
         ] {
             let c = ConstCounter::new(g(v));
             c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;

@@ -58,10 +58,6 @@ const MAX_BATCH: usize = 1024;
 const COMPACT_AFTER: usize = 512;
 /// How often sessions waiting for a retry are looked at.
 const RETRY_TICK: Duration = Duration::from_millis(250);
-/// Quiet time after a document's last change before it is rebuilt compact.
-const SETTLE_AFTER: Duration = Duration::from_secs(2);
-/// Longest run of document rebuilds in one engine turn.
-const SETTLE_BUDGET: Duration = Duration::from_millis(50);
 /// Most announced heads remembered per document gap.
 const MAX_WANTED: usize = 256;
 /// Longest wait between retries of a failing session.
@@ -361,9 +357,6 @@ struct DocState {
     doc: AutoCommit,
     next_seq: u64,
     log_len: usize,
-    /// When the document, changed since it was last loaded, is rebuilt
-    /// (see [`Engine::settle_docs`]).
-    settle_at: Option<Instant>,
 }
 
 struct SpaceState {
@@ -529,22 +522,6 @@ fn verify_change_sig(space: &SpaceId, author: &DeviceId, hash: &[u8; 32], sig: &
     }
 }
 
-/// Replaces `doc` by the document loaded from `snap` (its own snapshot),
-/// writing as `actor`. Whether it did: a snapshot that does not load back
-/// leaves the document as it was.
-fn rebuild(doc: &mut AutoCommit, snap: &[u8], actor: automerge::ActorId) -> bool {
-    match AutoCommit::load(snap) {
-        Ok(fresh) => {
-            *doc = fresh.with_actor(actor);
-            true
-        }
-        Err(e) => {
-            warn!(error = %e, "a document's snapshot does not load back; kept as it is");
-            false
-        }
-    }
-}
-
 fn hex_heads(h: &[ChangeHash]) -> Vec<String> {
     h.iter().map(|c| hex::encode(c.0)).collect()
 }
@@ -652,9 +629,6 @@ impl Engine {
                     doc,
                     next_seq: stored.next_seq,
                     log_len: stored.log.len(),
-                    // Changes loaded one by one are settled like new ones
-                    // (which also folds them into the stored snapshot).
-                    settle_at: (!stored.log.is_empty()).then(|| Instant::now() + SETTLE_AFTER),
                 },
             );
         }
@@ -751,10 +725,7 @@ impl Engine {
                     }
                     self.apply_gossip_batch(&mut outbox);
                 }
-                _ = retry.tick() => {
-                    self.on_retry_tick(&mut outbox);
-                    self.settle_docs();
-                }
+                _ = retry.tick() => self.on_retry_tick(&mut outbox),
                 _ = summary.tick() => self.publish_summaries(&mut outbox),
                 _ = redial.tick() => self.redial_known().await,
             }
@@ -1065,7 +1036,6 @@ impl Engine {
             doc: AutoCommit::new().with_actor(actor_for(&self.me, self.session_salt)),
             next_seq: 0,
             log_len: 0,
-            settle_at: None,
         }
     }
 
@@ -1235,76 +1205,18 @@ impl Engine {
             return Ok(());
         }
         let bytes = raw.concat();
-        d.settle_at = Some(Instant::now() + SETTLE_AFTER);
         // save() leaves out changes still waiting for their dependencies:
         // compact only when none wait, or they would be lost from disk.
         if d.log_len >= COMPACT_AFTER && d.doc.get_missing_deps(&[]).is_empty() {
             let snap = d.doc.save();
             self.store.compact_doc(&id, doc, &snap)?;
             d.log_len = 0;
-            // A document that never rests is rebuilt here instead.
-            rebuild(&mut d.doc, &snap, actor_for(&self.me, self.session_salt));
-            d.settle_at = None;
         } else {
             self.store.append_doc(&id, doc, d.next_seq, &bytes)?;
             d.next_seq += 1;
             d.log_len += 1;
         }
         Ok(())
-    }
-
-    /// Rebuilds the documents that changed and have since been quiet for
-    /// [`SETTLE_AFTER`] from a snapshot of themselves, and stores that
-    /// snapshot in place of their change logs.
-    ///
-    /// Automerge grows a document's columns in place as changes arrive and
-    /// keeps the slack: 10,000 index entries applied in batches held
-    /// 5.2 MB, the same document loaded from its snapshot 1.4 MB (100,000:
-    /// 44 MB against 12 MB). The content, history and heads are the same,
-    /// so sync states and cursors stay valid. A document still waiting for
-    /// a change's dependencies is left as it is (its snapshot would leave
-    /// out the waiting changes); the change that fills the gap schedules
-    /// it again. At most [`SETTLE_BUDGET`] of work per call.
-    fn settle_docs(&mut self) {
-        let now = Instant::now();
-        let actor = actor_for(&self.me, self.session_salt);
-        let mut settled = 0usize;
-        for (id, s) in self.spaces.iter_mut() {
-            for (doc, d) in s.docs.iter_mut() {
-                if !d.settle_at.is_some_and(|t| t <= now) {
-                    continue;
-                }
-                if now.elapsed() >= SETTLE_BUDGET {
-                    break;
-                }
-                d.settle_at = None;
-                if !d.doc.get_missing_deps(&[]).is_empty() {
-                    continue;
-                }
-                let snap = d.doc.save();
-                if !rebuild(&mut d.doc, &snap, actor.clone()) {
-                    continue;
-                }
-                match self.store.compact_doc(id, doc, &snap) {
-                    Ok(()) => d.log_len = 0,
-                    Err(e) => {
-                        warn!(space = %id.short(), %doc, error = %e, "cannot store a document snapshot")
-                    }
-                }
-                settled += 1;
-            }
-        }
-        if settled > 0 {
-            self.counters
-                .docs_settled
-                .fetch_add(settled as u64, std::sync::atomic::Ordering::Relaxed);
-            debug!(
-                docs = settled,
-                ms = now.elapsed().as_millis() as u64,
-                "documents settled"
-            );
-            tokio::task::spawn_blocking(crate::memory::trim);
-        }
     }
 
     // ----- network --------------------------------------------------------
