@@ -512,7 +512,8 @@ impl Worker {
         // Nothing under `.shoal` is synced, and placing a file there makes
         // seven of its eight events (create, writes, close, two attribute
         // changes, the move out): without these watches the kernel queues
-        // none of them. (Dropped also if missing: the events are ignored.)
+        // none of them. If they cannot be dropped, the filter above still
+        // ignores their events.
         if let Err(e) = w.unwatch(&self.root.join(place::SHOAL_DIR)) {
             debug!(error = %e, "cannot drop the watch on .shoal");
         }
