@@ -1,6 +1,7 @@
 //! Reading the folder: ignore rules, walking, stat, and hashing a file into
 //! content-defined chunks in one streaming pass.
 
+use std::collections::BTreeMap;
 use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -11,14 +12,21 @@ use shoal_protocol::files::{self, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
 
 use crate::store::blobs::Stat;
 
-/// The name of the ignore file at a folder's root (gitignore syntax).
+/// The name of the ignore files (gitignore syntax): one at the folder's
+/// root, and any number in folders below it, each for the paths under its
+/// own folder, as with `.gitignore`.
 pub const IGNORE_FILE: &str = ".shoalignore";
 
+/// Whether `rel` names an ignore file (at the root or in a folder below).
+pub fn is_ignore_file(rel: &str) -> bool {
+    rel.rsplit('/').next() == Some(IGNORE_FILE)
+}
+
 /// Skipped unless a `.shoalignore` line re-includes them (`!.env`): editor
-/// and office temp files, and obvious secrets. `.shoalignore` itself is
-/// never synced.
+/// and office temp files, and obvious secrets. `.shoalignore` files are
+/// never synced: each device keeps its own.
 pub const DEFAULT_IGNORES: &[&str] = &[
-    "/.shoalignore",
+    ".shoalignore",
     // editors and office suites
     "*.swp",
     "*.swo",
@@ -41,35 +49,167 @@ pub const DEFAULT_IGNORES: &[&str] = &[
     "!.env.example",
 ];
 
-/// A folder's ignore rules: the defaults, then its root `.shoalignore`.
+/// A folder's ignore rules: the defaults, then its root `.shoalignore`,
+/// then the `.shoalignore` files in folders below it. As in git, the
+/// deepest file that matches a path decides, and nothing re-includes a
+/// path whose parent folder is ignored.
 #[derive(Debug, Clone)]
 pub struct Rules {
-    gi: Gitignore,
+    /// The defaults and the root file, in one matcher (so `!.env` at the
+    /// root overrides a default).
+    root: Gitignore,
+    /// The `.shoalignore` of each folder below the root that has one, by
+    /// the folder's path.
+    nested: BTreeMap<String, Gitignore>,
+    /// Each ignore file read (its path and stat), to notice a change.
+    sources: Vec<(String, Stat)>,
 }
 
 impl Rules {
-    /// Loads the rules of the folder at `root`. A broken `.shoalignore`
-    /// line is skipped; the error says which.
-    pub fn load(root: &Path) -> (Self, Option<String>) {
+    fn default_builder(root: &Path) -> GitignoreBuilder {
         let mut b = GitignoreBuilder::new(root);
         for line in DEFAULT_IGNORES {
             let _ = b.add_line(None, line);
         }
-        let err = b.add(root.join(IGNORE_FILE)).map(|e| e.to_string());
-        let gi = b.build().unwrap_or_else(|_| Gitignore::empty());
-        // A missing file is not an error worth reporting.
-        let err = err.filter(|_| root.join(IGNORE_FILE).exists());
-        (Self { gi }, err)
+        b
     }
 
-    /// Whether `rel` (a normalised path) is ignored.
+    /// The default rules alone, read from no file: what a folder has until
+    /// its first scan loads its own.
+    pub fn defaults(root: &Path) -> Self {
+        Self {
+            root: Self::default_builder(root)
+                .build()
+                .unwrap_or_else(|_| Gitignore::empty()),
+            nested: BTreeMap::new(),
+            sources: Vec::new(),
+        }
+    }
+
+    /// Loads the rules of the folder at `root`: its own `.shoalignore` and
+    /// those of the folders below that are not themselves ignored (a
+    /// walk of the folder's directories). A broken line is skipped; each
+    /// problem comes back with the ignore file's path.
+    pub fn load(root: &Path) -> (Self, Vec<(String, String)>) {
+        let mut problems = Vec::new();
+        let mut sources = Vec::new();
+        let mut b = Self::default_builder(root);
+        let file = root.join(IGNORE_FILE);
+        if let Ok(m) = file.symlink_metadata() {
+            sources.push((IGNORE_FILE.to_string(), stat_of(&m)));
+            if let Some(e) = b.add(&file) {
+                problems.push((IGNORE_FILE.to_string(), e.to_string()));
+            }
+        }
+        let root_gi = b.build().unwrap_or_else(|_| Gitignore::empty());
+        let mut rules = Self {
+            root: root_gi,
+            nested: BTreeMap::new(),
+            sources,
+        };
+        // Parents before children, so each folder is judged by the rules
+        // of the folders above it: an ignored folder's file is not read.
+        let mut dirs = vec![String::new()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(read) = std::fs::read_dir(root.join(&dir)) else {
+                continue;
+            };
+            let mut subdirs = Vec::new();
+            for e in read.flatten() {
+                // file_type() does not follow links: linked folders are
+                // not walked, as by the scanner.
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let Some(name) = e.file_name().to_str().map(String::from) else {
+                    continue;
+                };
+                let rel = if dir.is_empty() {
+                    name
+                } else {
+                    format!("{dir}/{name}")
+                };
+                if rel == ".shoal" || rules.ignored(&rel, true) {
+                    continue;
+                }
+                subdirs.push(rel);
+            }
+            subdirs.sort();
+            for rel in subdirs {
+                let abs = root.join(&rel);
+                let file = abs.join(IGNORE_FILE);
+                if let Ok(m) = file.symlink_metadata() {
+                    let path = format!("{rel}/{IGNORE_FILE}");
+                    let mut b = GitignoreBuilder::new(&abs);
+                    if let Some(e) = b.add(&file) {
+                        problems.push((path.clone(), e.to_string()));
+                    }
+                    match b.build() {
+                        Ok(gi) => {
+                            rules.nested.insert(rel.clone(), gi);
+                        }
+                        Err(e) => problems.push((path.clone(), e.to_string())),
+                    }
+                    rules.sources.push((path, stat_of(&m)));
+                }
+                dirs.push(rel);
+            }
+        }
+        (rules, problems)
+    }
+
+    /// Whether an ignore file this was read from changed, or the root one
+    /// appeared. (A new file in a folder below is found by a reload: the
+    /// watcher's event for it, or the next full scan.)
+    pub fn changed(&self, root: &Path) -> bool {
+        let now = |rel: &str| root.join(rel).symlink_metadata().ok().map(|m| stat_of(&m));
+        let root_known = self.sources.iter().any(|(p, _)| p == IGNORE_FILE);
+        (!root_known && now(IGNORE_FILE).is_some())
+            || self.sources.iter().any(|(p, st)| now(p) != Some(*st))
+    }
+
+    /// Whether these rules were read from the ignore file at `rel`.
+    pub fn was_read_from(&self, rel: &str) -> bool {
+        self.sources.iter().any(|(p, _)| p == rel)
+    }
+
+    /// The match of the deepest rules that have a say on `rel` itself
+    /// (its parents not considered).
+    fn matched(&self, rel: &str, is_dir: bool) -> ignore::Match<()> {
+        for (i, _) in rel.rmatch_indices('/') {
+            let dir = &rel[..i];
+            if let Some(gi) = self.nested.get(dir) {
+                match gi.matched(&rel[i + 1..], is_dir) {
+                    ignore::Match::None => {}
+                    ignore::Match::Ignore(_) => return ignore::Match::Ignore(()),
+                    ignore::Match::Whitelist(_) => return ignore::Match::Whitelist(()),
+                }
+            }
+        }
+        match self.root.matched(rel, is_dir) {
+            ignore::Match::None => ignore::Match::None,
+            ignore::Match::Ignore(_) => ignore::Match::Ignore(()),
+            ignore::Match::Whitelist(_) => ignore::Match::Whitelist(()),
+        }
+    }
+
+    /// Whether `rel` (a normalised path) is ignored: by the rules that
+    /// decide for it, or because a folder it is in is ignored.
     pub fn ignored(&self, rel: &str, is_dir: bool) -> bool {
-        self.gi.matched_path_or_any_parents(rel, is_dir).is_ignore()
+        if self.nested.is_empty() {
+            return self
+                .root
+                .matched_path_or_any_parents(rel, is_dir)
+                .is_ignore();
+        }
+        rel.match_indices('/')
+            .any(|(i, _)| self.matched(&rel[..i], true).is_ignore())
+            || self.matched(rel, is_dir).is_ignore()
     }
 
     /// Whether a `.shoalignore` line explicitly includes `rel`.
     pub fn included(&self, rel: &str) -> bool {
-        self.gi.matched(rel, false).is_whitelist()
+        self.matched(rel, false).is_whitelist()
     }
 }
 
@@ -484,11 +624,14 @@ pub struct Found {
 
 /// Walks `dir` (the root or a folder under it) without following links,
 /// skipping `.shoal/` and ignored paths. Unreadable places and names that
-/// cannot be synced are reported through `problem`.
+/// cannot be synced are reported through `problem`; ignore files that
+/// `rules` were not read from (a folder moved in with its own, or one
+/// whose watcher event was lost) go into `new_rules`.
 pub fn walk(
     root: &Path,
     dir: &Path,
     rules: &Rules,
+    new_rules: &mut Vec<String>,
     mut problem: impl FnMut(String, String),
 ) -> Vec<Found> {
     let mut out = Vec::new();
@@ -502,6 +645,8 @@ pub fn walk(
             match e.path().strip_prefix(&prune_root) {
                 Ok(r) if r.as_os_str().is_empty() => true,
                 Ok(r) if r.starts_with(".shoal") => false,
+                // Seen (not synced): the caller learns of new ones.
+                Ok(r) if !is_dir && r.file_name() == Some(IGNORE_FILE.as_ref()) => true,
                 Ok(r) => !r.to_str().is_some_and(|r| prune_rules.ignored(r, is_dir)),
                 Err(_) => false,
             }
@@ -525,6 +670,12 @@ pub fn walk(
             );
             continue;
         };
+        if is_ignore_file(&rel) {
+            if !rules.was_read_from(&rel) {
+                new_rules.push(rel);
+            }
+            continue;
+        }
         let meta = match entry.path().symlink_metadata() {
             Ok(m) => m,
             Err(e) => {
@@ -555,8 +706,8 @@ mod tests {
     #[test]
     fn defaults_skip_temp_files_and_secrets_unless_included() {
         let dir = tempfile::tempdir().unwrap();
-        let (r, err) = Rules::load(dir.path());
-        assert!(err.is_none());
+        let (r, problems) = Rules::load(dir.path());
+        assert!(problems.is_empty(), "{problems:?}");
         for p in [
             "a/.x.swp",
             "notes.txt~",
@@ -575,6 +726,63 @@ mod tests {
         assert!(r.ignored("x/app.log", false));
         assert!(!r.ignored(".env", false));
         assert!(r.included(".env"));
+    }
+
+    #[test]
+    fn ignore_files_in_folders_below_apply_under_their_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["web/static", "web/vendor/lib", "docs", "out/deep"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join(IGNORE_FILE), "*.log\nout/\n").unwrap();
+        // Deeper files decide for their folder: re-include, add, anchor.
+        std::fs::write(
+            root.join("web").join(IGNORE_FILE),
+            "!keep.log\n/vendor/\n*.map\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("web/static").join(IGNORE_FILE), "!app.map\n").unwrap();
+        // Inside an ignored folder: never read, nothing comes back.
+        std::fs::write(root.join("out").join(IGNORE_FILE), "!*\n").unwrap();
+        let (r, problems) = Rules::load(root);
+        assert!(problems.is_empty(), "{problems:?}");
+        for p in [
+            "x.log",
+            "docs/x.log",
+            "web/x.log",
+            "web/vendor/lib/a.js",
+            "web/a.map",
+            "web/static/b.map",
+            "out/deep/a.txt",
+            "web/.shoalignore",
+            "web/static/.shoalignore",
+        ] {
+            assert!(r.ignored(p, false), "{p} synced");
+        }
+        for p in [
+            "web/keep.log",
+            "web/static/keep.log",
+            "web/static/app.map",
+            "docs/vendor/a.js",
+            "docs/a.map",
+            "web/a.js",
+        ] {
+            assert!(!r.ignored(p, false), "{p} ignored");
+        }
+        assert!(r.ignored("web/vendor", true));
+        assert!(r.included("web/keep.log"));
+        assert!(!r.changed(root));
+        // A change to any of the files read is noticed; a bad line is
+        // reported with the file it is in, and the rest still applies.
+        std::fs::write(root.join("docs").join(IGNORE_FILE), "[z-a]\n*.bak\n").unwrap();
+        let (r, problems) = Rules::load(root);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "docs/.shoalignore");
+        assert!(r.ignored("docs/x.bak", false));
+        assert!(!r.ignored("x.bak", false));
+        std::fs::write(root.join("web/static").join(IGNORE_FILE), "").unwrap();
+        assert!(r.changed(root));
     }
 
     #[test]

@@ -75,9 +75,8 @@ pub struct Worker {
     progress: Mutex<Progress>,
     stop: Notify,
     stopped: AtomicBool,
-    /// The ignore rules, and the stat of the `.shoalignore` they were
-    /// read from (`None`: there was none).
-    rules: RwLock<(Rules, Option<Stat>)>,
+    /// The ignore rules (they know the files they were read from).
+    rules: RwLock<Rules>,
     /// Files placed and scans that recorded changes: progress reports
     /// say "in sync" again after any, however quick.
     activity: AtomicU64,
@@ -109,6 +108,8 @@ struct ScanResult {
     /// Paths that changed while being read: scan again soon.
     again: Vec<String>,
     problems: Vec<(String, String)>,
+    /// Ignore files found that the rules were not read from.
+    new_rules: Vec<String>,
 }
 
 /// A transfer waiting for a slot: path, winner, every version, pending mark.
@@ -145,8 +146,9 @@ fn now_ns() -> i64 {
 
 impl Worker {
     pub(super) fn new(shared: Arc<Shared>, space: SpaceId, root: PathBuf) -> Self {
-        let stat = ignore_file_stat(&root);
-        let (rules, _) = Rules::load(&root);
+        // The folder's own files are read by the first scan, a full one,
+        // before anything is reconciled.
+        let rules = Rules::defaults(&root);
         Self {
             shared,
             space,
@@ -159,7 +161,7 @@ impl Worker {
             }),
             stop: Notify::new(),
             stopped: AtomicBool::new(false),
-            rules: RwLock::new((rules, stat)),
+            rules: RwLock::new(rules),
             activity: AtomicU64::new(0),
             placing: Mutex::new(HashSet::new()),
         }
@@ -175,26 +177,38 @@ impl Worker {
     }
 
     fn rules(&self) -> Rules {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether a `.shoalignore` the rules were read from changed.
+    fn rules_changed(&self) -> bool {
         self.rules
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone()
+            .changed(&self.root)
     }
 
-    /// Reads `.shoalignore` again if it changed since the rules were read
-    /// (or always, with `force`). Returns whether the rules were read.
-    fn refresh_rules(&self, force: bool) -> bool {
-        let stat = ignore_file_stat(&self.root);
-        if !force && self.rules.read().unwrap_or_else(|p| p.into_inner()).1 == stat {
-            return false;
+    /// Reads the `.shoalignore` files again (a walk of the folder's
+    /// directories, off the async threads; it also finds new ones in
+    /// folders below the root) and reports their problems.
+    async fn reload_rules(&self) -> Rules {
+        let root = self.root.clone();
+        let (r, problems) = match tokio::task::spawn_blocking(move || Rules::load(&root)).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                // Keep the rules we have rather than sync what they ignore.
+                self.problem(
+                    scan::IGNORE_FILE,
+                    format!("cannot read the ignore files: {e}"),
+                );
+                return self.rules();
+            }
+        };
+        for (path, e) in problems {
+            self.problem(&path, e);
         }
-        let (r, err) = Rules::load(&self.root);
-        if let Some(e) = err {
-            self.problem(scan::IGNORE_FILE, e);
-        }
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = (r, stat);
-        true
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = r.clone();
+        r
     }
 
     /// Counts `n` bytes of transfer progress.
@@ -416,8 +430,8 @@ impl Worker {
                 },
                 Some(p) = watch_rx.recv() => {
                     if let Some(rel) = scan::rel_of(&self.root, &p) {
-                        if rel == scan::IGNORE_FILE {
-                            self.refresh_rules(true);
+                        if scan::is_ignore_file(&rel) {
+                            // The full scan reads the rules again.
                             full_scan = true;
                         }
                         dirty_paths.insert(rel);
@@ -532,14 +546,15 @@ impl Worker {
             self.prog().state = "scanning";
         }
         // The watcher's word on `.shoalignore` may still be queued behind
-        // this scan: the rules are checked against the file itself.
-        self.refresh_rules(false);
-        let (root, rules, blobs, space) = (
-            self.root.clone(),
-            self.rules(),
-            self.shared.blobs.clone(),
-            self.space,
-        );
+        // this scan: the rules are checked against the files themselves. A
+        // full scan reads them all again, which finds new ones in folders
+        // below the root too.
+        let rules = if full || self.rules_changed() {
+            self.reload_rules().await
+        } else {
+            self.rules()
+        };
+        let (root, blobs, space) = (self.root.clone(), self.shared.blobs.clone(), self.space);
         let mut result = tokio::task::spawn_blocking(move || {
             scan_blocking(&root, &rules, &blobs, &space, paths)
         })
@@ -551,11 +566,21 @@ impl Worker {
         if full {
             self.prog().state = "";
         }
-        if self.refresh_rules(false) {
-            // `.shoalignore` changed during the walk: nothing it now
-            // ignores is published (the full scan its event starts reads
-            // the folder again with the new rules).
-            let rules = self.rules();
+        let new_rules = std::mem::take(&mut result.new_rules);
+        if !new_rules.is_empty() || self.rules_changed() {
+            // `.shoalignore` changed during the walk, or the walk found one
+            // the rules lack: nothing they now ignore is published. The
+            // folders of new ones are read again soon with the new rules
+            // (for what they re-include); a changed one's event starts a
+            // full scan.
+            // (The root's own has its watch from the start: its event
+            // comes.)
+            for r in new_rules {
+                if let Some((dir, _)) = r.rsplit_once('/') {
+                    result.again.push(dir.to_string());
+                }
+            }
+            let rules = self.reload_rules().await;
             result
                 .found
                 .retain(|f| !rules.ignored(f.rel(), matches!(f, Found::Dir(..))));
@@ -973,7 +998,6 @@ impl Worker {
             .rules
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .0
             .ignored(rel, w.kind == Kind::Dir);
         if ignored {
             return Ok(Action::Done);
@@ -1311,13 +1335,6 @@ impl Worker {
     }
 }
 
-/// The stat of the folder's `.shoalignore`, if there is one.
-fn ignore_file_stat(root: &Path) -> Option<Stat> {
-    fs::symlink_metadata(root.join(scan::IGNORE_FILE))
-        .ok()
-        .map(|m| scan::stat_of(&m))
-}
-
 /// Takes a path out of [`Worker::placing`] when dropped, whatever way the
 /// placement ends.
 struct Placing<'a>(&'a Worker, &'a str);
@@ -1372,7 +1389,7 @@ fn scan_blocking(
     let mut seen: HashSet<String> = HashSet::new();
     let mut problem = |p: String, e: String| out.problems.push((p, e));
     match &paths {
-        None => found = scan::walk(root, root, rules, &mut problem),
+        None => found = scan::walk(root, root, rules, &mut out.new_rules, &mut problem),
         Some(ps) => {
             for p in ps {
                 let abs = root.join(p);
@@ -1383,7 +1400,13 @@ fn scan_blocking(
                     continue;
                 }
                 if meta.is_dir() {
-                    found.extend(scan::walk(root, &abs, rules, &mut problem));
+                    found.extend(scan::walk(
+                        root,
+                        &abs,
+                        rules,
+                        &mut out.new_rules,
+                        &mut problem,
+                    ));
                 }
                 found.push(scan::Found {
                     rel: p.clone(),

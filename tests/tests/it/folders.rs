@@ -261,6 +261,66 @@ async fn ignore_rules_and_secrets_stay_local() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_files_in_subfolders_apply_below_them() -> Result<()> {
+    let (nodes, roots, _dirs) = folder_nodes(2, "n").await?;
+    let (a, b) = (&roots[0], &roots[1]);
+    // A: the root file ignores *.log; web/'s own file re-includes one and
+    // ignores *.map, for web/ only. Written before its folder's contents.
+    fs::write(a.join(".shoalignore"), "*.log\n")?;
+    fs::create_dir_all(a.join("web"))?;
+    fs::create_dir_all(a.join("docs"))?;
+    fs::write(a.join("web/.shoalignore"), "!keep.log\n*.map\n")?;
+    fs::write(a.join("web/keep.log"), b"kept")?;
+    fs::write(a.join("web/app.map"), b"map")?;
+    fs::write(a.join("web/other.log"), b"log")?;
+    fs::write(a.join("docs/app.map"), b"docs map")?;
+    wait_file(&nodes[1].node, &b.join("docs/app.map"), b"docs map").await?;
+    wait_file(&nodes[1].node, &b.join("web/keep.log"), b"kept").await?;
+    // B: a file of its own below a folder keeps what A sends there off
+    // its disk. The marker is published after B's rules were read again.
+    fs::create_dir_all(b.join("cache"))?;
+    fs::write(b.join("cache/.shoalignore"), "*.dat\n")?;
+    fs::write(b.join("marker.txt"), b"b read its rules")?;
+    wait_file(&nodes[0].node, &a.join("marker.txt"), b"b read its rules").await?;
+    fs::create_dir_all(a.join("cache"))?;
+    fs::write(a.join("cache/blob.dat"), b"not for b")?;
+    fs::write(a.join("cache/note.txt"), b"for b")?;
+    wait_file(&nodes[1].node, &b.join("cache/note.txt"), b"for b").await?;
+    shoal_tests::wait_for(&nodes[1].node, shoal_tests::TIMEOUT, || async {
+        nodes[1]
+            .node
+            .folder_status()
+            .await
+            .iter()
+            .any(|f| f.state == "in sync" && f.files_left == 0)
+    })
+    .await?;
+    for p in [
+        "web/.shoalignore",
+        "web/app.map",
+        "web/other.log",
+        "cache/blob.dat",
+    ] {
+        assert!(!b.join(p).exists(), "{p} is on b");
+    }
+    // ...while A's index has what A syncs, and B's own file stays B's.
+    let on_a: Vec<String> = nodes[0]
+        .node
+        .files("n", "")
+        .await?
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert!(on_a.iter().any(|p| p == "cache/blob.dat"), "{on_a:?}");
+    assert!(
+        !on_a.iter().any(|p| p.ends_with(".shoalignore")),
+        "{on_a:?}"
+    );
+    assert!(!a.join("cache/.shoalignore").exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_devices_and_a_large_file_streamed() -> Result<()> {
     let (nodes, roots, _dirs) = folder_nodes(3, "t").await?;
     shoal_tests::connect(&nodes[2].node, &nodes[1].node).await?;
