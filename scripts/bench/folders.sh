@@ -21,7 +21,11 @@ command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
 fi
+# SHOAL_BENCH_BIN=PATH runs that shoal binary instead of this tree's release
+# build (to compare two builds on the same machine; a quick build with
+# CARGO_PROFILE_RELEASE_LTO=off is fine for that, not for the table).
 cargo build --release -q -p shoal-cli -p shoal-tests --bins
+shoal_bin=${SHOAL_BENCH_BIN:-$root/target/release/shoal}
 ns_a="shoal-fa-$$" ns_b="shoal-fb-$$"
 work=$(mktemp -d /var/tmp/shoal-bench-folders.XXXXXX)
 cleanup() {
@@ -43,6 +47,6 @@ ip -n "$ns_a" link set va up
 ip -n "$ns_b" link set vb up
 echo "(namespaces $ns_a and $ns_b joined by veth; work dir $work)"
 python3 "$root/scripts/bench/folders.py" \
-  --shoal "$root/target/release/shoal" --b3speed "$root/target/release/shoal-b3speed" \
+  --shoal "$shoal_bin" --b3speed "$root/target/release/shoal-b3speed" \
   --ns-a "$ns_a" --ns-b "$ns_b" --ip-a 10.203.0.1 --ip-b 10.203.0.2 --dev va \
   --work "$work" "$@"
