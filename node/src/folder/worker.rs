@@ -954,8 +954,11 @@ impl Worker {
             }
         });
         let _g = self.fs.lock().await;
+        // The temp files, read once for the batch: none of its paths has a
+        // transfer running, so none of theirs comes or goes meanwhile.
+        let mut parts = self.temp_parts();
         for (rel, entries, mark) in work {
-            match self.decide(&rel, &entries) {
+            match self.decide(&rel, &entries, &mut parts) {
                 Ok(Action::Done) => {
                     retry.remove(&rel);
                     let _ = self.shared.blobs.done_pending(&self.space, &rel, &mark);
@@ -975,7 +978,12 @@ impl Worker {
     }
 
     /// Brings `rel` in line with the index where that needs no transfer.
-    fn decide(&self, rel: &str, values: &[Entry]) -> io::Result<Action> {
+    fn decide(
+        &self,
+        rel: &str,
+        values: &[Entry],
+        parts: &mut HashMap<String, Vec<String>>,
+    ) -> io::Result<Action> {
         let blobs = &self.shared.blobs;
         let io = |e: Error| io::Error::other(e.to_string());
         let Some(w) = files::winner(values).cloned() else {
@@ -986,7 +994,7 @@ impl Worker {
         place::check_parents(&self.root, rel)?;
         // Transfers of versions no longer wanted free their space.
         let keep = (w.kind == Kind::File && !w.deleted).then_some(w.hash);
-        self.drop_stale_parts(rel, keep.as_ref());
+        self.drop_stale_parts(rel, keep.as_ref(), parts);
         let abs = self.root.join(rel);
         let local = blobs.local(&self.space, rel).map_err(io)?;
         let disk = fs::symlink_metadata(&abs).ok();
@@ -1097,26 +1105,49 @@ impl Worker {
         }
     }
 
-    /// Removes temp files of `rel` other than the one for version `keep`.
-    fn drop_stale_parts(&self, rel: &str, keep: Option<&[u8; 32]>) {
-        let tag = hex::encode(&blake3::hash(rel.as_bytes()).as_bytes()[..6]);
+    /// The temp files in `.shoal/tmp/` (`HASH-PATHTAG.part`), by the tag of
+    /// the path they are for.
+    fn temp_parts(&self) -> HashMap<String, Vec<String>> {
+        let mut by_tag: HashMap<String, Vec<String>> = HashMap::new();
         let Ok(dir) = fs::read_dir(self.root.join(TMP_DIR)) else {
-            return;
+            return by_tag;
         };
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(part) = name.strip_suffix(".part") else {
                 continue;
             };
-            if !part.ends_with(&tag) {
-                continue;
+            if let Some((_, tag)) = part.rsplit_once('-') {
+                by_tag
+                    .entry(tag.to_string())
+                    .or_default()
+                    .push(part.to_string());
             }
-            if keep.is_some_and(|k| part.starts_with(&hex::encode(&k[..12]))) {
-                continue;
-            }
-            let _ = fs::remove_file(e.path());
-            let _ = self.shared.blobs.remove_part(&self.space, part);
         }
+        by_tag
+    }
+
+    /// Removes temp files of `rel` (from `parts`, see [`Self::temp_parts`])
+    /// other than the one for version `keep`.
+    fn drop_stale_parts(
+        &self,
+        rel: &str,
+        keep: Option<&[u8; 32]>,
+        parts: &mut HashMap<String, Vec<String>>,
+    ) {
+        let tag = hex::encode(&blake3::hash(rel.as_bytes()).as_bytes()[..6]);
+        let Some(mine) = parts.get_mut(&tag) else {
+            return;
+        };
+        let keep = keep.map(|k| hex::encode(&k[..12]));
+        mine.retain(|part| {
+            if keep.as_ref().is_some_and(|k| part.starts_with(k.as_str())) {
+                return true;
+            }
+            let _ = fs::remove_file(self.root.join(TMP_DIR).join(format!("{part}.part")));
+            let _ = self.shared.blobs.remove_part(&self.space, part);
+            false
+        });
     }
 
     fn remote_changed(&self, rel: &str, w: &Entry) {
