@@ -666,7 +666,7 @@ pub fn walk(
         let Some(rel) = rel_of(root, entry.path()) else {
             problem(
                 entry.path().display().to_string(),
-                "name is not valid UTF-8 or not syncable".into(),
+                not_syncable(root, entry.path()),
             );
             continue;
         };
@@ -693,10 +693,34 @@ pub fn walk(
 }
 
 /// The normalised path of `abs` under `root`, if it is one shoal syncs.
+/// A name stored in another Unicode form than NFC (as macOS may write it)
+/// is not: the index would name it in NFC, and a version placed by that
+/// name would be a second file beside it.
 pub fn rel_of(root: &Path, abs: &Path) -> Option<String> {
     let rel = abs.strip_prefix(root).ok()?;
     let s = rel.to_str()?;
-    files::normalize_path(s).ok()
+    files::normalize_path(s).ok().filter(|n| n == s)
+}
+
+/// Why `abs` under `root` is not synced (when [`rel_of`] gives `None`).
+pub fn not_syncable(root: &Path, abs: &Path) -> String {
+    let Some(s) = abs.strip_prefix(root).ok().and_then(|r| r.to_str()) else {
+        return "name is not valid UTF-8: not synced".into();
+    };
+    match files::normalize_path(s) {
+        Ok(_) => "name is not in Unicode NFC form: not synced (rename it to sync it)".into(),
+        Err(e) => format!("{e}: not synced"),
+    }
+}
+
+/// Whether a stat that failed with `e` says the path is gone. Anything
+/// else (permission denied, an I/O error) says nothing about it, and a
+/// file that cannot be seen is not a deletion to send to every device.
+pub fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
 }
 
 #[cfg(test)]
@@ -783,6 +807,32 @@ mod tests {
         assert!(!r.ignored("x.bak", false));
         std::fs::write(root.join("web/static").join(IGNORE_FILE), "").unwrap();
         assert!(r.changed(root));
+    }
+
+    #[test]
+    fn names_not_in_nfc_are_refused_and_only_a_missing_path_is_gone() {
+        let root = Path::new("/r");
+        assert_eq!(
+            rel_of(root, Path::new("/r/caf\u{e9}.txt")).as_deref(),
+            Some("caf\u{e9}.txt")
+        );
+        let nfd = Path::new("/r/cafe\u{301}.txt");
+        assert_eq!(rel_of(root, nfd), None);
+        assert!(
+            not_syncable(root, nfd).contains("NFC"),
+            "{}",
+            not_syncable(root, nfd)
+        );
+        use std::io::{Error, ErrorKind};
+        assert!(is_gone(&Error::from(ErrorKind::NotFound)));
+        assert!(is_gone(&Error::from(ErrorKind::NotADirectory)));
+        assert!(!is_gone(&Error::from(ErrorKind::PermissionDenied)));
+        assert!(!is_gone(&Error::other("I/O error")));
+        // As the scanner meets them: under a file is gone too.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let e = std::fs::symlink_metadata(dir.path().join("f/child")).unwrap_err();
+        assert!(is_gone(&e), "{e:?}");
     }
 
     #[test]

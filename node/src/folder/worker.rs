@@ -773,8 +773,9 @@ impl Worker {
             let Some(local) = blobs.local(&self.space, &rel)? else {
                 continue;
             };
-            if fs::symlink_metadata(self.root.join(&rel)).is_ok() {
-                continue;
+            match fs::symlink_metadata(self.root.join(&rel)) {
+                Err(e) if scan::is_gone(&e) => {}
+                _ => continue,
             }
             blobs.remove_local(&self.space, &rel, false)?;
             match files::winner(&values) {
@@ -1401,7 +1402,7 @@ fn scan_blocking(
             let mut m = HashMap::new();
             let gone: Vec<&String> = ps
                 .iter()
-                .filter(|p| fs::symlink_metadata(root.join(p)).is_err())
+                .filter(|p| fs::symlink_metadata(root.join(p)).is_err_and(|e| scan::is_gone(&e)))
                 .collect();
             if !gone.is_empty() {
                 for (p, l) in blobs.locals(space).unwrap_or_default() {
@@ -1500,11 +1501,16 @@ fn scan_blocking(
         if seen.contains(p) {
             continue;
         }
-        if fs::symlink_metadata(root.join(p)).is_err() {
-            out.gone.push(p.clone());
-        } else if rules.ignored(p, false) {
-            // Newly ignored: stays as it is everywhere, no longer tracked here.
-            let _ = blobs.remove_local(space, p, false);
+        match fs::symlink_metadata(root.join(p)) {
+            Err(e) if scan::is_gone(&e) => out.gone.push(p.clone()),
+            // Unreadable (a folder without permission): kept as it is; the
+            // walk reported the folder.
+            Err(_) => {}
+            Ok(_) if rules.ignored(p, false) => {
+                // Newly ignored: stays as it is everywhere, no longer tracked here.
+                let _ = blobs.remove_local(space, p, false);
+            }
+            Ok(_) => {}
         }
     }
     out

@@ -187,6 +187,10 @@ async fn many_small_files_empty_things_unicode_and_links() -> Result<()> {
     fs::write(a.join(&long), b"long")?;
     std::os::unix::fs::symlink("d0/f0.txt", a.join("link"))?;
     std::os::unix::fs::symlink("/etc/passwd", a.join("outside"))?;
+    // A name in decomposed form (NFD, as macOS may write it) is reported,
+    // not synced: placed by its NFC name it would be a second file.
+    let nfd = "cafe\u{301}-nfd.txt";
+    fs::write(a.join(nfd), b"nfd")?;
 
     let bn = &nodes[1].node;
     wait_file(bn, &b.join("d9/f49.txt"), b"9/49").await?;
@@ -222,6 +226,21 @@ async fn many_small_files_empty_things_unicode_and_links() -> Result<()> {
     );
     let listed = nodes[1].node.files("m", "d3/").await?;
     assert_eq!(listed.len(), 50);
+    let an = &nodes[0].node;
+    shoal_tests::wait_for(an, shoal_tests::TIMEOUT, || async {
+        an.folder_status()
+            .await
+            .iter()
+            .any(|f| f.problems.iter().any(|p| p.contains("NFC")))
+    })
+    .await
+    .context("the NFD name was not reported")?;
+    assert!(!b.join(nfd).exists() && !b.join("caf\u{e9}-nfd.txt").exists());
+    assert!(an
+        .files("m", "caf")
+        .await?
+        .iter()
+        .all(|f| !f.path.contains("nfd")));
     Ok(())
 }
 
