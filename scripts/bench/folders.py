@@ -78,6 +78,14 @@ def reset_peak(pid):
             pass
 
 
+def settle():
+    """Writes back what earlier steps left dirty (the prepared inputs, the
+    last workload's files) before a clock starts: on a real LAN the two
+    devices have a disk each, here they share one, and one tool's writeback
+    should not be timed as the next workload's fsync."""
+    os.sync()
+
+
 def wait_until(pred, timeout, step=0.005):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -251,6 +259,7 @@ def w_big(a, b, staging, size, ns_a, dev):
     reset_peak(a.pid)
     reset_peak(b.pid)
     dest = os.path.join(b.folder, "big.bin")
+    settle()
     t0 = time.monotonic()
     os.rename(src, os.path.join(a.folder, "big.bin"))
     if not wait_until(lambda: os.path.exists(dest) and os.path.getsize(dest) == size, 600, 0.01):
@@ -288,6 +297,7 @@ def w_small(a, b, staging, n_dirs=100, per_dir=100):
             return n
         return n
 
+    settle()
     t0 = time.monotonic()
     os.rename(top, os.path.join(a.folder, "small"))
     if not wait_until(lambda: count() == want, 600, 0.05):
@@ -308,6 +318,7 @@ def w_edit(a, b, n):
     if not wait_until(lambda: os.path.exists(path_b) and open(path_b).read() == body, 120, 0.01):
         raise RuntimeError(f"{a.name}: edit.txt never arrived")
     times = []
+    settle()
     for i in range(n):
         lines[20] = f"line 20 edited {i} {time.time_ns()}\n"
         body = "".join(lines)
@@ -336,6 +347,7 @@ def w_insert(a, b, staging, ns_a, dev, size):
     if not wait_until(lambda: os.path.exists(pb) and os.path.getsize(pb) == size, 600, 0.02):
         raise RuntimeError(f"{a.name}: the 256 MiB file never arrived")
     time.sleep(3)
+    settle()
     before = link_bytes(ns_a, dev)
     t0 = time.monotonic()
     with open(pa, "r+b") as f:
@@ -376,6 +388,7 @@ def w_scale(a, b, staging, n_files):
             pass
         return n
 
+    settle()
     t0 = time.monotonic()
     os.rename(top, os.path.join(a.folder, "scale"))
     if not wait_until(lambda: count() == n_files, 3600, 0.5):
