@@ -575,12 +575,12 @@ fn folder_sync_through_the_cli_resumes_after_kill9_without_refetching() -> Resul
         "content differs"
     );
     // chunks written before the kill were not requested again: at most the
-    // requests in flight at the kill (64 chunks of at most 256 KiB) repeat
+    // requests in flight at the kill (64 chunks of at most 512 KiB) repeat
     let served = ok_json(&ha, &["status"])?["counters"]["bytes_served"]
         .as_u64()
         .unwrap_or(0);
     assert!(
-        served <= (size as u64) + 2 + (64 << 18),
+        served <= (size as u64) + 2 + (64 << 19),
         "served {served} bytes for a {size}-byte file"
     );
     let after = ok_json(&hb, &["status"])?;

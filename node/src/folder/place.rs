@@ -187,8 +187,15 @@ fn prune_versions(
             versions.push(n);
         }
     }
-    // Newest first: names end in a sortable timestamp.
-    versions.sort_by(|a, b| b.cmp(a));
+    // Newest first: names end in a sortable timestamp, then `-N` for the
+    // N+1th version in that second (compared as a number: -10 after -9).
+    let key = |n: &String| {
+        let rest = n.get(prefix.len()..).unwrap_or_default();
+        let (stamp, k) = rest.split_at(rest.len().min(15));
+        let k = k.strip_prefix('-').and_then(|k| k.parse::<u64>().ok());
+        (stamp.to_string(), k.map_or(0, |k| k + 1))
+    };
+    versions.sort_by_key(|n| std::cmp::Reverse(key(n)));
     let now = SystemTime::now();
     let mut removed = Vec::new();
     for (i, n) in versions.iter().enumerate() {
@@ -271,5 +278,22 @@ mod tests {
         }
         let n = fs::read_dir(root.join(VERSIONS_DIR)).unwrap().count();
         assert_eq!(n, 2);
+        // Twelve versions within one second (-1 .. -11): the newest stay.
+        let mut kept = Vec::new();
+        for i in 0..12 {
+            fs::write(root.join("g.txt"), format!("v{i}")).unwrap();
+            let (rel, _) = keep_version(root, "g.txt", 3, Duration::from_secs(3600)).unwrap();
+            kept.push(rel);
+        }
+        let mut left: Vec<String> = fs::read_dir(root.join(VERSIONS_DIR))
+            .unwrap()
+            .flatten()
+            .map(|e| format!("{VERSIONS_DIR}/{}", e.file_name().to_string_lossy()))
+            .filter(|n| n.contains("g.txt"))
+            .collect();
+        left.sort();
+        let mut newest = kept[9..].to_vec();
+        newest.sort();
+        assert_eq!(left, newest);
     }
 }
