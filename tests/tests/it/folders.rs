@@ -35,9 +35,20 @@ async fn create_modify_append_truncate_delete_rename() -> Result<()> {
     fs::write(a.join("sub/deeper/x.bin"), vec![7u8; 1000])?;
     wait_file(bn, &b.join("sub/deeper/x.bin"), &[7u8; 1000]).await?;
 
+    // A rename and a copy send no data: B copies the chunk it has.
+    use std::sync::atomic::Ordering::Relaxed;
+    let counters = bn.folder_counters();
+    let (fetched, local) = (
+        counters.chunks_fetched.load(Relaxed),
+        counters.chunks_local.load(Relaxed),
+    );
     fs::rename(a.join("sub/deeper/x.bin"), a.join("moved.bin"))?;
     wait_file(bn, &b.join("moved.bin"), &[7u8; 1000]).await?;
     wait_gone(bn, &b.join("sub/deeper/x.bin")).await?;
+    fs::copy(a.join("moved.bin"), a.join("copy.bin"))?;
+    wait_file(bn, &b.join("copy.bin"), &[7u8; 1000]).await?;
+    assert_eq!(counters.chunks_fetched.load(Relaxed), fetched);
+    assert!(counters.chunks_local.load(Relaxed) >= local + 2);
 
     fs::remove_file(a.join("hello.txt"))?;
     wait_gone(bn, &b.join("hello.txt")).await?;
