@@ -246,6 +246,19 @@ pub async fn wait_file(node: &Node, path: &std::path::Path, content: &[u8]) -> R
     })
 }
 
+/// Waits until `node`'s folder says it is in sync: nothing left to fetch
+/// or place.
+pub async fn wait_in_sync(node: &Node) -> Result<()> {
+    wait_for(node, TIMEOUT, || async {
+        node.folder_status()
+            .await
+            .iter()
+            .any(|f| f.state == "in sync" && f.files_left == 0 && f.progress == 100.0)
+    })
+    .await
+    .context("the folder never said it is in sync")
+}
+
 /// Waits until nothing is at `path`.
 pub async fn wait_gone(node: &Node, path: &std::path::Path) -> Result<()> {
     wait_for(node, TIMEOUT, || async {

@@ -63,6 +63,9 @@ pub struct Rules {
     nested: BTreeMap<String, Gitignore>,
     /// Each ignore file read (its path and stat), to notice a change.
     sources: Vec<(String, Stat)>,
+    /// Whether the folder's files were read at all ([`Rules::defaults`]
+    /// reads none).
+    read: bool,
 }
 
 impl Rules {
@@ -83,6 +86,7 @@ impl Rules {
                 .unwrap_or_else(|_| Gitignore::empty()),
             nested: BTreeMap::new(),
             sources: Vec::new(),
+            read: false,
         }
     }
 
@@ -106,6 +110,7 @@ impl Rules {
             root: root_gi,
             nested: BTreeMap::new(),
             sources,
+            read: true,
         };
         // Parents before children, so each folder is judged by the rules
         // of the folders above it: an ignored folder's file is not read.
@@ -158,13 +163,15 @@ impl Rules {
         (rules, problems)
     }
 
-    /// Whether an ignore file this was read from changed, or the root one
-    /// appeared. (A new file in a folder below is found by a reload: the
-    /// watcher's event for it, or the next full scan.)
+    /// Whether these rules are out of date: never read from the folder,
+    /// an ignore file they were read from changed, or the root one
+    /// appeared. (A new file in a folder below is met by the scanner's
+    /// walk: see [`walk`].)
     pub fn changed(&self, root: &Path) -> bool {
         let now = |rel: &str| root.join(rel).symlink_metadata().ok().map(|m| stat_of(&m));
         let root_known = self.sources.iter().any(|(p, _)| p == IGNORE_FILE);
-        (!root_known && now(IGNORE_FILE).is_some())
+        !self.read
+            || (!root_known && now(IGNORE_FILE).is_some())
             || self.sources.iter().any(|(p, st)| now(p) != Some(*st))
     }
 
@@ -175,22 +182,14 @@ impl Rules {
 
     /// The match of the deepest rules that have a say on `rel` itself
     /// (its parents not considered).
-    fn matched(&self, rel: &str, is_dir: bool) -> ignore::Match<()> {
-        for (i, _) in rel.rmatch_indices('/') {
-            let dir = &rel[..i];
-            if let Some(gi) = self.nested.get(dir) {
-                match gi.matched(&rel[i + 1..], is_dir) {
-                    ignore::Match::None => {}
-                    ignore::Match::Ignore(_) => return ignore::Match::Ignore(()),
-                    ignore::Match::Whitelist(_) => return ignore::Match::Whitelist(()),
-                }
-            }
-        }
-        match self.root.matched(rel, is_dir) {
-            ignore::Match::None => ignore::Match::None,
-            ignore::Match::Ignore(_) => ignore::Match::Ignore(()),
-            ignore::Match::Whitelist(_) => ignore::Match::Whitelist(()),
-        }
+    fn matched(&self, rel: &str, is_dir: bool) -> ignore::Match<&ignore::gitignore::Glob> {
+        rel.rmatch_indices('/')
+            .filter_map(|(i, _)| {
+                let gi = self.nested.get(&rel[..i])?;
+                Some(gi.matched(&rel[i + 1..], is_dir))
+            })
+            .find(|m| !m.is_none())
+            .unwrap_or_else(|| self.root.matched(rel, is_dir))
     }
 
     /// Whether `rel` (a normalised path) is ignored: by the rules that
@@ -797,6 +796,8 @@ mod tests {
         assert!(r.ignored("web/vendor", true));
         assert!(r.included("web/keep.log"));
         assert!(!r.changed(root));
+        // The defaults alone are out of date until a scan reads the files.
+        assert!(Rules::defaults(root).changed(root));
         // A change to any of the files read is noticed; a bad line is
         // reported with the file it is in, and the rest still applies.
         std::fs::write(root.join("docs").join(IGNORE_FILE), "[z-a]\n*.bak\n").unwrap();

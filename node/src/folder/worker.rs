@@ -180,7 +180,7 @@ impl Worker {
         self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Whether a `.shoalignore` the rules were read from changed.
+    /// Whether the rules are out of date (see [`Rules::changed`]).
     fn rules_changed(&self) -> bool {
         self.rules
             .read()
@@ -189,8 +189,7 @@ impl Worker {
     }
 
     /// Reads the `.shoalignore` files again (a walk of the folder's
-    /// directories, off the async threads; it also finds new ones in
-    /// folders below the root) and reports their problems.
+    /// directories, off the async threads) and reports their problems.
     async fn reload_rules(&self) -> Rules {
         let root = self.root.clone();
         let (r, problems) = match tokio::task::spawn_blocking(move || Rules::load(&root)).await {
@@ -431,7 +430,7 @@ impl Worker {
                 Some(p) = watch_rx.recv() => {
                     if let Some(rel) = scan::rel_of(&self.root, &p) {
                         if scan::is_ignore_file(&rel) {
-                            // The full scan reads the rules again.
+                            // The full scan checks the rules; its walk meets new ones.
                             full_scan = true;
                         }
                         dirty_paths.insert(rel);
@@ -546,10 +545,10 @@ impl Worker {
             self.prog().state = "scanning";
         }
         // The watcher's word on `.shoalignore` may still be queued behind
-        // this scan: the rules are checked against the files themselves. A
-        // full scan reads them all again, which finds new ones in folders
-        // below the root too.
-        let rules = if full || self.rules_changed() {
+        // this scan: the rules are checked against the files themselves
+        // (and read on the first scan). New ones in folders below are met
+        // by the walk, below.
+        let rules = if self.rules_changed() {
             self.reload_rules().await
         } else {
             self.rules()

@@ -4,7 +4,7 @@
 use std::fs;
 
 use anyhow::{Context, Result};
-use shoal_tests::{folder_nodes, folder_nodes_with, wait_file, wait_gone};
+use shoal_tests::{folder_nodes, folder_nodes_with, wait_file, wait_gone, wait_in_sync};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_modify_append_truncate_delete_rename() -> Result<()> {
@@ -316,15 +316,7 @@ async fn ignore_files_in_subfolders_apply_below_them() -> Result<()> {
     fs::write(a.join("cache/blob.dat"), b"not for b")?;
     fs::write(a.join("cache/note.txt"), b"for b")?;
     wait_file(&nodes[1].node, &b.join("cache/note.txt"), b"for b").await?;
-    shoal_tests::wait_for(&nodes[1].node, shoal_tests::TIMEOUT, || async {
-        nodes[1]
-            .node
-            .folder_status()
-            .await
-            .iter()
-            .any(|f| f.state == "in sync" && f.files_left == 0)
-    })
-    .await?;
+    wait_in_sync(&nodes[1].node).await?;
     for p in [
         "web/.shoalignore",
         "web/app.map",
@@ -480,13 +472,6 @@ async fn a_full_disk_pauses_the_transfer_and_places_nothing() -> Result<()> {
     fs::remove_file(ra.join("big.bin"))?;
     fs::write(ra.join("note.txt"), b"fits")?;
     wait_file(&b.node, &small.join("f/note.txt"), b"fits").await?;
-    shoal_tests::wait_for(&b.node, shoal_tests::TIMEOUT, || async {
-        b.node
-            .folder_status()
-            .await
-            .iter()
-            .any(|f| f.state == "in sync" && f.files_left == 0 && f.progress == 100.0)
-    })
-    .await?;
+    wait_in_sync(&b.node).await?;
     Ok(())
 }
