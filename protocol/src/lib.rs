@@ -16,6 +16,7 @@ pub mod ids;
 pub mod invite;
 pub mod keys;
 pub mod members;
+pub mod plan;
 pub mod sync;
 pub mod wire;
 

@@ -66,6 +66,10 @@ pub struct FolderSettings {
     /// Fault injection for tests: flip a byte of every chunk served.
     #[doc(hidden)]
     pub serve_corrupt_chunks: bool,
+    /// Fault injection for tests: each folder worker waits for a permit
+    /// before its first scan (as behind a slow first scan).
+    #[doc(hidden)]
+    pub hold_start: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Default for FolderSettings {
@@ -78,6 +82,7 @@ impl Default for FolderSettings {
             transfers: 128,
             window: 32,
             serve_corrupt_chunks: false,
+            hold_start: None,
         }
     }
 }
@@ -344,12 +349,23 @@ impl Shared {
             let Some(root) = self.root(&rec.space) else {
                 continue;
             };
+            let path = root.join(&rec.rel);
             let mut buf = vec![0u8; loc.len as usize];
-            let ok = open
-                .get(loc.fid, &root.join(&rec.rel))
-                .and_then(|f| f.read_exact_at(&mut buf, loc.offset))
-                .is_ok()
-                && blake3::hash(&buf).as_bytes() == hash;
+            let mut read = |open: &mut OpenFiles| {
+                open.get(loc.fid, &path)
+                    .and_then(|f| f.read_exact_at(&mut buf, loc.offset))
+                    .is_ok()
+                    && blake3::hash(&buf).as_bytes() == hash
+            };
+            // A file kept open from an earlier request may be an inode that
+            // was since replaced at its path (a save by rename keeps the
+            // path's file id): only what the path holds now decides.
+            let cached = open.files.contains_key(&loc.fid);
+            let mut ok = read(open);
+            if !ok && cached {
+                open.forget(loc.fid);
+                ok = read(open);
+            }
             if ok {
                 return Some(buf);
             }

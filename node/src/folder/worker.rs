@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use notify::Watcher;
 use shoal_protocol::files::{self, Entry, Kind};
+use shoal_protocol::plan;
 use shoal_protocol::{DocId, SpaceId};
 use tokio::sync::{broadcast, mpsc, Notify};
 use tokio::task::JoinSet;
@@ -346,6 +347,9 @@ impl Worker {
     }
 
     pub(super) async fn run(self: Arc<Self>) {
+        if let Some(gate) = &self.shared.settings.hold_start {
+            let _ = gate.acquire().await;
+        }
         for d in [TMP_DIR, VERSIONS_DIR] {
             if let Err(e) = fs::create_dir_all(self.root.join(d)) {
                 self.problem(d, e.to_string());
@@ -777,17 +781,14 @@ impl Worker {
                 _ => continue,
             }
             blobs.remove_local(&self.space, &rel, false)?;
-            match files::winner(&values) {
-                Some(w) if !w.deleted => {
-                    let mut e = w.clone();
-                    e.deleted = true;
-                    e.hash = local.hash;
-                    e.chunked = local.chunked;
-                    e.device = me.clone();
-                    e.mtime_ns = now_ns();
-                    puts.push((rel, e));
-                }
-                _ => {}
+            let had = plan::Recorded {
+                hash: local.hash,
+                chunked: local.chunked,
+            };
+            match plan::vanished(&values, had, &me, now_ns()) {
+                plan::Vanished::Delete(e) => puts.push((rel, e)),
+                plan::Vanished::Refetch => blobs.mark_pending(&self.space, &rel)?,
+                plan::Vanished::Forget => {}
             }
         }
         drop(guard);

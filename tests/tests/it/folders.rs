@@ -475,3 +475,98 @@ async fn a_full_disk_pauses_the_transfer_and_places_nothing() -> Result<()> {
     wait_in_sync(&b.node).await?;
     Ok(())
 }
+
+/// Bytes that do not repeat, so content-defined chunking cuts them into
+/// several chunks.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Issue 19, bug 1: a file saved by writing a temp file and renaming it
+/// over the old one (as many editors save) after its old version was
+/// served. The serving stream kept the replaced inode open under the
+/// path's file id, read the new chunks from it, failed their hash check
+/// and dropped their (valid) locations, so B waited for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_saved_by_rename_after_it_was_served_reaches_the_peer() -> Result<()> {
+    let (nodes, roots, _dirs) = folder_nodes(2, "r").await?;
+    let (a, b) = (&roots[0], &roots[1]);
+    let bn = &nodes[1].node;
+    let small = noise(4096, 1);
+    fs::write(a.join("doc.bin"), &small)?;
+    wait_file(bn, &b.join("doc.bin"), &small).await?;
+
+    let big = noise(1 << 20, 2);
+    fs::write(a.join(".doc.bin.swp"), &big)?;
+    fs::rename(a.join(".doc.bin.swp"), a.join("doc.bin"))?;
+    wait_file(bn, &b.join("doc.bin"), &big).await?;
+    // and once more, now that the big version was served too
+    let again = noise(1 << 20, 3);
+    fs::write(a.join(".doc.bin.swp"), &again)?;
+    fs::rename(a.join(".doc.bin.swp"), a.join("doc.bin"))?;
+    wait_file(bn, &b.join("doc.bin"), &again).await?;
+    Ok(())
+}
+
+/// Issue 19, bug 2: B is stopped holding version 1; the file is deleted in
+/// B's folder while B is down; A appends (version 2); B starts and its
+/// first scan ends after sync merged version 2. The deletion was published
+/// over version 2, which B never had: every device lost the file. An
+/// existing file beats a deletion it was not seen by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_made_offline_does_not_beat_a_newer_edit() -> Result<()> {
+    let (mut nodes, roots, _dirs) = folder_nodes(2, "o").await?;
+    let (a, b) = (roots[0].clone(), roots[1].clone());
+    fs::write(a.join("notes.txt"), b"version 1\n")?;
+    wait_file(&nodes[1].node, &b.join("notes.txt"), b"version 1\n").await?;
+    wait_in_sync(&nodes[1].node).await?;
+
+    nodes[1].stop().await;
+    fs::remove_file(b.join("notes.txt"))?;
+    use std::io::Write;
+    fs::OpenOptions::new()
+        .append(true)
+        .open(a.join("notes.txt"))?
+        .write_all(b"version 2\n")?;
+    let v2_len = b"version 1\nversion 2\n".len() as u64;
+    shoal_tests::wait_for(&nodes[0].node, shoal_tests::TIMEOUT, || async {
+        nodes[0]
+            .node
+            .files("o", "notes.txt")
+            .await
+            .is_ok_and(|f| f.first().is_some_and(|f| f.size == v2_len))
+    })
+    .await?;
+
+    // B's folder worker waits (as behind a slow first scan) until sync has
+    // brought version 2 into B's index.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    nodes[1].config.folders.hold_start = Some(std::sync::Arc::clone(&gate));
+    nodes[1].start().await?;
+    shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
+    shoal_tests::wait_for(&nodes[1].node, shoal_tests::TIMEOUT, || async {
+        nodes[1]
+            .node
+            .files("o", "notes.txt")
+            .await
+            .is_ok_and(|f| f.first().is_some_and(|f| f.size == v2_len))
+    })
+    .await
+    .context("version 2 never reached B's index")?;
+    gate.add_permits(1);
+
+    let v2 = b"version 1\nversion 2\n";
+    wait_file(&nodes[1].node, &b.join("notes.txt"), v2).await?;
+    wait_in_sync(&nodes[1].node).await?;
+    wait_in_sync(&nodes[0].node).await?;
+    assert_eq!(fs::read(a.join("notes.txt"))?, v2, "A lost version 2");
+    Ok(())
+}
