@@ -361,6 +361,39 @@ impl Node {
         Ok(folder::file_infos(list))
     }
 
+    /// Writes raw index entries as this device, bypassing the folder: what
+    /// a modified client of a member can do. Tests use it to play a
+    /// hostile member.
+    #[doc(hidden)]
+    pub async fn put_index_entries(
+        &self,
+        space: &str,
+        entries: Vec<(String, shoal_protocol::files::Entry)>,
+    ) -> Result<()> {
+        let (id, _) = self.resolve(space).await?;
+        let entries = entries.into_iter().map(|(p, e)| (p, e.encode())).collect();
+        self.client()
+            .index(|reply| engine::IndexCommand::Put {
+                space: id,
+                entries,
+                reply,
+            })
+            .await
+    }
+
+    /// Stores a manifest in this device's blob index, to be served to
+    /// members: with [`Self::put_index_entries`], what a modified client
+    /// can do.
+    #[doc(hidden)]
+    pub async fn put_manifest(
+        &self,
+        space: &str,
+        manifest: &shoal_protocol::files::Manifest,
+    ) -> Result<()> {
+        let (id, _) = self.resolve(space).await?;
+        self.inner.folders.put_manifest(&id, manifest)
+    }
+
     /// Conflict copies in a space's folder: which file, which device, when.
     pub async fn conflicts(&self, space: &str) -> Result<Vec<folder::ConflictInfo>> {
         let files = self.files(space, "").await?;

@@ -38,6 +38,9 @@ pub enum TransferError {
     Failed(String),
 }
 
+/// Encoded bytes of one chunk in a manifest (hash, length, framing).
+const MANIFEST_BYTES_PER_CHUNK: u64 = 40;
+
 /// Bytes written to a temp file between background flushes.
 const FLUSH_EVERY: u64 = 64 << 20;
 
@@ -121,6 +124,32 @@ fn written_prefix(
     chunks.get(*from).map_or(size, |c| c.1)
 }
 
+/// Space a transfer leaves free on the folder's file system: 1% of it,
+/// at least this much.
+const KEEP_FREE_MIN: u64 = 64 << 20;
+
+/// Refuses a transfer that would leave the file system at `path` with
+/// less than its margin free (a peer can name any size; a manifest that
+/// repeats one chunk a million times names a terabyte). Checked before
+/// anything is written, and said in the status: how much is needed.
+fn room_for(path: &std::path::Path, need: u64) -> Result<(), TransferError> {
+    let dir = path.parent().unwrap_or(path);
+    let st = rustix::fs::statvfs(dir)
+        .map_err(|e| TransferError::Failed(format!("free space of {}: {e}", dir.display())))?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let total = st.f_blocks.saturating_mul(st.f_frsize);
+    let keep = (total / 100).max(KEEP_FREE_MIN);
+    if need.saturating_add(keep) > free {
+        return Err(TransferError::DiskFull(format!(
+            "this file needs {} MB and {} MB are free ({} MB are kept free)",
+            need.div_ceil(1 << 20),
+            free >> 20,
+            keep >> 20
+        )));
+    }
+    Ok(())
+}
+
 fn io_err(what: &str, e: std::io::Error) -> TransferError {
     if matches!(e.raw_os_error(), Some(28) | Some(122)) {
         TransferError::DiskFull(format!("{what}: {e}"))
@@ -164,6 +193,19 @@ impl Worker {
             Ok(Some(m)) => m,
             _ => {
                 let peers = self.peers().await?;
+                // A manifest is held whole while it is fetched and decoded:
+                // it takes its share of the node's transfer budget (in
+                // chunk-sized permits), as large as the entry's size allows.
+                let most = (e.size / u64::from(shoal_protocol::files::CHUNK_MIN) + 1)
+                    .saturating_mul(MANIFEST_BYTES_PER_CHUNK)
+                    .min(shoal_protocol::files::MAX_MANIFEST_BYTES as u64);
+                let permits =
+                    most.div_ceil(u64::from(CHUNK_MAX))
+                        .clamp(1, super::MAX_INFLIGHT_CHUNKS as u64) as u32;
+                let _budget = Arc::clone(&sh.inflight)
+                    .acquire_many_owned(permits)
+                    .await
+                    .map_err(|_| TransferError::Failed("node stopping".into()))?;
                 let mut got = None;
                 for p in peers {
                     match sh
@@ -251,6 +293,12 @@ impl Worker {
                     std::fs::create_dir_all(dir).map_err(|e| io_err("create temp folder", e))?;
                 }
                 let resumed = temp.exists();
+                // Only what is not yet allocated in the temp file is new.
+                let allocated = std::fs::metadata(&temp).map_or(0, |m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.blocks() * 512
+                });
+                room_for(&temp, size.saturating_sub(allocated))?;
                 let f = OpenOptions::new()
                     .read(true)
                     .write(true)

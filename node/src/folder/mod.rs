@@ -46,7 +46,7 @@ pub(crate) const OWN_SYNC_BYTES: u64 = 4 << 20;
 
 /// Chunk requests in flight across all transfers of the node (at most
 /// 512 KiB each): bounds transfer memory.
-const MAX_INFLIGHT_CHUNKS: usize = 64;
+pub(crate) const MAX_INFLIGHT_CHUNKS: usize = 64;
 
 /// Folder-sync settings.
 #[derive(Debug, Clone)]
@@ -572,6 +572,14 @@ impl Folders {
         info!(space = %id.short(), folder = %root.display(), "folder attached");
         self.spawn(&shared, id, root);
         Ok(self.status_of(&id).unwrap_or_default())
+    }
+
+    pub(crate) fn put_manifest(
+        &self,
+        space: &SpaceId,
+        m: &shoal_protocol::files::Manifest,
+    ) -> Result<()> {
+        self.shared()?.blobs.put_manifest(space, m).map(|_| ())
     }
 
     fn status_of(&self, id: &SpaceId) -> Option<FolderStatus> {

@@ -1171,6 +1171,12 @@ impl Worker {
         let blobs = &self.shared.blobs;
         let io = |e: Error| io::Error::other(e.to_string());
         blobs.relocate(&self.space, rel, &vrel).map_err(io)?;
+        // A folder moved with its contents: their records follow it, or
+        // the next scan would take them for deletions made here.
+        for child in blobs.locals_below(&self.space, rel).map_err(io)? {
+            let to = format!("{vrel}{}", &child[rel.len()..]);
+            blobs.relocate(&self.space, &child, &to).map_err(io)?;
+        }
         for r in removed {
             blobs.forget_rel(&self.space, &r).map_err(io)?;
         }
@@ -1206,10 +1212,14 @@ impl Worker {
                 let copy = place::free_name(&self.root, &want);
                 fs::rename(&abs, self.root.join(&copy))?;
                 let io = |e: Error| io::Error::other(e.to_string());
-                self.shared
-                    .blobs
-                    .remove_local(&self.space, rel, false)
-                    .map_err(io)?;
+                let blobs = &self.shared.blobs;
+                // A folder's contents moved with it: forgetting their
+                // records makes the scan publish them under the copy, and
+                // no deletion at their old paths.
+                for child in blobs.locals_below(&self.space, rel).map_err(io)? {
+                    blobs.remove_local(&self.space, &child, false).map_err(io)?;
+                }
+                blobs.remove_local(&self.space, rel, false).map_err(io)?;
                 self.shared
                     .counters
                     .conflicts

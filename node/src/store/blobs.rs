@@ -224,6 +224,19 @@ impl Blobs {
         Ok(rec)
     }
 
+    /// The paths recorded below folder `dir` (not `dir` itself).
+    pub fn locals_below(&self, space: &SpaceId, dir: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for kv in self
+            .files
+            .scan_prefix(key(space, format!("{dir}/").as_bytes()))
+        {
+            let (k, _) = kv?;
+            out.push(String::from_utf8_lossy(&k[32..]).into_owned());
+        }
+        Ok(out)
+    }
+
     /// Forgets `path` (and, unless `keep_chunks`, its chunk records).
     pub fn remove_local(&self, space: &SpaceId, path: &str, keep_chunks: bool) -> Result<()> {
         if let Some(old) = self.local(space, path)? {

@@ -6,6 +6,7 @@ mod api;
 mod events;
 mod folders;
 mod hostile;
+mod hostile_folders;
 mod pairing;
 mod relay;
 mod sync;

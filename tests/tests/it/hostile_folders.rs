@@ -1,0 +1,137 @@
+//! Hostile members of a space with a folder: a member with write role can
+//! publish whatever index entries it likes. What it publishes may change
+//! files (its role allows that; old versions are kept), but it may never
+//! make another device publish changes its user did not make.
+
+use std::fs;
+
+use anyhow::{Context, Result};
+use shoal_protocol::files::{Entry, Kind};
+use shoal_tests::{folder_nodes, wait_file, wait_for, wait_in_sync, TIMEOUT};
+
+/// Issue 18, hole 7: a symbolic link published over a folder. The victim
+/// moved the folder aside but kept its children's records, so its next
+/// full scan took them for deletions and published them under the
+/// victim's own name, on every device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_published_over_a_folder_makes_no_one_publish_deletions() -> Result<()> {
+    let (mut nodes, roots, _dirs) = folder_nodes(2, "h").await?;
+    let (a, b) = (roots[0].clone(), roots[1].clone());
+    fs::create_dir_all(a.join("photos"))?;
+    fs::write(a.join("photos/one.jpg"), b"one")?;
+    fs::write(a.join("photos/two.jpg"), b"two")?;
+    wait_file(&nodes[1].node, &b.join("photos/two.jpg"), b"two").await?;
+    wait_in_sync(&nodes[0].node).await?;
+
+    // B, a hostile editor, publishes a link where the folder is, and
+    // nothing about its contents.
+    let hostile = Entry {
+        kind: Kind::Symlink,
+        hash: [0; 32],
+        chunked: false,
+        size: 0,
+        mode: 0o777,
+        mtime_ns: i64::MAX / 2,
+        deleted: false,
+        device: nodes[1].node.device_id().clone(),
+        target: Some("elsewhere".into()),
+    };
+    nodes[1]
+        .node
+        .put_index_entries("h", vec![("photos".into(), hostile)])
+        .await?;
+    wait_for(&nodes[0].node, TIMEOUT, || async {
+        fs::symlink_metadata(a.join("photos")).is_ok_and(|m| m.file_type().is_symlink())
+    })
+    .await
+    .context("A never placed the link")?;
+
+    // A full scan (one runs at start), then a marker: once A's index holds
+    // the marker, whatever that scan published is in A's index too.
+    nodes[0].restart().await?;
+    shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
+    fs::write(a.join("marker.txt"), b"m")?;
+    let an = nodes[0].node.clone();
+    wait_for(&an, TIMEOUT, || async {
+        an.files("h", "marker.txt")
+            .await
+            .is_ok_and(|f| !f.is_empty())
+    })
+    .await
+    .context("A never recorded the marker")?;
+    let left: Vec<String> = an
+        .files("h", "photos/")
+        .await?
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(
+        left,
+        vec!["photos/one.jpg".to_string(), "photos/two.jpg".to_string()],
+        "A published deletions of the folder's contents"
+    );
+    // The folder's contents are kept on A, as an old version.
+    let kept = fs::read_dir(a.join(".shoal/versions"))?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("photos~"));
+    assert!(kept, "the folder was not kept under .shoal/versions");
+    Ok(())
+}
+
+/// Issue 18, hole 6: a manifest that repeats one chunk a million times
+/// names a 512 GiB file; every member would have written it out. Now the
+/// transfer is refused before anything is written, the status says how
+/// much it needs, and the folder keeps syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_larger_than_the_free_disk_is_refused_before_it_is_written() -> Result<()> {
+    use shoal_protocol::files::{Manifest, CHUNK_MAX};
+    let (nodes, roots, _dirs) = folder_nodes(2, "m").await?;
+    let (a, b) = (roots[0].clone(), roots[1].clone());
+    let zeros = vec![0u8; CHUNK_MAX as usize];
+    let chunk = *blake3::hash(&zeros).as_bytes();
+    let n = 1 << 20;
+    let m = Manifest {
+        file_hash: [7; 32],
+        size: u64::from(CHUNK_MAX) * n,
+        chunks: vec![(chunk, CHUNK_MAX); n as usize],
+    };
+    let bn = &nodes[1].node;
+    bn.put_manifest("m", &m).await?;
+    let bomb = Entry {
+        kind: Kind::File,
+        hash: m.id(),
+        chunked: true,
+        size: m.size,
+        mode: 0o644,
+        mtime_ns: 1,
+        deleted: false,
+        device: bn.device_id().clone(),
+        target: None,
+    };
+    bn.put_index_entries("m", vec![("huge.bin".into(), bomb)])
+        .await?;
+    let an = nodes[0].node.clone();
+    wait_for(&an, TIMEOUT, || async {
+        an.folder_status().await.iter().any(|f| {
+            f.problems
+                .iter()
+                .any(|p| p.contains("huge.bin") && p.contains("needs 524288 MB"))
+        })
+    })
+    .await
+    .context("A never said the file needs more room than it has")?;
+    assert!(fs::symlink_metadata(a.join("huge.bin")).is_err());
+    let written: u64 = fs::read_dir(a.join(".shoal/tmp"))?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        })
+        .sum();
+    assert_eq!(written, 0, "bytes of the huge file were written");
+    // A still syncs what fits.
+    fs::write(b.join("small.txt"), b"fits")?;
+    wait_file(&an, &a.join("small.txt"), b"fits").await?;
+    Ok(())
+}
