@@ -50,6 +50,176 @@ pub fn vanished(values: &[Entry], had: Recorded, me: &DeviceId, now_ns: i64) -> 
     }
 }
 
+/// What is at a path on disk now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnDisk {
+    /// Nothing.
+    Missing,
+    /// A regular file.
+    File,
+    /// A folder.
+    Dir,
+    /// A symbolic link, with its target when it is UTF-8.
+    Link(Option<String>),
+}
+
+/// What is known about one path when the index changed it.
+#[derive(Debug, Clone)]
+pub struct Facts<'a> {
+    /// The index's versions of the path (any order).
+    pub values: &'a [Entry],
+    /// What this device last recorded there.
+    pub recorded: Option<Recorded>,
+    /// What is on disk now.
+    pub disk: OnDisk,
+    /// The disk's modification time (ns), when something is there.
+    pub disk_mtime_ns: i64,
+    /// Whether the disk's stat is the one recorded (nothing changed here
+    /// since this device last scanned or placed the path).
+    pub known: bool,
+    /// Whether the ignore rules keep the winner's kind of path local.
+    pub ignored: bool,
+}
+
+/// How whatever is at a path makes way for the winner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Aside {
+    /// Kept as a conflict copy named after this version's time and device
+    /// (an unrecorded local change, or a version that lost a conflict).
+    Conflict {
+        /// Modification time of the version set aside.
+        mtime_ns: i64,
+        /// The device that wrote it.
+        device: DeviceId,
+    },
+    /// Kept as an old version under `.shoal/versions/`.
+    OldVersion,
+}
+
+/// What to do with a path whose index entry changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remote {
+    /// Nothing: the disk already agrees, or a local change wins and the
+    /// scanner publishes it.
+    Nothing,
+    /// The path is deleted and gone here: forget the record.
+    Forget,
+    /// The path was deleted elsewhere: remove the file, kept as an old
+    /// version.
+    Remove,
+    /// The folder was deleted elsewhere: remove it once empty (contents
+    /// go first, by their own deletions; files new here keep it).
+    RemoveDir,
+    /// Make the folder (what is there first goes aside as said).
+    MakeDir(Option<Aside>),
+    /// Record the folder that is already there.
+    RecordDir,
+    /// Make the link (what is there first goes aside as said).
+    MakeLink {
+        /// Its target.
+        target: String,
+        /// How what is there makes way.
+        aside: Option<Aside>,
+    },
+    /// Record the link that is already there.
+    RecordLink,
+    /// Fetch and place this version (what is there then goes aside as
+    /// [`set_aside_as`] says, decided again at placement).
+    Fetch(Entry),
+}
+
+/// How what is at a path makes way for winner `w`: an unrecorded local
+/// change (`known` false) is a conflict copy under this device's name; a
+/// recorded version that lost a conflict is a copy under its writer's
+/// name; anything else an old version.
+pub fn set_aside_as(
+    known: bool,
+    disk_mtime_ns: i64,
+    recorded: Option<Recorded>,
+    values: &[Entry],
+    w: &Entry,
+    me: &DeviceId,
+) -> Aside {
+    if !known {
+        return Aside::Conflict {
+            mtime_ns: disk_mtime_ns,
+            device: me.clone(),
+        };
+    }
+    let lost = recorded.and_then(|r| {
+        // The same version can be in the index more than once only if two
+        // devices wrote the same bytes; the winner among them names it.
+        let same: Vec<Entry> = values
+            .iter()
+            .filter(|e| *e != w && !e.deleted && e.hash == r.hash && r.hash != w.hash)
+            .cloned()
+            .collect();
+        files::winner(&same).cloned()
+    });
+    match lost {
+        Some(e) => Aside::Conflict {
+            mtime_ns: e.mtime_ns,
+            device: e.device,
+        },
+        None => Aside::OldVersion,
+    }
+}
+
+/// Decides what a change of the index means for the disk at one path.
+pub fn remote(f: &Facts<'_>, me: &DeviceId) -> Remote {
+    use crate::files::Kind;
+    let Some(w) = files::winner(f.values) else {
+        return Remote::Nothing;
+    };
+    if f.ignored {
+        return Remote::Nothing;
+    }
+    let aside = || {
+        (f.disk != OnDisk::Missing)
+            .then(|| set_aside_as(f.known, f.disk_mtime_ns, f.recorded, f.values, w, me))
+    };
+    if w.deleted {
+        // A folder's stat changes with its contents: a recorded folder
+        // counts as known.
+        let known = f.known || (f.disk == OnDisk::Dir && f.recorded.is_some());
+        return match &f.disk {
+            OnDisk::Missing => Remote::Forget,
+            // Modified (or created) here: the modification wins.
+            _ if !known => Remote::Nothing,
+            OnDisk::Dir => Remote::RemoveDir,
+            _ => Remote::Remove,
+        };
+    }
+    match w.kind {
+        Kind::Dir => match &f.disk {
+            OnDisk::Dir if f.known => Remote::Nothing,
+            OnDisk::Dir => Remote::RecordDir,
+            _ => Remote::MakeDir(aside()),
+        },
+        Kind::Symlink => {
+            let target = w.target.clone().unwrap_or_default();
+            match &f.disk {
+                OnDisk::Link(Some(t)) if *t == target && f.known => Remote::Nothing,
+                OnDisk::Link(Some(t)) if *t == target => Remote::RecordLink,
+                _ => Remote::MakeLink {
+                    target,
+                    aside: aside(),
+                },
+            }
+        }
+        Kind::File => {
+            if f.recorded.is_some_and(|r| r.hash == w.hash) {
+                // In sync; or edited here since the scan recorded the
+                // winner itself: a plain local edit, which the scanner
+                // publishes.
+                Remote::Nothing
+            } else {
+                Remote::Fetch(w.clone())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +294,126 @@ mod tests {
                 let w = files::winner(&values).unwrap();
                 prop_assert_eq!(w.hash, [had; 32]);
                 prop_assert!(e.deleted);
+            }
+        }
+    }
+
+    fn facts_strategy() -> impl Strategy<Value = (Vec<Entry>, Option<u8>, u8, bool)> {
+        (
+            proptest::collection::vec((0u8..3, 0i64..4, 0u8..3, any::<bool>(), 0u8..3), 1..5)
+                .prop_map(|v| {
+                    v.into_iter()
+                        .map(|(h, m, d, del, k)| {
+                            let mut e = entry(h, m, d, del);
+                            e.kind = [Kind::File, Kind::Dir, Kind::Symlink][k as usize];
+                            if e.kind != Kind::File {
+                                e.hash = [0; 32];
+                            }
+                            if e.kind == Kind::Symlink {
+                                e.target = Some(format!("t{h}"));
+                            }
+                            e
+                        })
+                        .collect()
+                }),
+            proptest::option::of(0u8..3),
+            0u8..5,
+            any::<bool>(),
+        )
+    }
+
+    fn disk_of(d: u8) -> OnDisk {
+        match d {
+            0 => OnDisk::Missing,
+            1 => OnDisk::File,
+            2 => OnDisk::Dir,
+            3 => OnDisk::Link(Some("t1".into())),
+            _ => OnDisk::Link(Some("t2".into())),
+        }
+    }
+
+    /// Carries a plan out on the facts, as the worker does: the disk and
+    /// the record end as the plan says.
+    fn carry_out(f: &Facts<'_>, plan: &Remote) -> (Option<Recorded>, OnDisk) {
+        let rec = |h| {
+            Some(Recorded {
+                hash: h,
+                chunked: false,
+            })
+        };
+        match plan {
+            Remote::Nothing => (f.recorded, f.disk.clone()),
+            Remote::Forget | Remote::Remove | Remote::RemoveDir => (None, OnDisk::Missing),
+            Remote::MakeDir(_) | Remote::RecordDir => (rec([0; 32]), OnDisk::Dir),
+            Remote::MakeLink { target, .. } => (rec([0; 32]), OnDisk::Link(Some(target.clone()))),
+            Remote::RecordLink => (rec([0; 32]), f.disk.clone()),
+            Remote::Fetch(w) => (rec(w.hash), OnDisk::File),
+        }
+    }
+
+    proptest! {
+        /// Planning is independent of the order in which index values
+        /// arrive: every device given the same inputs decides the same,
+        /// and names the same conflict copy.
+        #[test]
+        fn planning_ignores_the_order_of_values(
+            (values, rec, disk, known) in facts_strategy(),
+            seed in any::<u64>(),
+        ) {
+            let recorded = rec.map(|h| Recorded { hash: [h; 32], chunked: false });
+            let f = Facts { values: &values, recorded, disk: disk_of(disk), disk_mtime_ns: 7, known, ignored: false };
+            let plan = remote(&f, &dev(9));
+            let mut shuffled = values.clone();
+            let n = shuffled.len();
+            shuffled.rotate_left((seed as usize) % n);
+            if seed % 2 == 0 { shuffled.reverse(); }
+            let g = Facts { values: &shuffled, ..f.clone() };
+            prop_assert_eq!(remote(&g, &dev(9)), plan);
+        }
+
+        /// An unrecorded local change is never overwritten or removed
+        /// without being set aside as a conflict copy first, and a
+        /// modification here is never removed by a deletion.
+        #[test]
+        fn an_unrecorded_local_change_is_never_lost(
+            (values, rec, disk, _) in facts_strategy(),
+        ) {
+            prop_assume!(disk != 0);
+            let recorded = rec.map(|h| Recorded { hash: [h; 32], chunked: false });
+            let f = Facts { values: &values, recorded, disk: disk_of(disk), disk_mtime_ns: 7, known: false, ignored: false };
+            let me = dev(9);
+            match remote(&f, &me) {
+                Remote::Remove => prop_assert!(false, "removed an unrecorded change"),
+                Remote::RemoveDir => prop_assert!(f.recorded.is_some() && f.disk == OnDisk::Dir),
+                Remote::MakeDir(a) | Remote::MakeLink { aside: a, .. } => {
+                    prop_assert_eq!(a, Some(Aside::Conflict { mtime_ns: 7, device: me.clone() }))
+                }
+                Remote::Fetch(w) => {
+                    let a = set_aside_as(false, 7, recorded, &values, &w, &me);
+                    prop_assert_eq!(a, Aside::Conflict { mtime_ns: 7, device: me.clone() });
+                }
+                _ => {}
+            }
+        }
+
+        /// Carrying a plan out and planning again yields nothing.
+        #[test]
+        fn a_plan_carried_out_leaves_nothing_to_do(
+            (values, rec, disk, known) in facts_strategy(),
+        ) {
+            let recorded = rec.map(|h| Recorded { hash: [h; 32], chunked: false });
+            let f = Facts { values: &values, recorded, disk: disk_of(disk), disk_mtime_ns: 7, known, ignored: false };
+            let plan = remote(&f, &dev(9));
+            let (recorded, disk) = carry_out(&f, &plan);
+            // The worker records what it placed: the disk is then known.
+            let known = f.known || plan != Remote::Nothing;
+            let g = Facts { values: &values, recorded, disk, disk_mtime_ns: 8, known, ignored: false };
+            let again = remote(&g, &dev(9));
+            prop_assert!(matches!(again, Remote::Nothing | Remote::Forget), "{:?} then {:?}", plan, again);
+            if again == Remote::Forget {
+                // Forgetting a record is itself idempotent.
+                let h = Facts { recorded: None, ..g.clone() };
+                prop_assert_eq!(remote(&h, &dev(9)), Remote::Forget);
             }
         }
     }

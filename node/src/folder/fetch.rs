@@ -125,8 +125,8 @@ fn written_prefix(
 }
 
 /// Space a transfer leaves free on the folder's file system: 1% of it,
-/// at least this much.
-const KEEP_FREE_MIN: u64 = 64 << 20;
+/// at most this much.
+const KEEP_FREE_MAX: u64 = 256 << 20;
 
 /// Refuses a transfer that would leave the file system at `path` with
 /// less than its margin free (a peer can name any size; a manifest that
@@ -138,7 +138,7 @@ fn room_for(path: &std::path::Path, need: u64) -> Result<(), TransferError> {
         .map_err(|e| TransferError::Failed(format!("free space of {}: {e}", dir.display())))?;
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     let total = st.f_blocks.saturating_mul(st.f_frsize);
-    let keep = (total / 100).max(KEEP_FREE_MIN);
+    let keep = (total / 100).min(KEEP_FREE_MAX);
     if need.saturating_add(keep) > free {
         return Err(TransferError::DiskFull(format!(
             "this file needs {} MB and {} MB are free ({} MB are kept free)",

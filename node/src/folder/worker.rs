@@ -978,7 +978,9 @@ impl Worker {
         }
     }
 
-    /// Brings `rel` in line with the index where that needs no transfer.
+    /// Brings `rel` in line with the index where that needs no transfer:
+    /// gathers what is known about the path, asks the planner
+    /// ([`plan::remote`]) and carries the plan out.
     fn decide(
         &self,
         rel: &str,
@@ -998,35 +1000,25 @@ impl Worker {
         self.drop_stale_parts(rel, keep.as_ref(), parts);
         let abs = self.root.join(rel);
         let local = blobs.local(&self.space, rel).map_err(io)?;
-        let disk = fs::symlink_metadata(&abs).ok();
-        let known = match (&disk, &local) {
-            (Some(m), Some(l)) => l.stat == scan::stat_of(m),
-            _ => false,
+        let facts = self.facts(rel, values, local.as_ref(), w.kind == Kind::Dir);
+        let plan = plan::remote(&facts, &self.shared.me);
+        let record = |st| {
+            blobs
+                .set_local(&self.space, rel, st, [0; 32], false, &[])
+                .map_err(io)
         };
-        let ignored = self
-            .rules
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .ignored(rel, w.kind == Kind::Dir);
-        if ignored {
-            return Ok(Action::Done);
-        }
-        if w.deleted {
-            let Some(m) = disk else {
+        match plan {
+            plan::Remote::Nothing => Ok(Action::Done),
+            plan::Remote::Forget => {
                 blobs.remove_local(&self.space, rel, false).map_err(io)?;
-                return Ok(Action::Done);
-            };
-            // A folder's stat changes with its contents: a recorded folder
-            // counts as known.
-            let known = known || (m.is_dir() && local.is_some());
-            if !known {
-                // Modified (or created) here: the modification wins; the
-                // scanner records it.
-                return Ok(Action::Done);
+                Ok(Action::Done)
             }
-            if m.is_dir() {
-                // Its contents go first (their own deletions); a folder
-                // still holding files of its own here stays.
+            plan::Remote::Remove => {
+                self.keep_old(rel)?;
+                self.remote_changed(rel, &w);
+                Ok(Action::Done)
+            }
+            plan::Remote::RemoveDir => {
                 if fs::remove_dir(&abs).is_err() {
                     // Synced contents whose deletions are still on their way:
                     // try later. Only files new here: they keep the folder.
@@ -1041,68 +1033,71 @@ impl Worker {
                     });
                 }
                 blobs.remove_local(&self.space, rel, false).map_err(io)?;
-            } else {
-                self.keep_old(rel)?;
-            }
-            self.remote_changed(rel, &w);
-            return Ok(Action::Done);
-        }
-        match w.kind {
-            Kind::Dir => {
-                match &disk {
-                    Some(m) if m.is_dir() => {}
-                    Some(_) => {
-                        self.set_aside(rel, known, local.as_ref(), values, &w)?;
-                        place::safe_parent(&self.root, rel)?;
-                        fs::create_dir(&abs)?;
-                    }
-                    None => {
-                        place::safe_parent(&self.root, rel)?;
-                        fs::create_dir(&abs)?;
-                    }
-                }
-                let st = scan::stat_of(&fs::symlink_metadata(&abs)?);
-                blobs
-                    .set_local(&self.space, rel, st, [0; 32], false, &[])
-                    .map_err(io)?;
-                Ok(Action::Done)
-            }
-            Kind::Symlink => {
-                let target = w.target.clone().unwrap_or_default();
-                if let Some(m) = &disk {
-                    if m.file_type().is_symlink()
-                        && fs::read_link(&abs)
-                            .ok()
-                            .and_then(|t| t.to_str().map(String::from))
-                            == Some(target.clone())
-                    {
-                        blobs
-                            .set_local(&self.space, rel, scan::stat_of(m), [0; 32], false, &[])
-                            .map_err(io)?;
-                        return Ok(Action::Done);
-                    }
-                    self.set_aside(rel, known, local.as_ref(), values, &w)?;
-                }
-                place::safe_parent(&self.root, rel)?;
-                std::os::unix::fs::symlink(&target, &abs)?;
-                let st = scan::stat_of(&fs::symlink_metadata(&abs)?);
-                blobs
-                    .set_local(&self.space, rel, st, [0; 32], false, &[])
-                    .map_err(io)?;
                 self.remote_changed(rel, &w);
                 Ok(Action::Done)
             }
-            Kind::File => {
-                if local.as_ref().is_some_and(|l| l.hash == w.hash) {
-                    // In sync; or edited here since the scan recorded the
-                    // winner itself (often our own version coming back):
-                    // a plain local edit, which the scanner publishes.
-                    return Ok(Action::Done);
+            plan::Remote::MakeDir(aside) => {
+                if let Some(a) = aside {
+                    self.set_aside(rel, a)?;
                 }
-                // Anything else here (changed since the last scan, or a
-                // conflict's loser) is set aside when the file is placed.
-                Ok(Action::Transfer(w, values.to_vec()))
+                place::safe_parent(&self.root, rel)?;
+                fs::create_dir(&abs)?;
+                record(scan::stat_of(&fs::symlink_metadata(&abs)?))?;
+                Ok(Action::Done)
             }
+            plan::Remote::RecordDir | plan::Remote::RecordLink => {
+                record(scan::stat_of(&fs::symlink_metadata(&abs)?))?;
+                Ok(Action::Done)
+            }
+            plan::Remote::MakeLink { target, aside } => {
+                if let Some(a) = aside {
+                    self.set_aside(rel, a)?;
+                }
+                place::safe_parent(&self.root, rel)?;
+                std::os::unix::fs::symlink(&target, &abs)?;
+                record(scan::stat_of(&fs::symlink_metadata(&abs)?))?;
+                self.remote_changed(rel, &w);
+                Ok(Action::Done)
+            }
+            plan::Remote::Fetch(w) => Ok(Action::Transfer(w, values.to_vec())),
+        }
+    }
+
+    /// What is known about `rel` now, for the planner: the index's
+    /// versions, this device's record, the disk, the ignore verdict.
+    fn facts<'a>(
+        &self,
+        rel: &str,
+        values: &'a [Entry],
+        local: Option<&LocalFile>,
+        as_dir: bool,
+    ) -> plan::Facts<'a> {
+        let disk = fs::symlink_metadata(self.root.join(rel)).ok();
+        let on_disk = match &disk {
+            None => plan::OnDisk::Missing,
+            Some(m) if m.is_dir() => plan::OnDisk::Dir,
+            Some(m) if m.file_type().is_symlink() => plan::OnDisk::Link(
+                fs::read_link(self.root.join(rel))
+                    .ok()
+                    .and_then(|t| t.to_str().map(String::from)),
+            ),
+            Some(_) => plan::OnDisk::File,
+        };
+        let stat = disk.as_ref().map(scan::stat_of);
+        plan::Facts {
+            values,
+            recorded: local.map(|l| plan::Recorded {
+                hash: l.hash,
+                chunked: l.chunked,
+            }),
+            disk: on_disk,
+            disk_mtime_ns: stat.map_or(0, |s| s.mtime_ns),
+            known: matches!((stat, local), (Some(s), Some(l)) if l.stat == s),
+            ignored: self
+                .rules
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .ignored(rel, as_dir),
         }
     }
 
@@ -1183,32 +1178,14 @@ impl Worker {
         Ok(())
     }
 
-    /// Whatever is at `rel` makes way for the winner `w`: an unrecorded
-    /// local change or a version that lost a conflict becomes a conflict
-    /// copy; anything else becomes an old version.
-    fn set_aside(
-        &self,
-        rel: &str,
-        known: bool,
-        local: Option<&LocalFile>,
-        values: &[Entry],
-        w: &Entry,
-    ) -> io::Result<()> {
+    /// Whatever is at `rel` makes way for the winner, as the planner said
+    /// ([`plan::set_aside_as`]): a conflict copy or an old version.
+    fn set_aside(&self, rel: &str, aside: plan::Aside) -> io::Result<()> {
         let abs = self.root.join(rel);
-        let loser = if !known {
-            let m = fs::symlink_metadata(&abs)?;
-            Some((scan::stat_of(&m).mtime_ns, self.shared.me.short()))
-        } else {
-            local.and_then(|l| {
-                values
-                    .iter()
-                    .find(|e| *e != w && !e.deleted && e.hash == l.hash && l.hash != w.hash)
-                    .map(|e| (e.mtime_ns, e.device.short()))
-            })
-        };
-        match loser {
-            Some((mtime, device)) => {
-                let want = place::conflict_name(rel, mtime, &device);
+        match aside {
+            plan::Aside::Conflict { mtime_ns, device } => {
+                let device = device.short();
+                let want = place::conflict_name(rel, mtime_ns, &device);
                 let copy = place::free_name(&self.root, &want);
                 fs::rename(&abs, self.root.join(&copy))?;
                 let io = |e: Error| io::Error::other(e.to_string());
@@ -1233,7 +1210,7 @@ impl Worker {
                 });
                 Ok(())
             }
-            None => self.keep_old(rel),
+            plan::Aside::OldVersion => self.keep_old(rel),
         }
     }
 
@@ -1317,7 +1294,8 @@ impl Worker {
             .local(&self.space, rel)
             .map_err(|e| TransferError::Failed(e.to_string()))?;
         if let Ok(m) = fs::symlink_metadata(&abs) {
-            let known = local.as_ref().is_some_and(|l| l.stat == scan::stat_of(&m));
+            let st = scan::stat_of(&m);
+            let known = local.as_ref().is_some_and(|l| l.stat == st);
             if m.is_dir() {
                 return Err(TransferError::Failed(format!("{rel} is a folder here")));
             }
@@ -1326,8 +1304,12 @@ impl Worker {
             } else {
                 now_values
             };
-            self.set_aside(rel, known, local.as_ref(), &all, w)
-                .map_err(fail)?;
+            let recorded = local.as_ref().map(|l| plan::Recorded {
+                hash: l.hash,
+                chunked: l.chunked,
+            });
+            let aside = plan::set_aside_as(known, st.mtime_ns, recorded, &all, w, &self.shared.me);
+            self.set_aside(rel, aside).map_err(fail)?;
         }
         let dest = place::safe_parent(&self.root, rel).map_err(fail)?;
         self.placing

@@ -46,6 +46,7 @@ async fn a_link_published_over_a_folder_makes_no_one_publish_deletions() -> Resu
     .await
     .context("A never placed the link")?;
 
+    wait_in_sync(&nodes[0].node).await?;
     // A full scan (one runs at start), then a marker: once A's index holds
     // the marker, whatever that scan published is in A's index too.
     nodes[0].restart().await?;
@@ -78,8 +79,8 @@ async fn a_link_published_over_a_folder_makes_no_one_publish_deletions() -> Resu
     Ok(())
 }
 
-/// Issue 18, hole 6: a manifest that repeats one chunk a million times
-/// names a 512 GiB file; every member would have written it out. Now the
+/// Issue 18, hole 6: a manifest that repeats one chunk many times names
+/// a file twice the size of the free disk; every member would have written it out. Now the
 /// transfer is refused before anything is written, the status says how
 /// much it needs, and the folder keeps syncing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,13 +90,26 @@ async fn a_file_larger_than_the_free_disk_is_refused_before_it_is_written() -> R
     let (a, b) = (roots[0].clone(), roots[1].clone());
     let zeros = vec![0u8; CHUNK_MAX as usize];
     let chunk = *blake3::hash(&zeros).as_bytes();
-    let n = 1 << 20;
+    // Twice what the disk has free (a small manifest keeps the test quick).
+    let df = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(&a)
+        .output()?;
+    let free: u64 = String::from_utf8_lossy(&df.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .context("df gave no free space")?;
+    let n = 2 * free / u64::from(CHUNK_MAX) + 1024;
     let m = Manifest {
         file_hash: [7; 32],
         size: u64::from(CHUNK_MAX) * n,
         chunks: vec![(chunk, CHUNK_MAX); n as usize],
     };
     let bn = &nodes[1].node;
+    // B knows the space's members once it has a file from A.
+    fs::write(a.join("first.txt"), b"first")?;
+    wait_file(bn, &b.join("first.txt"), b"first").await?;
     bn.put_manifest("m", &m).await?;
     let bomb = Entry {
         kind: Kind::File,
@@ -110,12 +124,13 @@ async fn a_file_larger_than_the_free_disk_is_refused_before_it_is_written() -> R
     };
     bn.put_index_entries("m", vec![("huge.bin".into(), bomb)])
         .await?;
+    let needs = format!("needs {} MB", m.size.div_ceil(1 << 20));
     let an = nodes[0].node.clone();
     wait_for(&an, TIMEOUT, || async {
         an.folder_status().await.iter().any(|f| {
             f.problems
                 .iter()
-                .any(|p| p.contains("huge.bin") && p.contains("needs 524288 MB"))
+                .any(|p| p.contains("huge.bin") && p.contains(&needs))
         })
     })
     .await
