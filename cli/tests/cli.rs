@@ -193,7 +193,11 @@ fn api_refuses_a_wrong_token() -> Result<()> {
     let _up = Up::start(&home)?;
     assert!(home.join("identity.key").exists() && home.join("api-token").exists());
     ok_json(&home, &["space", "list"])?;
-    std::fs::write(home.join("api-token"), "not-the-token")?;
+    // an empty token file is refused by the client before any request
+    std::fs::write(home.join("api-token"), "")?;
+    let e = err_text(&home, &["space", "list"])?;
+    assert!(e.contains("api-token") && e.contains("too short"), "{e}");
+    std::fs::write(home.join("api-token"), "0".repeat(64))?;
     let e = err_text(&home, &["space", "list"])?;
     assert!(e.contains("token"), "{e}");
     Ok(())

@@ -28,6 +28,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use crate::engine::{Event, InviteInfo, MemberInfo, Revoked, SpaceInfo};
 use crate::error::Error;
 use crate::folder::{ConflictInfo, FileInfo, FolderStatus};
+use crate::home::MIN_API_TOKEN_LEN;
 use crate::net::NetInfo;
 use crate::net::PeerInfo;
 use crate::Node;
@@ -151,8 +152,17 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api
 }
 
-/// Builds the router (exposed for tests that drive it directly).
-pub fn router(node: Node, token: String) -> Router {
+/// Builds the router (exposed for tests that drive it directly). Refuses a
+/// token shorter than [`MIN_API_TOKEN_LEN`]: an empty one would match a
+/// request with no `Authorization` header at all.
+pub fn router(node: Node, token: String) -> crate::Result<Router> {
+    let len = token.trim().chars().count();
+    if len < MIN_API_TOKEN_LEN {
+        return Err(Error::ApiToken(format!(
+            "the API will not start with an empty or short token ({len} characters, \
+             at least {MIN_API_TOKEN_LEN})"
+        )));
+    }
     let state = AppState {
         node,
         token: Arc::new(token),
@@ -164,11 +174,12 @@ pub fn router(node: Node, token: String) -> Router {
     // The description is public (it is checked in), so tools that fetch it
     // without the token work. Built per request: it is fetched rarely, and
     // kept it would hold most of a megabyte for the node's whole life.
-    api.route(
-        "/v1/openapi.json",
-        axum::routing::get(|| async { Json(openapi()) }),
-    )
-    .with_state(state)
+    Ok(api
+        .route(
+            "/v1/openapi.json",
+            axum::routing::get(|| async { Json(openapi()) }),
+        )
+        .with_state(state))
 }
 
 /// Serves the API on `addr` (must be loopback) until `shutdown` completes.
@@ -183,13 +194,13 @@ pub async fn serve(
             "the API binds loopback only, not {addr}"
         )));
     }
+    let app = router(node, token)?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::io("bind api", addr.to_string(), e))?;
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("bind api", addr.to_string(), e))?;
-    let app = router(node, token);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)

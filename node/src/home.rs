@@ -21,6 +21,11 @@ const API_ADDR: &str = "api.addr";
 const LOCK: &str = "lock";
 const DB: &str = "db";
 
+/// The fewest characters an API token may have. `init` writes 64 hex
+/// characters (256 bits); an empty or short token would let any local
+/// process in, so neither the home nor the API accepts one.
+pub const MIN_API_TOKEN_LEN: usize = 32;
+
 /// Paths inside a home folder.
 #[derive(Debug, Clone)]
 pub struct Home {
@@ -138,11 +143,21 @@ impl Home {
         self.dir.join(DB)
     }
 
-    /// The API bearer token.
+    /// The API bearer token; an error if the file holds fewer than
+    /// [`MIN_API_TOKEN_LEN`] characters.
     pub fn api_token(&self) -> Result<String> {
         let p = self.dir.join(TOKEN);
         let t = fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
-        Ok(t.trim().to_string())
+        let t = t.trim().to_string();
+        if t.chars().count() < MIN_API_TOKEN_LEN {
+            return Err(Error::ApiToken(format!(
+                "{} is empty or too short ({} characters, at least {MIN_API_TOKEN_LEN}); \
+                 replace it with a long random one",
+                p.display(),
+                t.chars().count()
+            )));
+        }
+        Ok(t)
     }
 
     /// Path of the file where a running node records its API address.
