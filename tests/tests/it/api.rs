@@ -244,3 +244,57 @@ async fn the_api_does_not_start_with_an_empty_or_short_token() -> Result<()> {
     assert!(e.contains("api-token") && e.contains("short"), "{e}");
     Ok(())
 }
+
+/// DNS rebinding: a web page whose name resolves to 127.0.0.1 reaches the
+/// API with its own name in `Host`. Only loopback names are served; the
+/// check runs before auth, so even the public description is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_a_foreign_host_header_are_refused() -> Result<()> {
+    let n = spawn_nodes(1).await?;
+    let node = &n[0].node;
+    let (base, _stop) = serve_api(node).await?;
+    let port = base.rsplit(':').next().context("no port")?.to_string();
+    let http = reqwest::Client::new();
+    for host in [
+        format!("evil.example:{port}"),
+        "evil.example".to_string(),
+        format!("127.0.0.1.evil.example:{port}"),
+        format!("localhost.evil.example:{port}"),
+        format!("0.0.0.0:{port}"),
+    ] {
+        for path in ["/v1/status", "/v1/openapi.json", "/v1/nothing"] {
+            let r = http
+                .get(format!("{base}{path}"))
+                .header("host", &host)
+                .bearer_auth(API_TOKEN)
+                .send()
+                .await?;
+            let status = r.status();
+            let body: Value = r
+                .json()
+                .await
+                .with_context(|| format!("Host {host} {path}: {status}, not JSON"))?;
+            assert_eq!(status, 403, "Host {host} {path}: {body}");
+            let e = body["error"].as_str().context("no error field")?;
+            assert!(e.contains("Host"), "{e}");
+        }
+    }
+    // loopback names, with and without the port, are served
+    for host in [
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1".to_string(),
+        format!("localhost:{port}"),
+        format!("LocalHost:{port}"),
+        format!("[::1]:{port}"),
+        "[::1]".to_string(),
+    ] {
+        let r = http
+            .get(format!("{base}/v1/status"))
+            .header("host", &host)
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await?;
+        assert_eq!(r.status(), 200, "Host {host}");
+    }
+    Ok(())
+}
