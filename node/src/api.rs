@@ -200,6 +200,7 @@ pub async fn serve(
             "the API binds loopback only, not {addr}"
         )));
     }
+    let supervisor = node.supervisor().clone();
     let app = router(node, token)?;
     let listener = TcpListener::bind(addr)
         .await
@@ -207,7 +208,7 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("bind api", addr.to_string(), e))?;
-    let task = tokio::spawn(async move {
+    let task = supervisor.spawn("api", async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -269,14 +270,21 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(st.token.as_bytes())) {
-        next.run(req).await
-    } else {
-        ApiError(
+    if !bool::from(given.as_bytes().ct_eq(st.token.as_bytes())) {
+        return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong API token".into(),
         )
-        .into_response()
+        .into_response();
+    }
+    // A failed node says so instead of answering from half its tasks.
+    match st.node.failed() {
+        None => next.run(req).await,
+        Some(f) => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the node has failed ({f}); restart it"),
+        )
+        .into_response(),
     }
 }
 
@@ -415,6 +423,7 @@ impl EventFilter {
             Event::FolderError { space, path, .. } => {
                 ("folder_error", "error", Some(space), Some(path), &[])
             }
+            Event::NodeFailed { .. } => ("node_failed", "error", None, None, &[]),
         };
         if let Some(t) = &self.types {
             if !t.iter().any(|t| t == kind || t == group) {

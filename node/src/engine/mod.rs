@@ -194,6 +194,15 @@ pub enum Event {
         /// Seconds to go at that rate.
         eta_secs: Option<u64>,
     },
+    /// A task of the node panicked: the node has failed and must be
+    /// restarted (`shoal up` exits). See `crate::supervise`.
+    NodeFailed {
+        /// The task: `engine`, `network`, `blob-server`,
+        /// `folder-worker <space>` or `api`.
+        actor: String,
+        /// The panic message.
+        error: String,
+    },
     /// Something in a folder could not be synced (and is retried).
     FolderError {
         /// The space id.

@@ -467,6 +467,7 @@ pub struct Folders {
     shared: Mutex<Option<Arc<Shared>>>,
     running: Mutex<HashMap<SpaceId, Running>>,
     server: std::sync::Mutex<Option<JoinHandle<()>>>,
+    supervisor: crate::supervise::Supervisor,
 }
 
 impl std::fmt::Debug for Folders {
@@ -485,6 +486,7 @@ impl Folders {
         control: libp2p_stream::Control,
         me: DeviceId,
         counters: Arc<Counters>,
+        supervisor: crate::supervise::Supervisor,
     ) -> Result<Self> {
         let shared = Arc::new(Shared {
             blobs,
@@ -497,12 +499,13 @@ impl Folders {
             inflight: Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CHUNKS)),
             roots: RwLock::default(),
         });
-        let server = tokio::spawn(links::serve(Arc::clone(&shared), control));
+        let server = supervisor.spawn("blob-server", links::serve(Arc::clone(&shared), control));
         let existing = shared.blobs.folders()?;
         let folders = Self {
             shared: Mutex::new(Some(Arc::clone(&shared))),
             running: Mutex::new(HashMap::new()),
             server: std::sync::Mutex::new(Some(server)),
+            supervisor,
         };
         for (space, root) in existing {
             folders.spawn(&shared, space, PathBuf::from(root));
@@ -525,7 +528,10 @@ impl Folders {
             .unwrap_or_else(|p| p.into_inner())
             .insert(space, root.clone());
         let w = Arc::new(worker::Worker::new(Arc::clone(shared), space, root));
-        let task = tokio::spawn(Arc::clone(&w).run());
+        let task = self.supervisor.spawn(
+            format!("folder-worker {}", space.short()),
+            Arc::clone(&w).run(),
+        );
         self.lock().insert(space, Running { worker: w, task });
     }
 

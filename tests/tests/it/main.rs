@@ -8,4 +8,5 @@ mod folders;
 mod hostile;
 mod pairing;
 mod relay;
+mod supervise;
 mod sync;
