@@ -90,6 +90,7 @@ impl Node {
             Arc::clone(&metrics.node),
         )?;
         let blobs = engine.blobs()?;
+        let members_generation = engine.members_generation();
         let (tx, rx) = mpsc::channel(engine::COMMAND_CAPACITY);
         let device = DeviceId::from_bytes(peer_id.to_bytes())?;
         let folders = folder::Folders::start(
@@ -100,6 +101,7 @@ impl Node {
             net.streams(),
             device.clone(),
             folder_counters,
+            members_generation,
             supervisor.clone(),
         )?;
         supervisor.spawn("engine", engine.run(rx, net_events));
@@ -392,6 +394,19 @@ impl Node {
             })
             .await?;
         Ok(folder::file_infos(list))
+    }
+
+    /// Asks `peer` for one chunk of `space` over this node's open blob
+    /// streams, as a folder worker would. Tests only.
+    #[doc(hidden)]
+    pub async fn fetch_chunk(
+        &self,
+        peer: PeerId,
+        space: &str,
+        hash: [u8; 32],
+    ) -> Result<std::result::Result<Vec<u8>, folder::links::FetchError>> {
+        let (id, _) = self.resolve(space).await?;
+        Ok(self.inner.folders.fetch_chunk(peer, id, hash).await)
     }
 
     /// Conflict copies in a space's folder: which file, which device, when.

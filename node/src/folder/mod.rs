@@ -300,6 +300,9 @@ pub struct Shared {
     /// Chunk requests in flight, node-wide.
     pub(crate) inflight: Arc<tokio::sync::Semaphore>,
     roots: RwLock<HashMap<SpaceId, PathBuf>>,
+    /// Moves on every change to any space's members (the engine bumps
+    /// it): cached blob admissions older than its value are asked again.
+    pub(crate) members_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -486,6 +489,7 @@ impl Folders {
         control: libp2p_stream::Control,
         me: DeviceId,
         counters: Arc<Counters>,
+        members_generation: Arc<std::sync::atomic::AtomicU64>,
         supervisor: crate::supervise::Supervisor,
     ) -> Result<Self> {
         let shared = Arc::new(Shared {
@@ -498,6 +502,7 @@ impl Folders {
             me,
             inflight: Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CHUNKS)),
             roots: RwLock::default(),
+            members_generation,
         });
         let server = supervisor.spawn("blob-server", links::serve(Arc::clone(&shared), control));
         let existing = shared.blobs.folders()?;
@@ -616,6 +621,23 @@ impl Folders {
         self.shared()
             .map(|s| Arc::clone(&s.counters))
             .unwrap_or_default()
+    }
+
+    /// Fetches one chunk of `space` from `peer` over this node's blob
+    /// streams (the ones its workers use). Tests only.
+    pub(crate) async fn fetch_chunk(
+        &self,
+        peer: libp2p::PeerId,
+        space: SpaceId,
+        hash: [u8; 32],
+    ) -> std::result::Result<Vec<u8>, links::FetchError> {
+        let shared = self
+            .shared()
+            .map_err(|e| links::FetchError::Link(e.to_string()))?;
+        shared
+            .links
+            .get(peer, space, shoal_protocol::files::BlobKind::Chunk, hash)
+            .await
     }
 
     /// Stops every worker and the blob server.
