@@ -93,17 +93,17 @@ impl Node {
         let members_generation = engine.members_generation();
         let (tx, rx) = mpsc::channel(engine::COMMAND_CAPACITY);
         let device = DeviceId::from_bytes(peer_id.to_bytes())?;
-        let folders = folder::Folders::start(
+        let folders = folder::Folders::start(folder::Parts {
             blobs,
-            engine::Client(tx.clone()),
-            events.clone(),
-            config.folders.clone(),
-            net.streams(),
-            device.clone(),
-            folder_counters,
+            engine: engine::Client(tx.clone()),
+            events: events.clone(),
+            settings: config.folders.clone(),
+            control: net.streams(),
+            me: device.clone(),
+            counters: folder_counters,
             members_generation,
-            supervisor.clone(),
-        )?;
+            supervisor: supervisor.clone(),
+        })?;
         supervisor.spawn("engine", engine.run(rx, net_events));
         Ok(Node {
             inner: Arc::new(Inner {

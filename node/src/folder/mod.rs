@@ -479,19 +479,34 @@ impl std::fmt::Debug for Folders {
     }
 }
 
+/// What the folders take from the rest of the node.
+pub(crate) struct Parts {
+    pub(crate) blobs: Blobs,
+    pub(crate) engine: engine::Client,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) settings: FolderSettings,
+    pub(crate) control: libp2p_stream::Control,
+    pub(crate) me: DeviceId,
+    pub(crate) counters: Arc<Counters>,
+    /// The engine's counter of members changes.
+    pub(crate) members_generation: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) supervisor: crate::supervise::Supervisor,
+}
+
 impl Folders {
     /// Starts the blob server and a worker for every folder already attached.
-    pub(crate) fn start(
-        blobs: Blobs,
-        engine: engine::Client,
-        events: broadcast::Sender<Event>,
-        settings: FolderSettings,
-        control: libp2p_stream::Control,
-        me: DeviceId,
-        counters: Arc<Counters>,
-        members_generation: Arc<std::sync::atomic::AtomicU64>,
-        supervisor: crate::supervise::Supervisor,
-    ) -> Result<Self> {
+    pub(crate) fn start(parts: Parts) -> Result<Self> {
+        let Parts {
+            blobs,
+            engine,
+            events,
+            settings,
+            control,
+            me,
+            counters,
+            members_generation,
+            supervisor,
+        } = parts;
         let shared = Arc::new(Shared {
             blobs,
             engine,
