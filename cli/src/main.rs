@@ -9,7 +9,7 @@ mod relay;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use shoal_node::{Home, Node};
@@ -356,6 +356,8 @@ async fn up(home: Home, args: UpArgs, json_out: bool) -> Result<()> {
                 .unwrap_or_else(|_| "warn,shoal_node=info,shoal=info,libp2p_kad=error".into()),
         )
         .with_writer(std::io::stderr)
+        // plain text for a service manager's journal, colours on a terminal
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if home.ensure(&host_name())? {
         eprintln!("initialised a new home at {}", home.dir().display());
@@ -411,16 +413,55 @@ async fn up(home: Home, args: UpArgs, json_out: bool) -> Result<()> {
     );
     let bars = (!json_out && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .then(|| tokio::spawn(progress_bars(node.clone())));
-    wait_for_signal().await;
+    inject_fault(&node);
+    let failed = tokio::select! {
+        () = wait_for_signal() => None,
+        f = node.wait_failed() => Some(f),
+    };
     if let Some(b) = bars {
         b.abort();
     }
-    eprintln!("shutting down");
     let _ = stop_tx.send(());
-    let _ = api_task.await;
-    node.shutdown().await;
-    let _ = std::fs::remove_file(home.api_addr_path());
-    Ok(())
+    match failed {
+        None => {
+            eprintln!("shutting down");
+            let _ = api_task.await;
+            node.shutdown().await;
+            let _ = std::fs::remove_file(home.api_addr_path());
+            Ok(())
+        }
+        Some(f) => {
+            // A panicked task's state is gone: flush what the others hold
+            // (bounded: they may be waiting on the dead one), then exit
+            // non-zero so a service manager starts the node again from its
+            // home.
+            let _ = tokio::time::timeout(FAILED_SHUTDOWN, async {
+                let _ = api_task.await;
+                node.shutdown().await;
+            })
+            .await;
+            let _ = std::fs::remove_file(home.api_addr_path());
+            bail!("the node failed: {f}; exiting so that it can be restarted")
+        }
+    }
+}
+
+/// How long a failed node gets to flush and close before the process exits.
+const FAILED_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Test-only fault injection: `SHOAL_FAULT=<task>-panic` (`engine-panic`,
+/// `network-panic`, `blob-server-panic`, `folder-worker-panic`,
+/// `api-panic`) makes that task of `shoal up`'s node panic once it is up.
+/// Read here only, never by the node library.
+fn inject_fault(node: &Node) {
+    if let Some(actor) = std::env::var("SHOAL_FAULT")
+        .ok()
+        .as_deref()
+        .and_then(|f| f.strip_suffix("-panic"))
+    {
+        tracing::warn!(actor, "SHOAL_FAULT: injecting a panic (tests only)");
+        node.inject_fault(actor);
+    }
 }
 
 /// Makes sure `folder` is synced: already attached, or attached to a new
@@ -1008,6 +1049,11 @@ syncing {f}"
                             .as_str()
                             .map(String::from)
                             .unwrap_or_else(|| human_bytes(v["bytes"].as_u64().unwrap_or(0)))
+                    ),
+                    "node_failed" => format!(
+                        "node failed: {} panicked: {}",
+                        v["actor"].as_str().unwrap_or(""),
+                        v["error"].as_str().unwrap_or("")
                     ),
                     "sync_progress" => format!(
                         "{} {} {}% ({} file(s), {} left at {}/s)",

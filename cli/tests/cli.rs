@@ -193,9 +193,65 @@ fn api_refuses_a_wrong_token() -> Result<()> {
     let _up = Up::start(&home)?;
     assert!(home.join("identity.key").exists() && home.join("api-token").exists());
     ok_json(&home, &["space", "list"])?;
-    std::fs::write(home.join("api-token"), "not-the-token")?;
+    // an empty token file is refused by the client before any request
+    std::fs::write(home.join("api-token"), "")?;
+    let e = err_text(&home, &["space", "list"])?;
+    assert!(e.contains("api-token") && e.contains("too short"), "{e}");
+    std::fs::write(home.join("api-token"), "0".repeat(64))?;
     let e = err_text(&home, &["space", "list"])?;
     assert!(e.contains("token"), "{e}");
+    Ok(())
+}
+
+/// A panic in a node task ends `shoal up` with a non-zero code and a clear
+/// line naming the task, so a service manager restarts it (before, the
+/// process stayed up with the task gone and answered 503 until restarted
+/// by hand). `SHOAL_FAULT` is the CLI's test-only fault injection.
+#[test]
+fn a_panic_in_the_engine_ends_shoal_up_with_an_error() -> Result<()> {
+    let t = tempfile::tempdir()?;
+    let home = t.path().join("h");
+    let child = Command::new(shoal_bin()?)
+        .arg("--home")
+        .arg(&home)
+        .args(["up", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .env_remove("SHOAL_HOME")
+        .env("SHOAL_FAULT", "engine-panic")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(out) => out?,
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            bail!("`shoal up` kept running after its engine panicked");
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "exited with {}: {stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("error: the node failed: engine panicked: injected fault"),
+        "{stderr}"
+    );
+    // the log line names the task and the panic
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("actor=engine") && l.contains("panic=")),
+        "{stderr}"
+    );
+    // the home is released: the service manager's restart comes up
+    let _up = Up::start(&home)?;
+    ok_json(&home, &["space", "list"])?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! The local HTTP API (axum), on loopback only, guarded by the bearer token
-//! in the home folder (compared in constant time). The CLI is its client.
+//! The local HTTP API (axum), on loopback only, answering only loopback
+//! `Host` names (against DNS rebinding), guarded by the bearer token in the
+//! home folder (compared in constant time). The CLI is its client.
 //! [`serve`] runs it until the given shutdown future completes.
 
 use std::future::Future;
@@ -28,6 +29,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use crate::engine::{Event, InviteInfo, MemberInfo, Revoked, SpaceInfo};
 use crate::error::Error;
 use crate::folder::{ConflictInfo, FileInfo, FolderStatus};
+use crate::home::MIN_API_TOKEN_LEN;
 use crate::net::NetInfo;
 use crate::net::PeerInfo;
 use crate::Node;
@@ -97,7 +99,9 @@ where
         title = "shoal local API",
         description = "The node's local HTTP API. It listens on loopback only; every \
             request but `GET /v1/openapi.json` needs `Authorization: Bearer <token>` \
-            with the token from the home folder's `api-token`. Errors are JSON \
+            with the token from the home folder's `api-token`, and every request a \
+            loopback `Host` (`127.0.0.1`, `localhost` or `[::1]`, any port): any other \
+            is a 403 before the token is looked at. Errors are JSON \
             `{\"error\": \"...\"}` with a fitting status code."
     ),
     modifiers(&TokenAuth),
@@ -151,8 +155,17 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api
 }
 
-/// Builds the router (exposed for tests that drive it directly).
-pub fn router(node: Node, token: String) -> Router {
+/// Builds the router (exposed for tests that drive it directly). Refuses a
+/// token shorter than [`MIN_API_TOKEN_LEN`]: an empty one would match a
+/// request with no `Authorization` header at all.
+pub fn router(node: Node, token: String) -> crate::Result<Router> {
+    let len = token.trim().chars().count();
+    if len < MIN_API_TOKEN_LEN {
+        return Err(Error::ApiToken(format!(
+            "the API will not start with an empty or short token ({len} characters, \
+             at least {MIN_API_TOKEN_LEN})"
+        )));
+    }
     let state = AppState {
         node,
         token: Arc::new(token),
@@ -164,11 +177,15 @@ pub fn router(node: Node, token: String) -> Router {
     // The description is public (it is checked in), so tools that fetch it
     // without the token work. Built per request: it is fetched rarely, and
     // kept it would hold most of a megabyte for the node's whole life.
-    api.route(
-        "/v1/openapi.json",
-        axum::routing::get(|| async { Json(openapi()) }),
-    )
-    .with_state(state)
+    // The Host check wraps everything, the public description and the
+    // fallback included, and runs before auth.
+    Ok(api
+        .route(
+            "/v1/openapi.json",
+            axum::routing::get(|| async { Json(openapi()) }),
+        )
+        .with_state(state)
+        .layer(middleware::from_fn(loopback_host)))
 }
 
 /// Serves the API on `addr` (must be loopback) until `shutdown` completes.
@@ -183,14 +200,15 @@ pub async fn serve(
             "the API binds loopback only, not {addr}"
         )));
     }
+    let supervisor = node.supervisor().clone();
+    let app = router(node, token)?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::io("bind api", addr.to_string(), e))?;
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("bind api", addr.to_string(), e))?;
-    let app = router(node, token);
-    let task = tokio::spawn(async move {
+    let task = supervisor.spawn("api", async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -208,6 +226,43 @@ async fn unknown_endpoint(req: Request) -> ApiError {
     )
 }
 
+/// Refuses a request whose `Host` (or, in HTTP/2, `:authority`) is not a
+/// loopback name: a web page on `evil.example` that rebinds its name to
+/// 127.0.0.1 reaches this port from the browser, but with its own name in
+/// `Host`. 403 with a JSON error; a request with no host at all too.
+async fn loopback_host(req: Request, next: Next) -> Response {
+    let given = match req.headers().get(header::HOST) {
+        Some(v) => v.to_str().ok().map(str::to_string),
+        None => req.uri().authority().map(|a| a.to_string()),
+    };
+    if given.as_deref().is_some_and(is_loopback_host) {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Host {:?} is not a loopback name; the API answers only 127.0.0.1, \
+                 localhost and [::1]",
+                given.unwrap_or_default()
+            ),
+        )
+        .into_response()
+    }
+}
+
+/// `127.0.0.1`, `localhost` or `[::1]`, each with an optional port.
+fn is_loopback_host(host: &str) -> bool {
+    let Ok(a) = host.parse::<axum::http::uri::Authority>() else {
+        return false;
+    };
+    // an authority with user info (`a@b`) is not a Host value
+    if a.as_str().contains('@') {
+        return false;
+    }
+    let name = a.host();
+    name == "127.0.0.1" || name == "[::1]" || name.eq_ignore_ascii_case("localhost")
+}
+
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
@@ -215,14 +270,21 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(st.token.as_bytes())) {
-        next.run(req).await
-    } else {
-        ApiError(
+    if !bool::from(given.as_bytes().ct_eq(st.token.as_bytes())) {
+        return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong API token".into(),
         )
-        .into_response()
+        .into_response();
+    }
+    // A failed node says so instead of answering from half its tasks.
+    match st.node.failed() {
+        None => next.run(req).await,
+        Some(f) => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the node has failed ({f}); restart it"),
+        )
+        .into_response(),
     }
 }
 
@@ -361,6 +423,7 @@ impl EventFilter {
             Event::FolderError { space, path, .. } => {
                 ("folder_error", "error", Some(space), Some(path), &[])
             }
+            Event::NodeFailed { .. } => ("node_failed", "error", None, None, &[]),
         };
         if let Some(t) = &self.types {
             if !t.iter().any(|t| t == kind || t == group) {
@@ -1065,4 +1128,39 @@ async fn delete_doc(
 ) -> ApiResult<Heads> {
     let heads = st.node.delete(&space, &doc_id(&doc)?, &b.path).await?;
     Ok(Json(Heads { heads }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_names_pass_the_host_check() {
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:4000",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]",
+            "[::1]:4000",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:4000",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example:80",
+            "127.0.0.1@evil.example",
+            "evil.example@127.0.0.1",
+            "0.0.0.0:4000",
+            "127.0.0.2",
+            "::1",
+            "[::2]:80",
+            "127.0.0.1:4000/x",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
 }

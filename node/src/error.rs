@@ -43,6 +43,9 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The API token is unusable: empty or too short to guard the API.
+    #[error("API token: {0}")]
+    ApiToken(String),
     /// Network setup failed.
     #[error("network: {0}")]
     Network(String),

@@ -21,6 +21,11 @@ const API_ADDR: &str = "api.addr";
 const LOCK: &str = "lock";
 const DB: &str = "db";
 
+/// The fewest characters an API token may have. `init` writes 64 hex
+/// characters (256 bits); an empty or short token would let any local
+/// process in, so neither the home nor the API accepts one.
+pub const MIN_API_TOKEN_LEN: usize = 32;
+
 /// Paths inside a home folder.
 #[derive(Debug, Clone)]
 pub struct Home {
@@ -138,11 +143,21 @@ impl Home {
         self.dir.join(DB)
     }
 
-    /// The API bearer token.
+    /// The API bearer token; an error if the file holds fewer than
+    /// [`MIN_API_TOKEN_LEN`] characters.
     pub fn api_token(&self) -> Result<String> {
         let p = self.dir.join(TOKEN);
         let t = fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
-        Ok(t.trim().to_string())
+        let t = t.trim().to_string();
+        if t.chars().count() < MIN_API_TOKEN_LEN {
+            return Err(Error::ApiToken(format!(
+                "{} is empty or too short ({} characters, at least {MIN_API_TOKEN_LEN}); \
+                 replace it with a long random one",
+                p.display(),
+                t.chars().count()
+            )));
+        }
+        Ok(t)
     }
 
     /// Path of the file where a running node records its API address.
@@ -176,18 +191,59 @@ pub struct HomeLock {
     _file: File,
 }
 
-/// Writes a file readable by the owner only.
+/// Writes a file readable by the owner only, atomically: the bytes go to a
+/// fresh temporary file in the same folder (created with `O_EXCL |
+/// O_NOFOLLOW`, mode 0600), which is fsynced and renamed over `path`. So a
+/// link planted at `path` is replaced, not followed, an existing file with
+/// a looser mode ends 0600, and a crash leaves the old file or the new one.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io("create", path, e))?;
-    f.write_all(bytes)
-        .map_err(|e| Error::io("write", path, e))?;
-    f.sync_all().map_err(|e| Error::io("sync", path, e))
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (tmp, mut f) = create_temp(dir, &name)?;
+    let written = f
+        .write_all(bytes)
+        .map_err(|e| Error::io("write", &tmp, e))
+        .and_then(|()| f.sync_all().map_err(|e| Error::io("sync", &tmp, e)))
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e)));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("sync", dir, e))
+}
+
+/// A new file `.NAME.RANDOM.tmp` in `dir`, never an existing one or a link.
+fn create_temp(dir: &Path, name: &str) -> Result<(PathBuf, File)> {
+    let mut last = None;
+    for _ in 0..8 {
+        let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((tmp, e)),
+            Err(e) => return Err(Error::io("create", &tmp, e)),
+        }
+    }
+    let (tmp, e) = last.unwrap_or_else(|| {
+        (
+            dir.to_path_buf(),
+            std::io::Error::other("no temporary name"),
+        )
+    });
+    Err(Error::io("create", &tmp, e))
 }
 
 #[cfg(test)]
@@ -213,5 +269,37 @@ mod tests {
         assert!(matches!(h.lock(), Err(Error::Locked(_))));
         drop(l);
         assert!(h.lock().is_ok());
+    }
+
+    #[test]
+    fn write_private_fixes_the_mode_of_an_existing_file() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("api-token");
+        fs::write(&p, b"old").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&p, b"new").unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+        assert_eq!(fs::read(&p).unwrap(), b"new");
+        // no temporary file is left behind
+        let names: Vec<_> = fs::read_dir(t.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn write_private_does_not_follow_a_planted_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let victim = t.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        let p = t.path().join("identity.key");
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        write_private(&p, b"secret").unwrap();
+        // the link's target is untouched; the path is now a private file
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        let m = fs::symlink_metadata(&p).unwrap();
+        assert!(m.file_type().is_file(), "{:?}", m.file_type());
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(&p).unwrap(), b"secret");
     }
 }

@@ -8,6 +8,10 @@
 //!
 //! Shutdown: [`Node::shutdown`] stops the engine (after a final store
 //! flush), which stops the network actor; dropping every handle does the same.
+//!
+//! Every task runs under a [`supervise`] supervisor: a panic in any of them
+//! fails the node ([`Node::failed`], [`Node::wait_failed`],
+//! [`Event::NodeFailed`]) instead of leaving it half alive.
 
 pub mod api;
 pub mod config;
@@ -20,6 +24,7 @@ pub mod metrics;
 pub mod net;
 pub mod relay;
 pub mod store;
+pub mod supervise;
 
 use std::sync::Arc;
 
@@ -34,9 +39,11 @@ pub use engine::{Event, InviteInfo, MemberInfo, Origin, SpaceInfo};
 pub use error::{Error, Result};
 pub use home::Home;
 pub use net::{NetInfo, PeerInfo};
+pub use supervise::Failure;
 
 use engine::{Command, Engine};
 use net::NetHandle;
+use supervise::Supervisor;
 
 /// Handle to a running node.
 #[derive(Clone, Debug)]
@@ -54,6 +61,7 @@ struct Inner {
     lock: std::sync::Mutex<Option<home::HomeLock>>,
     folders: folder::Folders,
     metrics: Arc<metrics::Metrics>,
+    supervisor: Supervisor,
 }
 
 impl Node {
@@ -69,8 +77,9 @@ impl Node {
         let peer_id = key.public().to_peer_id();
         let folder_counters = std::sync::Arc::new(folder::Counters::default());
         let metrics = Arc::new(metrics::Metrics::new(Arc::clone(&folder_counters)));
-        let (net, net_events) = net::spawn(key.clone(), &config, &metrics).await?;
         let (events, _) = broadcast::channel(engine::EVENT_CAPACITY);
+        let supervisor = Supervisor::new(events.clone());
+        let (net, net_events) = net::spawn(key.clone(), &config, &metrics, &supervisor).await?;
         let engine = Engine::load(
             key.clone(),
             &config,
@@ -81,18 +90,21 @@ impl Node {
             Arc::clone(&metrics.node),
         )?;
         let blobs = engine.blobs()?;
+        let members_generation = engine.members_generation();
         let (tx, rx) = mpsc::channel(engine::COMMAND_CAPACITY);
         let device = DeviceId::from_bytes(peer_id.to_bytes())?;
-        let folders = folder::Folders::start(
+        let folders = folder::Folders::start(folder::Parts {
             blobs,
-            engine::Client(tx.clone()),
-            events.clone(),
-            config.folders.clone(),
-            net.streams(),
-            device.clone(),
-            folder_counters,
-        )?;
-        tokio::spawn(engine.run(rx, net_events));
+            engine: engine::Client(tx.clone()),
+            events: events.clone(),
+            settings: config.folders.clone(),
+            control: net.streams(),
+            me: device.clone(),
+            counters: folder_counters,
+            members_generation,
+            supervisor: supervisor.clone(),
+        })?;
+        supervisor.spawn("engine", engine.run(rx, net_events));
         Ok(Node {
             inner: Arc::new(Inner {
                 commands: tx,
@@ -103,6 +115,7 @@ impl Node {
                 lock: std::sync::Mutex::new(Some(lock)),
                 folders,
                 metrics,
+                supervisor,
             }),
         })
     }
@@ -124,6 +137,28 @@ impl Node {
     /// This device's name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Why the node failed, if one of its tasks panicked. A failed node
+    /// is not restarted in place: end the process and start again.
+    pub fn failed(&self) -> Option<Failure> {
+        self.inner.supervisor.failed()
+    }
+
+    /// Waits until one of the node's tasks panics (forever if none does).
+    pub async fn wait_failed(&self) -> Failure {
+        self.inner.supervisor.wait_failed().await
+    }
+
+    /// Makes the node's task `actor` panic (`engine`, `network`,
+    /// `blob-server`, `folder-worker`, `api`), to test supervision.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, actor: &str) {
+        self.inner.supervisor.inject_fault(actor);
+    }
+
+    pub(crate) fn supervisor(&self) -> &Supervisor {
+        &self.inner.supervisor
     }
 
     /// Subscribes to the node's events.
@@ -392,6 +427,19 @@ impl Node {
     ) -> Result<()> {
         let (id, _) = self.resolve(space).await?;
         self.inner.folders.put_manifest(&id, manifest)
+    }
+
+    /// Asks `peer` for one chunk of `space` over this node's open blob
+    /// streams, as a folder worker would. Tests only.
+    #[doc(hidden)]
+    pub async fn fetch_chunk(
+        &self,
+        peer: PeerId,
+        space: &str,
+        hash: [u8; 32],
+    ) -> Result<std::result::Result<Vec<u8>, folder::links::FetchError>> {
+        let (id, _) = self.resolve(space).await?;
+        Ok(self.inner.folders.fetch_chunk(peer, id, hash).await)
     }
 
     /// Conflict copies in a space's folder: which file, which device, when.

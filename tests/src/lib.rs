@@ -268,13 +268,16 @@ pub async fn wait_gone(node: &Node, path: &std::path::Path) -> Result<()> {
     .with_context(|| format!("{} is still there", path.display()))
 }
 
-/// Serves `node`'s API on 127.0.0.1 with the token `t0ken`; returns its base
+/// The API token [`serve_api`] uses.
+pub const API_TOKEN: &str = "t0ken-for-tests-0123456789abcdef";
+
+/// Serves `node`'s API on 127.0.0.1 with [`API_TOKEN`]; returns its base
 /// URL and a sender that stops it.
 pub async fn serve_api(node: &Node) -> Result<(String, tokio::sync::oneshot::Sender<()>)> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (addr, _task) = shoal_node::api::serve(
         node.clone(),
-        "t0ken".into(),
+        API_TOKEN.into(),
         "127.0.0.1:0".parse()?,
         async {
             let _ = stopped.await;

@@ -194,6 +194,15 @@ pub enum Event {
         /// Seconds to go at that rate.
         eta_secs: Option<u64>,
     },
+    /// A task of the node panicked: the node has failed and must be
+    /// restarted (`shoal up` exits). See `crate::supervise`.
+    NodeFailed {
+        /// The task: `engine`, `network`, `blob-server`,
+        /// `folder-worker <space>` or `api`.
+        actor: String,
+        /// The panic message.
+        error: String,
+    },
     /// Something in a folder could not be synced (and is retried).
     FolderError {
         /// The space id.
@@ -499,6 +508,9 @@ pub(crate) struct Engine {
     counters: std::sync::Arc<crate::metrics::NodeCounters>,
     /// The DHT rendezvous keys last handed to the network.
     rendezvous: Vec<[u8; 32]>,
+    /// Bumped on every change to any space's members; the blob server
+    /// drops its cached admissions when it moves.
+    members_generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn device_of_peer(p: &PeerId) -> Result<DeviceId> {
@@ -576,6 +588,7 @@ impl Engine {
             anti_entropy,
             redial,
             counters,
+            members_generation: Default::default(),
             rendezvous: Vec::new(),
         };
         for grant in e.store.spaces()? {
@@ -606,6 +619,11 @@ impl Engine {
     /// The blob index on the engine's store, for the folder workers.
     pub(crate) fn blobs(&self) -> Result<crate::store::Blobs> {
         self.store.blobs()
+    }
+
+    /// The counter bumped on every change to any space's members.
+    pub(crate) fn members_generation(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        std::sync::Arc::clone(&self.members_generation)
     }
 
     fn load_space(&mut self, grant: SpaceGrant) -> Result<()> {
@@ -1188,6 +1206,8 @@ impl Engine {
                 s.roster = Roster::read(s.grant.creator.clone(), &d.doc);
             }
         }
+        self.members_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         let mut out = Vec::new();
         self.on_members_changed(id, &mut out);
         self.deferred.extend(out);

@@ -36,7 +36,8 @@ const LINKS_PER_PEER: usize = 2;
 const CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Longest wait for a manifest (up to 64 MiB).
 const MANIFEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-/// A peer's admission to a space is asked again after this long.
+/// A peer's admission to a space is asked again after this long, or
+/// sooner when the members of any space change.
 const ADMISSION_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Answers prepared ahead of the one being written, per served stream.
 const SERVE_AHEAD: usize = 4;
@@ -358,9 +359,10 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
     }));
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = async move {
-        // Only admissions are remembered, and only briefly: a device
-        // removed from the space stops being served on an open stream too.
-        let mut allowed: HashMap<SpaceId, std::time::Instant> = HashMap::new();
+        // Only admissions are remembered, briefly, and only until the
+        // members of any space change: a device removed from the space is
+        // refused on an open stream from its next request on.
+        let mut allowed: HashMap<SpaceId, (std::time::Instant, u64)> = HashMap::new();
         loop {
             let mut len = [0u8; 2];
             if r.read_exact(&mut len).await.is_err() {
@@ -379,12 +381,17 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
             else {
                 return;
             };
+            // Read before asking: a change while the engine answers leaves
+            // the admission cached under the old value, asked again next.
+            let members = shared
+                .members_generation
+                .load(std::sync::atomic::Ordering::Acquire);
             let ok = match allowed.get(&space) {
-                Some(at) if at.elapsed() < ADMISSION_TTL => true,
+                Some((at, gen)) if *gen == members && at.elapsed() < ADMISSION_TTL => true,
                 _ => {
                     let ok = shared.engine.admitted(peer, space).await;
                     if ok {
-                        allowed.insert(space, std::time::Instant::now());
+                        allowed.insert(space, (std::time::Instant::now(), members));
                     } else {
                         allowed.remove(&space);
                     }

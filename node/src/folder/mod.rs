@@ -300,6 +300,9 @@ pub struct Shared {
     /// Chunk requests in flight, node-wide.
     pub(crate) inflight: Arc<tokio::sync::Semaphore>,
     roots: RwLock<HashMap<SpaceId, PathBuf>>,
+    /// Moves on every change to any space's members (the engine bumps
+    /// it): cached blob admissions older than its value are asked again.
+    pub(crate) members_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -467,6 +470,7 @@ pub struct Folders {
     shared: Mutex<Option<Arc<Shared>>>,
     running: Mutex<HashMap<SpaceId, Running>>,
     server: std::sync::Mutex<Option<JoinHandle<()>>>,
+    supervisor: crate::supervise::Supervisor,
 }
 
 impl std::fmt::Debug for Folders {
@@ -475,17 +479,34 @@ impl std::fmt::Debug for Folders {
     }
 }
 
+/// What the folders take from the rest of the node.
+pub(crate) struct Parts {
+    pub(crate) blobs: Blobs,
+    pub(crate) engine: engine::Client,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) settings: FolderSettings,
+    pub(crate) control: libp2p_stream::Control,
+    pub(crate) me: DeviceId,
+    pub(crate) counters: Arc<Counters>,
+    /// The engine's counter of members changes.
+    pub(crate) members_generation: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) supervisor: crate::supervise::Supervisor,
+}
+
 impl Folders {
     /// Starts the blob server and a worker for every folder already attached.
-    pub(crate) fn start(
-        blobs: Blobs,
-        engine: engine::Client,
-        events: broadcast::Sender<Event>,
-        settings: FolderSettings,
-        control: libp2p_stream::Control,
-        me: DeviceId,
-        counters: Arc<Counters>,
-    ) -> Result<Self> {
+    pub(crate) fn start(parts: Parts) -> Result<Self> {
+        let Parts {
+            blobs,
+            engine,
+            events,
+            settings,
+            control,
+            me,
+            counters,
+            members_generation,
+            supervisor,
+        } = parts;
         let shared = Arc::new(Shared {
             blobs,
             engine,
@@ -496,13 +517,15 @@ impl Folders {
             me,
             inflight: Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CHUNKS)),
             roots: RwLock::default(),
+            members_generation,
         });
-        let server = tokio::spawn(links::serve(Arc::clone(&shared), control));
+        let server = supervisor.spawn("blob-server", links::serve(Arc::clone(&shared), control));
         let existing = shared.blobs.folders()?;
         let folders = Self {
             shared: Mutex::new(Some(Arc::clone(&shared))),
             running: Mutex::new(HashMap::new()),
             server: std::sync::Mutex::new(Some(server)),
+            supervisor,
         };
         for (space, root) in existing {
             folders.spawn(&shared, space, PathBuf::from(root));
@@ -525,7 +548,10 @@ impl Folders {
             .unwrap_or_else(|p| p.into_inner())
             .insert(space, root.clone());
         let w = Arc::new(worker::Worker::new(Arc::clone(shared), space, root));
-        let task = tokio::spawn(Arc::clone(&w).run());
+        let task = self.supervisor.spawn(
+            format!("folder-worker {}", space.short()),
+            Arc::clone(&w).run(),
+        );
         self.lock().insert(space, Running { worker: w, task });
     }
 
@@ -618,6 +644,23 @@ impl Folders {
         self.shared()
             .map(|s| Arc::clone(&s.counters))
             .unwrap_or_default()
+    }
+
+    /// Fetches one chunk of `space` from `peer` over this node's blob
+    /// streams (the ones its workers use). Tests only.
+    pub(crate) async fn fetch_chunk(
+        &self,
+        peer: libp2p::PeerId,
+        space: SpaceId,
+        hash: [u8; 32],
+    ) -> std::result::Result<Vec<u8>, links::FetchError> {
+        let shared = self
+            .shared()
+            .map_err(|e| links::FetchError::Link(e.to_string()))?;
+        shared
+            .links
+            .get(peer, space, shoal_protocol::files::BlobKind::Chunk, hash)
+            .await
     }
 
     /// Stops every worker and the blob server.

@@ -89,12 +89,21 @@ pub fn parse_conflict(rel: &str) -> Option<(String, String, String)> {
     let i = name.find(".sync-conflict-")?;
     let stem = &name[..i];
     let rest = &name[i + ".sync-conflict-".len()..];
-    // YYYYMMDD-HHMMSS-DEVICE[.ext]
-    if rest.len() < 17 {
+    // YYYYMMDD-HHMMSS-DEVICE[.ext]. Names come from peers and disk: check
+    // the stamp's shape before cutting, and cut only where `get` says a
+    // char boundary is (a byte index inside a multi-byte char would panic).
+    let when = rest.get(..15)?;
+    let stamp_shape = when.bytes().enumerate().all(|(k, b)| match k {
+        8 => b == b'-',
+        _ => b.is_ascii_digit(),
+    });
+    if !stamp_shape {
         return None;
     }
-    let (when, rest) = rest.split_at(15);
-    let rest = rest.strip_prefix('-')?;
+    let rest = rest.get(15..)?.strip_prefix('-')?;
+    if rest.is_empty() {
+        return None;
+    }
     let (device, ext) = match rest.find('.') {
         Some(j) => (&rest[..j], &rest[j..]),
         None => (rest, ""),
@@ -247,6 +256,28 @@ mod tests {
             ".bashrc.sync-conflict-19700101-000000-x"
         );
         assert!(parse_conflict("plain.txt").is_none());
+    }
+
+    #[test]
+    fn conflict_names_with_multibyte_characters_do_not_panic() {
+        // byte 15 after the marker falls inside 'é' (two bytes)
+        for name in [
+            "a.sync-conflict-20231114-22132é-x.txt",
+            "a.sync-conflict-20231114-22132é",
+            "a.sync-conflict-2023111-22132é-x.txt",
+            "a.sync-conflict-ééééééééé",
+            "a.sync-conflict-20231114-2213\u{1F600}-dev",
+        ] {
+            assert!(parse_conflict(name).is_none(), "{name}");
+        }
+        // a stamp that is not digits is not a conflict copy
+        assert!(parse_conflict("a.sync-conflict-2023111x-221320-d.txt").is_none());
+        // multi-byte characters elsewhere are kept as they are
+        let (orig, dev, when) =
+            parse_conflict("dé/résumé.sync-conflict-20231114-221320-dév.tx€").unwrap();
+        assert_eq!(orig, "dé/résumé.tx€");
+        assert_eq!(dev, "dév");
+        assert_eq!(when, "20231114-221320");
     }
 
     #[test]

@@ -261,10 +261,11 @@ impl NetHandle {
 
 /// Builds the swarm, starts listening, and spawns the actor. Returns once
 /// every listener has an address.
-pub async fn spawn(
+pub(crate) async fn spawn(
     key: Keypair,
     config: &NodeConfig,
     metrics: &crate::metrics::Metrics,
+    supervisor: &crate::supervise::Supervisor,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
     let mut swarm = build_swarm(key, config, metrics)?;
     listen_all(&mut swarm, &config.listen).await?;
@@ -293,7 +294,7 @@ pub async fn spawn(
             .with_registry(|r| libp2p::metrics::Metrics::new(r.sub_registry_with_prefix("libp2p"))),
         counters: std::sync::Arc::clone(&metrics.node),
     };
-    tokio::spawn(actor.run(cmd_rx));
+    supervisor.spawn("network", actor.run(cmd_rx));
     Ok((
         NetHandle {
             tx: cmd_tx,

@@ -21,7 +21,9 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use shoal_protocol::DocId;
-use shoal_tests::{flag_value, folder_nodes, median, serve_api, spawn_nodes, write_burst};
+use shoal_tests::{
+    flag_value, folder_nodes, median, serve_api, spawn_nodes, write_burst, API_TOKEN,
+};
 use tokio::sync::Notify;
 
 /// What one consumer saw.
@@ -42,7 +44,7 @@ async fn consume(
 ) -> Result<Arc<Seen>> {
     let resp = reqwest::Client::new()
         .get(format!("{base}/v1/events"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .send()
         .await?
         .error_for_status()?;

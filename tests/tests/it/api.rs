@@ -67,7 +67,7 @@ async fn every_described_operation_is_served() -> Result<()> {
             };
             let mut req = http
                 .request(m.clone(), format!("{base}{url}"))
-                .bearer_auth("t0ken");
+                .bearer_auth(API_TOKEN);
             if ops[method].get("requestBody").is_some() {
                 req = req.json(&json!({}));
             }
@@ -115,7 +115,7 @@ async fn bad_requests_get_json_errors_with_fitting_codes() -> Result<()> {
     // no token, a wrong one, a token of the right length but wrong
     let r = http.get(format!("{base}/v1/status")).send().await?;
     assert_eq!(error(r).await?.0, 401);
-    for t in ["nope", "t0keN"] {
+    for t in ["nope", "t0ken-for-tests-0123456789abcdeF"] {
         let r = http
             .get(format!("{base}/v1/status"))
             .bearer_auth(t)
@@ -126,7 +126,7 @@ async fn bad_requests_get_json_errors_with_fitting_codes() -> Result<()> {
     // an endpoint that does not exist
     let r = http
         .get(format!("{base}/v1/nothing"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .send()
         .await?;
     let (code, e) = error(r).await?;
@@ -134,7 +134,7 @@ async fn bad_requests_get_json_errors_with_fitting_codes() -> Result<()> {
     // a body that is not JSON, and one missing a field
     let r = http
         .post(format!("{base}/v1/spaces"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .header("content-type", "application/json")
         .body("{not json")
         .send()
@@ -142,7 +142,7 @@ async fn bad_requests_get_json_errors_with_fitting_codes() -> Result<()> {
     assert_eq!(error(r).await?.0, 400);
     let r = http
         .post(format!("{base}/v1/spaces"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .json(&json!({"folder": "/tmp"}))
         .send()
         .await?;
@@ -151,7 +151,7 @@ async fn bad_requests_get_json_errors_with_fitting_codes() -> Result<()> {
     // a space that exists already
     let r = http
         .post(format!("{base}/v1/spaces"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .json(&json!({"name": "notes"}))
         .send()
         .await?;
@@ -159,7 +159,7 @@ async fn bad_requests_get_json_errors_with_fitting_codes() -> Result<()> {
     // a bad role, a bad device id, a malformed invite code
     let r = http
         .post(format!("{base}/v1/spaces/notes/invites"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .json(&json!({"role": "emperor"}))
         .send()
         .await?;
@@ -167,14 +167,14 @@ async fn bad_requests_get_json_errors_with_fitting_codes() -> Result<()> {
     assert_eq!((code, e.contains("emperor")), (400, true), "{e}");
     let r = http
         .put(format!("{base}/v1/spaces/notes/members/xyz"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .json(&json!({"role": "viewer"}))
         .send()
         .await?;
     assert_eq!(error(r).await?.0, 400);
     let r = http
         .post(format!("{base}/v1/join"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .json(&json!({"code": "shoal1-garbage", "timeout_secs": 1}))
         .send()
         .await?;
@@ -182,26 +182,119 @@ async fn bad_requests_get_json_errors_with_fitting_codes() -> Result<()> {
     // an unknown document is a 404 naming it; a relative folder a 400
     let r = http
         .get(format!("{base}/v1/spaces/notes/docs/ghost"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .send()
         .await?;
     let (code, e) = error(r).await?;
     assert_eq!((code, e.contains("ghost")), (404, true), "{e}");
     let r = http
         .put(format!("{base}/v1/spaces/notes/folder"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .json(&json!({"path": "relative/dir"}))
         .send()
         .await?;
     assert_eq!(error(r).await?.0, 400);
     // the API cannot be bound beyond loopback
     for addr in ["0.0.0.0:0", "[::]:0"] {
-        let r = shoal_node::api::serve(node.clone(), "t0ken".into(), addr.parse()?, async {}).await;
+        let r =
+            shoal_node::api::serve(node.clone(), API_TOKEN.into(), addr.parse()?, async {}).await;
         let e = r.err().context("bound a non-loopback address")?.to_string();
         assert!(e.contains("loopback"), "{e}");
     }
     // nothing above changed the node
     assert_eq!(node.spaces().await?.len(), 1);
     assert!(node.docs("notes").await?.is_empty());
+    Ok(())
+}
+
+/// An empty or short token would let any local process in: with an empty
+/// `api-token` file a request with no `Authorization` header matched it.
+/// The API refuses to start with one, and the home refuses to hand it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_does_not_start_with_an_empty_or_short_token() -> Result<()> {
+    let n = spawn_nodes(1).await?;
+    let node = &n[0].node;
+    for t in ["", "   ", "short"] {
+        let r = shoal_node::api::serve(
+            node.clone(),
+            t.into(),
+            "127.0.0.1:0".parse()?,
+            std::future::pending(),
+        )
+        .await;
+        match r {
+            Ok((addr, _task)) => {
+                let status = reqwest::get(format!("http://{addr}/v1/status"))
+                    .await?
+                    .status();
+                anyhow::bail!(
+                    "the API started with the token {t:?}; a request without one got {status}"
+                );
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("token"), "{e}");
+            }
+        }
+    }
+    // a home whose token file is empty names the file
+    std::fs::write(n[0].home.dir().join("api-token"), b"\n")?;
+    let e = n[0].home.api_token().err().context("read an empty token")?;
+    let e = e.to_string();
+    assert!(e.contains("api-token") && e.contains("short"), "{e}");
+    Ok(())
+}
+
+/// DNS rebinding: a web page whose name resolves to 127.0.0.1 reaches the
+/// API with its own name in `Host`. Only loopback names are served; the
+/// check runs before auth, so even the public description is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_a_foreign_host_header_are_refused() -> Result<()> {
+    let n = spawn_nodes(1).await?;
+    let node = &n[0].node;
+    let (base, _stop) = serve_api(node).await?;
+    let port = base.rsplit(':').next().context("no port")?.to_string();
+    let http = reqwest::Client::new();
+    for host in [
+        format!("evil.example:{port}"),
+        "evil.example".to_string(),
+        format!("127.0.0.1.evil.example:{port}"),
+        format!("localhost.evil.example:{port}"),
+        format!("0.0.0.0:{port}"),
+    ] {
+        for path in ["/v1/status", "/v1/openapi.json", "/v1/nothing"] {
+            let r = http
+                .get(format!("{base}{path}"))
+                .header("host", &host)
+                .bearer_auth(API_TOKEN)
+                .send()
+                .await?;
+            let status = r.status();
+            let body: Value = r
+                .json()
+                .await
+                .with_context(|| format!("Host {host} {path}: {status}, not JSON"))?;
+            assert_eq!(status, 403, "Host {host} {path}: {body}");
+            let e = body["error"].as_str().context("no error field")?;
+            assert!(e.contains("Host"), "{e}");
+        }
+    }
+    // loopback names, with and without the port, are served
+    for host in [
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1".to_string(),
+        format!("localhost:{port}"),
+        format!("LocalHost:{port}"),
+        format!("[::1]:{port}"),
+        "[::1]".to_string(),
+    ] {
+        let r = http
+            .get(format!("{base}/v1/status"))
+            .header("host", &host)
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await?;
+        assert_eq!(r.status(), 200, "Host {host}");
+    }
     Ok(())
 }

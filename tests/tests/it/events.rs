@@ -28,7 +28,7 @@ async fn a_remote_change_reaches_a_filtered_event_stream() -> Result<()> {
     assert_eq!(r.status(), 401);
     let r = http
         .get(format!("{base}?space=nope"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .send()
         .await?;
     assert_eq!(r.status(), 404);
@@ -38,7 +38,7 @@ async fn a_remote_change_reaches_a_filtered_event_stream() -> Result<()> {
         "{base}?space=notes&types=doc&doc=to*&author={}",
         a.device_id()
     );
-    let resp = http.get(url).bearer_auth("t0ken").send().await?;
+    let resp = http.get(url).bearer_auth(API_TOKEN).send().await?;
     assert_eq!(resp.status(), 200);
     let mut events = resp.bytes_stream().eventsource();
     // a change to another document, then one b writes itself, then the one we want
@@ -68,13 +68,13 @@ async fn remote_file_changes_reach_a_path_filtered_stream() -> Result<()> {
     let (base, stop) = serve_api(&nodes[1].node).await?;
     let resp = reqwest::Client::new()
         .get(format!("{base}/v1/events?types=file&path=docs/**"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .send()
         .await?;
     let mut events = resp.bytes_stream().eventsource();
     let resp = reqwest::Client::new()
         .get(format!("{base}/v1/events?types=progress&space=f"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .send()
         .await?;
     let mut progress = resp.bytes_stream().eventsource();
@@ -117,7 +117,7 @@ async fn remote_file_changes_reach_a_path_filtered_stream() -> Result<()> {
     );
     let text = http
         .get(format!("{base}/metrics"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .send()
         .await?
         .text()
@@ -175,7 +175,7 @@ async fn a_consumer_that_does_not_read_is_told_how_much_it_missed() -> Result<()
     let (base, stop) = serve_api(a).await?;
     let resp = reqwest::Client::new()
         .get(format!("{base}/v1/events?space=busy"))
-        .bearer_auth("t0ken")
+        .bearer_auth(API_TOKEN)
         .send()
         .await?;
     assert_eq!(resp.status(), 200);

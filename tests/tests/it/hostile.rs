@@ -640,3 +640,39 @@ async fn a_peer_gets_at_most_four_blob_streams() -> Result<()> {
     driver.abort();
     Ok(())
 }
+
+/// A device revoked from a space gets no more chunks, even on the blob
+/// streams it opened while it was a member: the serving node's cached
+/// admissions are dropped on any change to `members` (they used to be
+/// trusted for 10 s). Asked over B's own open streams, as its folder
+/// worker asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_gets_no_chunk_on_its_open_streams() -> Result<()> {
+    use shoal_node::folder::links::FetchError;
+    let (n, roots, _dirs) = folder_nodes(2, "box").await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    let data = b"served while B is a member".to_vec();
+    std::fs::write(roots[0].join("f.txt"), &data)?;
+    wait_file(b, &roots[1].join("f.txt"), &data).await?;
+    let hash = *blake3::hash(&data).as_bytes();
+    // every one of B's streams to A is open and admitted (they are used
+    // in turn): each serves the chunk
+    for i in 0..4 {
+        match b.fetch_chunk(a.peer_id(), "box", hash).await? {
+            Ok(got) => assert_eq!(got, data, "request {i}"),
+            Err(e) => bail!("request {i} before the revocation: {e}"),
+        }
+    }
+    a.revoke("box", b.device_id()).await?;
+    for i in 0..4 {
+        match b.fetch_chunk(a.peer_id(), "box", hash).await? {
+            Err(FetchError::Refused) => {}
+            Ok(got) => bail!(
+                "request {i} after the revocation was served ({} bytes)",
+                got.len()
+            ),
+            Err(e) => bail!("request {i} after the revocation: {e}, not refused"),
+        }
+    }
+    Ok(())
+}

@@ -9,4 +9,5 @@ mod hostile;
 mod hostile_folders;
 mod pairing;
 mod relay;
+mod supervise;
 mod sync;
