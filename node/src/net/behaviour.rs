@@ -10,7 +10,7 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{autonat, dcutr, identify, mdns, ping, relay, StreamProtocol};
+use libp2p::{autonat, connection_limits, dcutr, identify, mdns, ping, relay, StreamProtocol};
 use shoal_protocol::wire::{
     HELLO_PROTOCOL, INVITE_PROTOCOL, KAD_PROTOCOL, MAX_GOSSIP_BYTES, MAX_HELLO_BYTES,
     MAX_INVITE_BYTES, MAX_SYNC_BYTES, SYNC_PROTOCOL,
@@ -20,12 +20,22 @@ use super::codec::BytesCodec;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 
+/// Connections a device holds at once (members, relays, DHT peers).
+pub const MAX_CONNECTIONS: u32 = 256;
+/// Connections to one peer (TCP, QUIC, relayed, hole-punched, redials).
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+/// Incoming connections still in their handshake.
+pub const MAX_PENDING_INCOMING: u32 = 32;
+
 /// Identify's protocol version string for shoal nodes.
 pub const IDENTIFY_PROTOCOL: &str = "/shoal/1";
 
 /// Everything a shoal node speaks.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Caps on connections, checked before any other part sees one: a
+    /// stranger cannot open connections without bound.
+    pub limits: connection_limits::Behaviour,
     /// Addresses and protocols of peers.
     pub identify: identify::Behaviour,
     /// Liveness and latency.
@@ -113,7 +123,12 @@ impl Behaviour {
                 request_response::Config::default().with_request_timeout(timeout),
             )
         };
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(MAX_CONNECTIONS))
+            .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
         Ok(Self {
+            limits: connection_limits::Behaviour::new(limits),
             identify,
             ping: ping::Behaviour::new(ping::Config::new()),
             mdns: Toggle::from(mdns),

@@ -7,6 +7,7 @@ mod events;
 mod folders;
 mod hostile;
 mod hostile_folders;
+mod limits;
 mod pairing;
 mod relay;
 mod supervise;
