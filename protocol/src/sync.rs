@@ -49,12 +49,105 @@ pub fn unvouched(
 /// Most changes one sync message may carry before it is refused.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 200_000;
 
-/// Decodes an encoded sync message.
+/// Most heads one sync message may name.
+pub const MAX_HEADS: usize = 10_000;
+/// Most needed change hashes one sync message may name.
+pub const MAX_NEED: usize = 100_000;
+/// Most `have` summaries one sync message may carry (Automerge sends one).
+pub const MAX_HAVES: usize = 16;
+/// Most last-sync hashes one `have` summary may name.
+pub const MAX_LAST_SYNC: usize = 10_000;
+/// Most bits per entry a peer's bloom filter may use (Automerge uses 10).
+pub const MAX_BLOOM_BITS_PER_ENTRY: u64 = 64;
+/// Most probes a peer's bloom filter may ask for (Automerge uses 7).
+pub const MAX_BLOOM_PROBES: u64 = 32;
+
+/// Decodes an encoded sync message and checks its shape (see
+/// [`validate_message`]) before anything else may look at it.
 pub fn decode_message(bytes: &[u8]) -> Result<Message> {
-    Message::decode(bytes).map_err(|e| Error::Malformed {
+    let msg = Message::decode(bytes).map_err(|e| Error::Malformed {
         what: "sync message",
         reason: e.to_string(),
-    })
+    })?;
+    validate_message(&msg)?;
+    Ok(msg)
+}
+
+/// Refuses a sync message that Automerge would choke on: counts of heads,
+/// needs, `have` summaries and their hashes over their bounds, and bloom
+/// filters whose shape would make `generate_sync_message` divide by zero
+/// (entries but no bits) or reserve gigabytes (billions of probes).
+pub fn validate_message(msg: &Message) -> Result<()> {
+    let bound = |what: &'static str, size: usize, limit: usize| {
+        if size > limit {
+            Err(Error::TooLarge { what, size, limit })
+        } else {
+            Ok(())
+        }
+    };
+    bound("sync message heads", msg.heads.len(), MAX_HEADS)?;
+    bound("sync message needs", msg.need.len(), MAX_NEED)?;
+    bound("sync message haves", msg.have.len(), MAX_HAVES)?;
+    bound(
+        "sync message change chunks",
+        msg.changes.len(),
+        MAX_CHANGES_PER_MESSAGE,
+    )?;
+    for have in &msg.have {
+        bound(
+            "sync message last-sync",
+            have.last_sync.len(),
+            MAX_LAST_SYNC,
+        )?;
+        check_bloom(&have.bloom.to_bytes())?;
+    }
+    Ok(())
+}
+
+/// Checks a bloom filter as it travels: uLEB128 entries, bits per entry,
+/// probes, then exactly `ceil(entries * bits_per_entry / 8)` bytes of bits.
+/// An empty filter (no entries) is always fine: Automerge never probes it.
+fn check_bloom(bytes: &[u8]) -> Result<()> {
+    let bad = |reason: String| Error::Malformed {
+        what: "sync message bloom filter",
+        reason,
+    };
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let mut at = 0;
+    let mut field = |name: &str| -> Result<u64> {
+        let (v, used) = uleb128(&bytes[at..]).ok_or_else(|| bad(format!("bad {name}")))?;
+        at += used;
+        u64::try_from(v).map_err(|_| bad(format!("{name} out of range")))
+    };
+    let entries = field("entry count")?;
+    let bits_per_entry = field("bits per entry")?;
+    let probes = field("probe count")?;
+    if entries == 0 {
+        return Ok(());
+    }
+    if !(1..=MAX_BLOOM_BITS_PER_ENTRY).contains(&bits_per_entry) {
+        return Err(bad(format!(
+            "{bits_per_entry} bits per entry (allowed 1..={MAX_BLOOM_BITS_PER_ENTRY})"
+        )));
+    }
+    if !(1..=MAX_BLOOM_PROBES).contains(&probes) {
+        return Err(bad(format!(
+            "{probes} probes (allowed 1..={MAX_BLOOM_PROBES})"
+        )));
+    }
+    let want = entries
+        .checked_mul(bits_per_entry)
+        .map(|b| b.div_ceil(8))
+        .ok_or_else(|| bad("entry count out of range".into()))?;
+    let have = bytes.len() - at;
+    if have == 0 || u64::try_from(have).ok() != Some(want) {
+        return Err(bad(format!(
+            "{have} bytes of bits for {entries} entries of {bits_per_entry} bits"
+        )));
+    }
+    Ok(())
 }
 
 /// The changes a sync message carries. A V1 message has one change per
@@ -183,6 +276,93 @@ mod tests {
         // b's own signature on its change vouches for it, not for a's chain
         let signed: std::collections::HashSet<_> = [b_change.hash()].into_iter().collect();
         assert_eq!(unvouched(&all, &signed).len(), 4);
+    }
+
+    /// A V1 message whose one `have` carries `bloom` as its filter bytes.
+    fn with_bloom(bloom: &[u8]) -> Vec<u8> {
+        let bloom = automerge::sync::BloomFilter::try_from(bloom).unwrap();
+        Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![automerge::sync::Have {
+                last_sync: vec![],
+                bloom,
+            }],
+            changes: automerge::sync::ChunkList::empty(),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn bloom_filters_that_would_crash_automerge_are_refused() {
+        // one entry, zero bits per entry: a division by zero in
+        // `generate_sync_message`
+        let zero_bits = with_bloom(&[1, 0, 1]);
+        let e = decode_message(&zero_bits).unwrap_err();
+        assert!(e.to_string().contains("bits per entry"), "{e}");
+        // 2^32-1 probes: a 16 GiB reservation
+        let mut many_probes = vec![1, 8];
+        many_probes.extend([0xff, 0xff, 0xff, 0xff, 0x0f]);
+        many_probes.push(0);
+        let e = decode_message(&with_bloom(&many_probes)).unwrap_err();
+        assert!(e.to_string().contains("probes"), "{e}");
+        // a sane filter, and an empty one, pass
+        let h = automerge::ChangeHash([7; 32]);
+        let good = automerge::sync::BloomFilter::from_hashes([h].iter());
+        assert!(decode_message(&with_bloom(&good.to_bytes())).is_ok());
+        assert!(decode_message(&with_bloom(&[])).is_ok());
+        // zero entries: never probed, whatever the rest says
+        assert!(decode_message(&with_bloom(&[0, 0, 0])).is_ok());
+    }
+
+    #[test]
+    fn a_refused_bloom_is_the_one_that_panics_automerge() {
+        // What the check protects: the same message, fed to automerge,
+        // panics while answering.
+        let mut d = AutoCommit::new();
+        d.put(ROOT, "a", 1).unwrap();
+        d.commit();
+        let msg = Message::decode(&with_bloom(&[1, 0, 1])).unwrap();
+        let mut doc = d.document().clone();
+        let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            use automerge::sync::SyncDoc;
+            let mut st = automerge::sync::State::new();
+            let _ = doc.receive_sync_message(&mut st, msg);
+            doc.generate_sync_message(&mut st)
+        }));
+        assert!(crashed.is_err());
+    }
+
+    #[test]
+    fn counts_are_bounded() {
+        let hashes = |n: usize| vec![automerge::ChangeHash([1; 32]); n];
+        let msg = |heads, need| Message {
+            heads,
+            need,
+            have: vec![],
+            changes: automerge::sync::ChunkList::empty(),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        };
+        assert!(validate_message(&msg(hashes(MAX_HEADS), vec![])).is_ok());
+        assert!(matches!(
+            validate_message(&msg(hashes(MAX_HEADS + 1), vec![])),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(matches!(
+            validate_message(&msg(vec![], hashes(MAX_NEED + 1))),
+            Err(Error::TooLarge { .. })
+        ));
+        let mut m = msg(vec![], vec![]);
+        m.have = vec![automerge::sync::Have::default(); MAX_HAVES + 1];
+        assert!(validate_message(&m).is_err());
+        m.have = vec![automerge::sync::Have {
+            last_sync: hashes(MAX_LAST_SYNC + 1),
+            bloom: Default::default(),
+        }];
+        assert!(validate_message(&m).is_err());
     }
 
     proptest::proptest! {

@@ -43,6 +43,8 @@ struct Hostile {
     swarm: Swarm<HostileBehaviour>,
     grant: Option<SpaceGrant>,
     me: DeviceId,
+    /// When set, every sync request the node sends us gets this answer.
+    sync_answer: Option<Vec<u8>>,
 }
 
 impl Hostile {
@@ -82,7 +84,12 @@ impl Hostile {
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .build();
-        Ok(Self { swarm, grant, me })
+        Ok(Self {
+            swarm,
+            grant,
+            me,
+            sync_answer: None,
+        })
     }
 
     /// Polls the swarm until the node under attack emits an event matching
@@ -171,6 +178,22 @@ impl Hostile {
                         .hello
                         .send_response(channel, wire::encode(&HelloResponse::V1 { proofs }));
                     continue;
+                }
+                if let Some(answer) = self.sync_answer.clone() {
+                    if let SwarmEvent::Behaviour(HostileBehaviourEvent::Sync(
+                        request_response::Event::Message {
+                            message: request_response::Message::Request { channel, .. },
+                            ..
+                        },
+                    )) = ev
+                    {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_response(channel, answer);
+                        continue;
+                    }
                 }
                 if let Some(v) = f(&mut Pumped::Swarm(&mut ev)) {
                     return Ok(v);
@@ -638,5 +661,109 @@ async fn a_peer_gets_at_most_four_blob_streams() -> Result<()> {
     }
     assert_eq!(answered, 4, "streams served");
     driver.abort();
+    Ok(())
+}
+
+/// A hostile peer admitted to `a`'s space "notes" with `role`.
+struct Admitted {
+    h: Hostile,
+    space: shoal_protocol::SpaceId,
+    /// `a`'s events, subscribed before the peer dialled.
+    ev: tokio::sync::broadcast::Receiver<Event>,
+    a_peer: libp2p::PeerId,
+}
+
+async fn admitted(a: &shoal_node::Node, role: Role, answer: Option<Vec<u8>>) -> Result<Admitted> {
+    let key = Keypair::generate_ed25519();
+    let peer = key.public().to_peer_id();
+    let dev = DeviceId::from_bytes(peer.to_bytes())?;
+    a.add_member("notes", &dev, role, "evil").await?;
+    let grant = a.export_grant("notes").await?;
+    let space = grant.space;
+    let mut h = Hostile::new(key, Some(grant))?;
+    h.sync_answer = answer;
+    let mut ev = a.events();
+    h.swarm.dial(a.listen_addrs().await?[0].clone())?;
+    let me = peer.to_string();
+    h.until_node_event(
+        &mut ev,
+        |e| matches!(e, Event::MemberVerified { peer, .. } if *peer == me),
+    )
+    .await?;
+    Ok(Admitted {
+        h,
+        space,
+        ev,
+        a_peer: a.peer_id(),
+    })
+}
+
+fn sync_req(
+    space: shoal_protocol::SpaceId,
+    doc: &DocId,
+    message: Vec<u8>,
+    sigs: Vec<wire::ChangeSig>,
+) -> Vec<u8> {
+    wire::encode(&SyncRequest::V1 {
+        fresh: true,
+        space,
+        doc: doc.clone(),
+        message: Some(message),
+        sigs,
+    })
+}
+
+fn refused(r: &std::result::Result<SyncResponse, String>, why: wire::RefuseReason) -> bool {
+    matches!(r, Ok(SyncResponse::Refused { reason }) if *reason == why)
+}
+
+/// Issue 18, hole 1: a `have` bloom filter with one entry and zero bits per
+/// entry made automerge divide by zero while answering, killing the engine.
+/// Refused on the response path and on the request path alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bloom_filter_that_would_crash_automerge_is_refused() -> Result<()> {
+    use automerge::sync::{BloomFilter, Have};
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/legit", json!(1)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    let bomb = Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![Have {
+            last_sync: vec![],
+            bloom: BloomFilter::try_from(&[1u8, 0, 1][..])?,
+        }],
+        changes: ChunkList::empty(),
+        flags: None,
+        version: MessageVersion::V1,
+    }
+    .encode();
+    // The response path: a viewer answers the node's sync requests with it.
+    let answer = wire::encode(&SyncResponse::V1 {
+        message: Some(bomb.clone()),
+        sigs: vec![],
+    });
+    let mut m = admitted(a, Role::Viewer, Some(answer)).await?;
+    rejected(&mut m.h, &mut m.ev, "bloom").await?;
+    let before_todo = a.get("notes", &todo).await?;
+    let before_members = a.get("notes", &DocId::members()).await?;
+    // The request path.
+    m.h.sync_answer = None;
+    let r =
+        m.h.sync_request(m.a_peer, sync_req(m.space, &todo, bomb, vec![]))
+            .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut m.h, &mut m.ev, "bloom").await?;
+    assert_eq!(a.get("notes", &todo).await?, before_todo);
+    assert_eq!(a.get("notes", &DocId::members()).await?, before_members);
+    // The node still syncs with an honest member.
+    a.put("notes", &todo, "/after", json!(2)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    assert_eq!(b.get("notes", &todo).await?["after"], json!(2));
     Ok(())
 }
