@@ -99,13 +99,28 @@ pub struct Roster {
     /// changes are kept out at the network: they are not admitted to sync,
     /// and gossip moves to a new epoch when a device is removed.
     pub former_writers: std::collections::BTreeSet<DeviceId>,
+    /// Devices whose entry in `members` is not a member (removed, or a role
+    /// this version does not know). The creator among them is no owner.
+    pub tombstones: std::collections::BTreeSet<DeviceId>,
 }
 
 impl Roster {
+    /// The roster of a space whose `members` is not known yet: the creator
+    /// alone, as owner.
+    pub fn new(creator: DeviceId) -> Self {
+        Self {
+            creator,
+            members: BTreeMap::new(),
+            former_writers: Default::default(),
+            tombstones: Default::default(),
+        }
+    }
+
     /// Reads the roster from a members document.
     pub fn read(creator: DeviceId, doc: &AutoCommit) -> Self {
         let mut members = BTreeMap::new();
         let mut former_writers = std::collections::BTreeSet::new();
+        let mut tombstones = std::collections::BTreeSet::new();
         if let Some(devs) = to_json(doc).get("devices").and_then(|d| d.as_object()) {
             for (id, m) in devs {
                 if m.get("was_writer").and_then(|w| w.as_bool()) == Some(true) {
@@ -113,12 +128,15 @@ impl Roster {
                         former_writers.insert(d);
                     }
                 }
-                let (Ok(id), Some(role)) = (
-                    id.parse::<DeviceId>(),
-                    m.get("role")
-                        .and_then(|r| r.as_str())
-                        .and_then(|r| r.parse::<Role>().ok()),
-                ) else {
+                let Ok(id) = id.parse::<DeviceId>() else {
+                    continue;
+                };
+                let Some(role) = m
+                    .get("role")
+                    .and_then(|r| r.as_str())
+                    .and_then(|r| r.parse::<Role>().ok())
+                else {
+                    tombstones.insert(id);
                     continue;
                 };
                 let name = m
@@ -150,19 +168,34 @@ impl Roster {
             creator,
             members,
             former_writers,
+            tombstones,
         }
     }
 
     /// The role of `device`, if it is a member. The creator is an owner
-    /// until `members` says otherwise.
+    /// while `members` has no entry for it at all; once it has one (a role,
+    /// or a removal) that entry decides, as for anyone else.
     pub fn role_of(&self, device: &DeviceId) -> Option<Role> {
         match self.members.get(device) {
             Some(m) => Some(m.role),
-            None if *device == self.creator && !self.members.contains_key(device) => {
+            None if *device == self.creator && !self.tombstones.contains(device) => {
                 Some(Role::Owner)
             }
             None => None,
         }
+    }
+
+    /// How many owners the space has (the creator counted while it has no
+    /// entry). The last one may not be removed or demoted.
+    pub fn owners(&self) -> usize {
+        let listed = self
+            .members
+            .values()
+            .filter(|m| m.role == Role::Owner)
+            .count();
+        let creator = !self.members.contains_key(&self.creator)
+            && self.role_of(&self.creator) == Some(Role::Owner);
+        listed + usize::from(creator)
     }
 
     /// Whether `author` may write a change to `doc`.
@@ -350,6 +383,34 @@ mod tests {
         // demoting the creator takes effect
         set_member(&mut d, &a, Role::Viewer, "laptop", None, None).unwrap();
         assert!(Roster::read(a.clone(), &d).check(&todo, &a).is_err());
+    }
+
+    #[test]
+    fn a_removed_creator_is_no_owner() {
+        let (a, b) = (dev(1), dev(2));
+        // before `members` is known, the creator alone is an owner
+        let r = Roster::new(a.clone());
+        assert_eq!(r.role_of(&a), Some(Role::Owner));
+        assert_eq!(r.owners(), 1);
+        let mut d = AutoCommit::new().with_actor(actor_for(&a, [0; 8]));
+        init_members(&mut d, "notes", &a, "laptop", None).unwrap();
+        set_member(&mut d, &b, Role::Owner, "desk", Some(&a), None).unwrap();
+        assert_eq!(Roster::read(a.clone(), &d).owners(), 2);
+        // b removes the creator
+        let mut by_b = d.fork().with_actor(actor_for(&b, [0; 8]));
+        remove_member(&mut by_b, &a, true).unwrap();
+        let r = Roster::read(a.clone(), &by_b);
+        assert_eq!(r.role_of(&a), None);
+        assert!(r.check(&DocId::members(), &a).is_err());
+        assert_eq!(r.owners(), 1);
+        // the creator's change re-adding itself, on the history it had, is
+        // refused by a peer that has the removal
+        let heads = d.get_heads();
+        set_member(&mut d, &a, Role::Owner, "laptop", None, None).unwrap();
+        let back = d.get_changes(&heads);
+        let refused = apply_members_changes(&mut by_b, &a, back.clone()).unwrap();
+        assert_eq!(refused.len(), back.len());
+        assert_eq!(Roster::read(a.clone(), &by_b).role_of(&a), None);
     }
 
     #[test]

@@ -590,16 +590,7 @@ impl Engine {
     // ----- roles and revocation --------------------------------------------
 
     fn owners(&self, id: &SpaceId) -> usize {
-        self.spaces
-            .get(id)
-            .map(|s| {
-                s.roster
-                    .members
-                    .values()
-                    .filter(|m| m.role == Role::Owner)
-                    .count()
-            })
-            .unwrap_or(0)
+        self.spaces.get(id).map(|s| s.roster.owners()).unwrap_or(0)
     }
 
     pub(super) fn set_role(&mut self, space: &str, device: &DeviceId, role: Role) -> Result<()> {

@@ -698,6 +698,19 @@ async fn admitted(a: &shoal_node::Node, role: Role, answer: Option<Vec<u8>>) -> 
     })
 }
 
+/// A V1 sync message carrying `changes`.
+fn carrying(changes: Vec<Vec<u8>>) -> Vec<u8> {
+    Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![],
+        changes: ChunkList::from(changes),
+        flags: None,
+        version: MessageVersion::V1,
+    }
+    .encode()
+}
+
 fn sync_req(
     space: shoal_protocol::SpaceId,
     doc: &DocId,
@@ -765,5 +778,139 @@ async fn a_bloom_filter_that_would_crash_automerge_is_refused() -> Result<()> {
     a.put("notes", &todo, "/after", json!(2)).await?;
     wait_converged(&[a, b], "notes", "todo").await?;
     assert_eq!(b.get("notes", &todo).await?["after"], json!(2));
+    Ok(())
+}
+
+/// A change to `doc` by `key`'s device on top of `base`, with its signature.
+fn signed_change(
+    key: &Keypair,
+    space: &shoal_protocol::SpaceId,
+    base: &mut AutoCommit,
+    path: &str,
+    value: serde_json::Value,
+) -> Result<(Vec<u8>, wire::ChangeSig)> {
+    jdoc::put_json(base, path, &value)?;
+    base.commit();
+    let raw = base
+        .get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec();
+    let sig = sign(key, space, &raw)?;
+    Ok((raw, sig))
+}
+
+/// Issue 18, hole 5: an owner removes the space's creator; the creator is
+/// no owner any more: its members change re-adding itself is refused and
+/// it no longer syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_creator_is_no_owner() -> Result<()> {
+    use shoal_protocol::members;
+    let n = spawn_nodes(2).await?;
+    let (b, c) = (&n[0].node, &n[1].node);
+    // The creator is a peer the test drives; b is the owner it added.
+    let key = Keypair::generate_ed25519();
+    let peer = key.public().to_peer_id();
+    let creator = DeviceId::from_bytes(peer.to_bytes())?;
+    let space = shoal_protocol::SpaceId(rand::random());
+    let grant = SpaceGrant {
+        space,
+        name: "notes".into(),
+        creator: creator.clone(),
+        keys: vec![(0, SpaceKey::from_bytes(rand::random()))],
+    };
+    let mut doc = AutoCommit::new().with_actor(actor_for(&creator, [1; 8]));
+    members::init_members(&mut doc, "notes", &creator, "creator", None)?;
+    members::set_member(
+        &mut doc,
+        b.device_id(),
+        Role::Owner,
+        "b",
+        Some(&creator),
+        None,
+    )?;
+    doc.commit();
+    let history: Vec<Vec<u8>> = doc
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    let tip = sign(&key, &space, history.last().context("no history")?)?;
+    b.import_grant(grant.clone()).await?;
+    let mut h = Hostile::new(key.clone(), Some(grant))?;
+    let mut ev = b.events();
+    h.swarm.dial(b.listen_addrs().await?[0].clone())?;
+    let me = peer.to_string();
+    h.until_node_event(
+        &mut ev,
+        |e| matches!(e, Event::MemberVerified { peer, .. } if *peer == me),
+    )
+    .await?;
+    let b_peer = b.peer_id();
+    let r = h
+        .sync_request(
+            b_peer,
+            sync_req(space, &DocId::members(), carrying(history), vec![tip]),
+        )
+        .await?;
+    assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    let is_owner = |ms: &[shoal_node::MemberInfo], d: &DeviceId| {
+        ms.iter()
+            .any(|m| m.device == d.to_string() && m.role == Role::Owner)
+    };
+    assert!(is_owner(&b.members("notes").await?, b.device_id()));
+
+    // b removes the creator.
+    b.revoke("notes", &creator).await?;
+    let after = b.get("notes", &DocId::members()).await?;
+    assert!(!is_owner(&b.members("notes").await?, &creator));
+    // b is the last owner now: it cannot remove itself.
+    let e = b.revoke("notes", b.device_id()).await.unwrap_err();
+    assert!(e.to_string().contains("last owner"), "{e}");
+
+    // The creator makes itself an owner again, on the history it has.
+    members::set_member(&mut doc, &creator, Role::Owner, "creator", None, None)?;
+    doc.commit();
+    let back = doc
+        .get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec();
+    let sig = sign(&key, &space, &back)?;
+    let r = h
+        .sync_request(
+            b_peer,
+            sync_req(space, &DocId::members(), carrying(vec![back]), vec![sig]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::NotAllowed), "{r:?}");
+    let todo: DocId = "todo".parse()?;
+    let (w, wsig) = signed_change(
+        &key,
+        &space,
+        &mut AutoCommit::new().with_actor(actor_for(&creator, [2; 8])),
+        "/x",
+        json!(1),
+    )?;
+    let r = h
+        .sync_request(
+            b_peer,
+            sync_req(space, &todo, carrying(vec![w]), vec![wsig]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::NotAllowed), "{r:?}");
+    assert_eq!(b.get("notes", &DocId::members()).await?, after);
+    assert!(!is_owner(&b.members("notes").await?, &creator));
+
+    // An honest device joins by invite and syncs with b.
+    let inv = b
+        .create_invite("notes", Role::Editor, Duration::from_secs(600), 1)
+        .await?;
+    connect(c, b).await?;
+    c.join(inv.code.as_deref().unwrap_or(""), Duration::from_secs(20))
+        .await?;
+    b.put("notes", &todo, "/after", json!(2)).await?;
+    wait_converged(&[b, c], "notes", "todo").await?;
+    assert_eq!(c.get("notes", &todo).await?["after"], json!(2));
     Ok(())
 }
