@@ -193,9 +193,11 @@ impl Engine {
                     // A fresh space's first members changes: checked in
                     // order when applied.
                     None => {}
+                    // The same rule as sync: a former writer's changes only
+                    // within the frontier recorded when it lost write access.
                     Some(_) => s
                         .roster
-                        .check(&doc, &author)
+                        .check_changes(&doc, &parsed)
                         .map_err(|e| reject(e.to_string()))?,
                 }
                 // The author signs its batch's last change; that signature,

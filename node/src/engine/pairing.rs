@@ -589,6 +589,22 @@ impl Engine {
 
     // ----- roles and revocation --------------------------------------------
 
+    /// What this owner has seen of `device`'s changes, per document: the
+    /// frontier a former writer's changes are held to (see
+    /// `shoal_protocol::members`).
+    fn frontier_of(&mut self, id: &SpaceId, device: &DeviceId) -> members::Frontier {
+        let mut f = members::Frontier::new();
+        if let Some(s) = self.spaces.get_mut(id) {
+            for (doc, d) in s.docs.iter_mut().filter(|(d, _)| !d.is_members()) {
+                let actors = members::frontier_in(&mut d.doc, device);
+                if !actors.is_empty() {
+                    f.insert(doc.clone(), actors);
+                }
+            }
+        }
+        f
+    }
+
     fn owners(&self, id: &SpaceId) -> usize {
         self.spaces.get(id).map(|s| s.roster.owners()).unwrap_or(0)
     }
@@ -607,6 +623,12 @@ impl Engine {
                 "the last owner cannot give up ownership".into(),
             ));
         }
+        let demoted = m.role.can_write() && !role.can_write();
+        let frontier = if demoted {
+            self.frontier_of(&id, device)
+        } else {
+            members::Frontier::new()
+        };
         self.edit_doc(id, &DocId::members(), |d| {
             members::set_member(
                 d,
@@ -616,8 +638,8 @@ impl Engine {
                 m.added_by.as_ref(),
                 m.x25519.as_ref(),
             )?;
-            if m.role.can_write() && !role.can_write() {
-                members::mark_former_writer(d, device)?;
+            if demoted {
+                members::mark_former_writer(d, device, &frontier)?;
             }
             Ok(())
         })?;
@@ -640,6 +662,7 @@ impl Engine {
         if m.role == Role::Owner && self.owners(&id) <= 1 {
             return Err(Error::Forbidden("the last owner cannot be removed".into()));
         }
+        let frontier = m.role.can_write().then(|| self.frontier_of(&id, device));
         // New epoch key, sealed to every remaining member that has an x25519 key.
         let s = &self.spaces[&id];
         let epoch = s
@@ -671,7 +694,7 @@ impl Engine {
             );
         }
         self.edit_doc(id, &DocId::members(), |d| {
-            members::remove_member(d, device, m.role.can_write())?;
+            members::remove_member(d, device, frontier.as_ref())?;
             members::put_epoch_keys(d, epoch, &sealed)
         })?;
         self.add_epoch(id, epoch, key, outbox)?;

@@ -667,6 +667,8 @@ async fn a_peer_gets_at_most_four_blob_streams() -> Result<()> {
 /// A hostile peer admitted to `a`'s space "notes" with `role`.
 struct Admitted {
     h: Hostile,
+    key: Keypair,
+    dev: DeviceId,
     space: shoal_protocol::SpaceId,
     /// `a`'s events, subscribed before the peer dialled.
     ev: tokio::sync::broadcast::Receiver<Event>,
@@ -680,7 +682,7 @@ async fn admitted(a: &shoal_node::Node, role: Role, answer: Option<Vec<u8>>) -> 
     a.add_member("notes", &dev, role, "evil").await?;
     let grant = a.export_grant("notes").await?;
     let space = grant.space;
-    let mut h = Hostile::new(key, Some(grant))?;
+    let mut h = Hostile::new(key.clone(), Some(grant))?;
     h.sync_answer = answer;
     let mut ev = a.events();
     h.swarm.dial(a.listen_addrs().await?[0].clone())?;
@@ -692,6 +694,8 @@ async fn admitted(a: &shoal_node::Node, role: Role, answer: Option<Vec<u8>>) -> 
     .await?;
     Ok(Admitted {
         h,
+        key,
+        dev,
         space,
         ev,
         a_peer: a.peer_id(),
@@ -798,6 +802,110 @@ fn signed_change(
         .to_vec();
     let sig = sign(key, space, &raw)?;
     Ok((raw, sig))
+}
+
+/// Issue 18, hole 4: a demoted editor's (and a revoked editor's) new
+/// changes are refused through sync, sent by itself or relayed by another
+/// member, while the history the owner had seen before still syncs to a
+/// device that joins later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_writers_new_changes_are_refused_by_sync() -> Result<()> {
+    let n = spawn_nodes(2).await?;
+    let (a, d) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    let todo: DocId = "todo".parse()?;
+    let mut e = admitted(a, Role::Editor, None).await?;
+    let mut gone = admitted(a, Role::Editor, None).await?;
+    let mut relay = admitted(a, Role::Editor, None).await?;
+    // Both write while they may.
+    let mut e_doc = AutoCommit::new().with_actor(actor_for(&e.dev, [7; 8]));
+    let (old, old_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("old"))?;
+    let r =
+        e.h.sync_request(
+            e.a_peer,
+            sync_req(e.space, &todo, carrying(vec![old]), vec![old_sig]),
+        )
+        .await?;
+    assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    let mut g_doc = AutoCommit::new().with_actor(actor_for(&gone.dev, [7; 8]));
+    let (old, old_sig) = signed_change(&gone.key, &gone.space, &mut g_doc, "/g", json!("old"))?;
+    let r = gone
+        .h
+        .sync_request(
+            gone.a_peer,
+            sync_req(gone.space, &todo, carrying(vec![old]), vec![old_sig]),
+        )
+        .await?;
+    assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    let had = a.get("notes", &todo).await?;
+    assert_eq!(
+        (had["e"].clone(), had["g"].clone()),
+        (json!("old"), json!("old"))
+    );
+
+    // The owner demotes one and revokes the other.
+    a.set_role("notes", &e.dev, Role::Viewer).await?;
+    a.revoke("notes", &gone.dev).await?;
+
+    // New changes by the demoted editor: by itself, and relayed.
+    let (new, new_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("new"))?;
+    let r =
+        e.h.sync_request(
+            e.a_peer,
+            sync_req(
+                e.space,
+                &todo,
+                carrying(vec![new.clone()]),
+                vec![new_sig.clone()],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut e.h, &mut e.ev, "no longer").await?;
+    let r = relay
+        .h
+        .sync_request(
+            relay.a_peer,
+            sync_req(relay.space, &todo, carrying(vec![new]), vec![new_sig]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut relay.h, &mut relay.ev, "no longer").await?;
+    // The revoked one is cut off; relayed, its change is refused too.
+    let (new, new_sig) = signed_change(&gone.key, &gone.space, &mut g_doc, "/g", json!("new"))?;
+    let r = gone
+        .h
+        .sync_request(
+            gone.a_peer,
+            sync_req(
+                gone.space,
+                &todo,
+                carrying(vec![new.clone()]),
+                vec![new_sig.clone()],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::NotAllowed), "{r:?}");
+    let r = relay
+        .h
+        .sync_request(
+            relay.a_peer,
+            sync_req(relay.space, &todo, carrying(vec![new]), vec![new_sig]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut relay.h, &mut relay.ev, "no longer").await?;
+    assert_eq!(a.get("notes", &todo).await?, had);
+
+    // A device that joins now gets the old history, and the node syncs on.
+    share_space(a, "notes", &[d]).await?;
+    connect(d, a).await?;
+    wait_converged(&[a, d], "notes", "todo").await?;
+    assert_eq!(d.get("notes", &todo).await?, had);
+    a.put("notes", &todo, "/after", json!(2)).await?;
+    wait_converged(&[a, d], "notes", "todo").await?;
+    assert_eq!(d.get("notes", &todo).await?["after"], json!(2));
+    Ok(())
 }
 
 /// Issue 18, hole 5: an owner removes the space's creator; the creator is
