@@ -1,6 +1,13 @@
 //! Helpers around Automerge's sync protocol: decode a peer's sync message
 //! and list the changes it carries, so roles can be checked before anything
 //! is applied.
+//!
+//! Everything here runs on bytes from peers before Automerge decodes them:
+//! the message's counts and bloom filters are checked
+//! ([`validate_message`]), and what its compressed parts may inflate to is
+//! bounded ([`Budget`]): Automerge inflates compressed change chunks and
+//! deflated document columns with no limit, so a few kilobytes could ask
+//! for gigabytes.
 
 use automerge::sync::Message;
 use automerge::{Automerge, Change};
@@ -150,19 +157,86 @@ fn check_bloom(bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Most bytes the compressed parts of one sync message may inflate to.
+pub const MAX_INFLATED_PER_MESSAGE: usize = 64 * 1024 * 1024;
+/// Most bytes the compressed changes of one gossip message may inflate to
+/// (gossip inlines only changes of up to 60 KiB).
+pub const MAX_INFLATED_PER_GOSSIP: usize = 4 * 1024 * 1024;
+
+/// What the compressed parts of one message may still inflate to.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    limit: usize,
+    left: usize,
+}
+
+impl Budget {
+    /// A budget of `limit` inflated bytes.
+    pub fn new(limit: usize) -> Self {
+        Self { limit, left: limit }
+    }
+
+    /// Inflates raw deflate `data` into nothing, refusing once it would
+    /// exceed what is left.
+    fn inflate(&mut self, data: &[u8]) -> Result<()> {
+        use std::io::Read;
+        let cap = u64::try_from(self.left)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let mut reader = flate2::read::DeflateDecoder::new(data).take(cap);
+        let n = std::io::copy(&mut reader, &mut std::io::sink())
+            .map_err(|e| malformed(format!("bad deflate data: {e}")))?;
+        match usize::try_from(n).ok().filter(|n| *n <= self.left) {
+            Some(n) => {
+                self.left -= n;
+                Ok(())
+            }
+            None => Err(Error::TooLarge {
+                what: "inflated message",
+                size: (self.limit - self.left)
+                    .saturating_add(usize::try_from(n).unwrap_or(usize::MAX)),
+                limit: self.limit,
+            }),
+        }
+    }
+}
+
+/// Parses one change chunk from a peer (plain, or compressed within
+/// `budget`); any other chunk type is refused.
+pub fn parse_change(chunk: &[u8], budget: &mut Budget) -> Result<Change> {
+    let mut parts = split_chunks(chunk)?;
+    let (Some(one), None) = (parts.pop(), parts.pop()) else {
+        return Err(malformed("not exactly one chunk".into()));
+    };
+    match one.kind {
+        CHUNK_CHANGE => {}
+        CHUNK_COMPRESSED => budget.inflate(one.body)?,
+        other => return Err(malformed(format!("chunk type {other} is not a change"))),
+    }
+    Change::try_from(chunk).map_err(|e| malformed(e.to_string()))
+}
+
 /// The changes a sync message carries. A V1 message has one change per
 /// chunk; a V2 message puts several change chunks back to back in one, or a
 /// whole saved document. All are parsed and verified by Automerge without
-/// touching the receiver's document.
+/// touching the receiver's document, after what their compressed parts
+/// inflate to is bounded by [`MAX_INFLATED_PER_MESSAGE`] in all.
 pub fn changes_in(msg: &Message) -> Result<Vec<Change>> {
+    changes_within(msg, &mut Budget::new(MAX_INFLATED_PER_MESSAGE))
+}
+
+fn changes_within(msg: &Message, budget: &mut Budget) -> Result<Vec<Change>> {
     let mut out = Vec::new();
     for blob in msg.changes.iter() {
-        for (kind, chunk) in split_chunks(blob)? {
-            if kind == CHUNK_DOCUMENT {
-                let doc = Automerge::load(chunk).map_err(|e| malformed(e.to_string()))?;
-                out.extend(doc.get_changes(&[]));
-            } else {
-                out.push(Change::try_from(chunk).map_err(|e| malformed(e.to_string()))?);
+        for chunk in split_chunks(blob)? {
+            match chunk.kind {
+                CHUNK_DOCUMENT => {
+                    check_document(chunk.body, budget)?;
+                    let doc = Automerge::load(chunk.whole).map_err(|e| malformed(e.to_string()))?;
+                    out.extend(doc.get_changes(&[]));
+                }
+                CHUNK_CHANGE | CHUNK_COMPRESSED => out.push(parse_change(chunk.whole, budget)?),
+                other => return Err(malformed(format!("chunk type {other} is not accepted"))),
             }
             if out.len() > MAX_CHANGES_PER_MESSAGE {
                 return Err(Error::TooLarge {
@@ -178,6 +252,77 @@ pub fn changes_in(msg: &Message) -> Result<Vec<Change>> {
 
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 const CHUNK_DOCUMENT: u8 = 0;
+const CHUNK_CHANGE: u8 = 1;
+const CHUNK_COMPRESSED: u8 = 2;
+/// The bit of a column spec that says the column is deflated.
+const COLUMN_DEFLATE: u64 = 0b1000;
+
+/// Walks a document chunk's body (automerge `storage/document.rs`): actors
+/// (a uLEB128 count, then length-prefixed ids), heads (a count, then 32
+/// bytes each), change-column then op-column metadata (each a count, then
+/// (spec, length) pairs), then the change columns' data and the op
+/// columns' data in that order. Every deflated column (spec bit 3) is
+/// inflated within `budget` before Automerge would inflate it unbounded.
+fn check_document(body: &[u8], budget: &mut Budget) -> Result<()> {
+    let mut r = Reader { b: body };
+    let actors = r.uleb("actor count")?;
+    for _ in 0..actors {
+        let len = r.uleb("actor id length")?;
+        r.take(len, "actor id")?;
+    }
+    let heads = r.uleb("head count")?;
+    let heads_len = heads
+        .checked_mul(32)
+        .ok_or_else(|| malformed("head count out of range".into()))?;
+    r.take(heads_len, "heads")?;
+    let change_cols = r.columns()?;
+    let op_cols = r.columns()?;
+    for (spec, len) in change_cols.into_iter().chain(op_cols) {
+        let data = r.take(len, "column data")?;
+        if spec & COLUMN_DEFLATE != 0 {
+            budget.inflate(data)?;
+        }
+    }
+    Ok(())
+}
+
+/// A cursor over untrusted bytes.
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn uleb(&mut self, what: &str) -> Result<usize> {
+        let (v, used) = uleb128(self.b).ok_or_else(|| malformed(format!("bad {what}")))?;
+        self.b = &self.b[used..];
+        Ok(v)
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        if n > self.b.len() {
+            return Err(malformed(format!("{what} runs past the chunk")));
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(head)
+    }
+
+    /// Column metadata: a count, then (spec, length) pairs. Each pair takes
+    /// at least two bytes, so the count is bounded by the input.
+    fn columns(&mut self) -> Result<Vec<(u64, usize)>> {
+        let n = self.uleb("column count")?;
+        if n > self.b.len() / 2 {
+            return Err(malformed("column count runs past the chunk".into()));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let spec = self.uleb("column spec")?;
+            let len = self.uleb("column length")?;
+            out.push((spec as u64, len));
+        }
+        Ok(out)
+    }
+}
 
 fn malformed(reason: String) -> Error {
     Error::Malformed {
@@ -186,9 +331,18 @@ fn malformed(reason: String) -> Error {
     }
 }
 
+/// One Automerge chunk of a blob.
+struct Chunk<'a> {
+    kind: u8,
+    /// The whole chunk, header included.
+    whole: &'a [u8],
+    /// What follows the header.
+    body: &'a [u8],
+}
+
 /// Splits back-to-back Automerge chunks (magic, checksum, type, uLEB128
-/// length, body) into (type, whole chunk) slices.
-fn split_chunks(mut bytes: &[u8]) -> Result<Vec<(u8, &[u8])>> {
+/// length, body).
+fn split_chunks(mut bytes: &[u8]) -> Result<Vec<Chunk<'_>>> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
         if bytes.len() < 9 || bytes[..4] != MAGIC {
@@ -202,7 +356,11 @@ fn split_chunks(mut bytes: &[u8]) -> Result<Vec<(u8, &[u8])>> {
             .and_then(|h| h.checked_add(len))
             .filter(|e| *e <= bytes.len())
             .ok_or_else(|| malformed("chunk runs past the message".into()))?;
-        out.push((kind, &bytes[..end]));
+        out.push(Chunk {
+            kind,
+            whole: &bytes[..end],
+            body: &bytes[9 + used..end],
+        });
         bytes = &bytes[end..];
     }
     Ok(out)
@@ -242,7 +400,7 @@ mod tests {
         assert!(split_chunks(b"garbage!garbage").is_err());
         let whole = d.save();
         let parts = split_chunks(&whole).unwrap();
-        assert_eq!(parts[0].0, CHUNK_DOCUMENT);
+        assert_eq!(parts[0].kind, CHUNK_DOCUMENT);
     }
 
     #[test]
@@ -363,6 +521,121 @@ mod tests {
             bloom: Default::default(),
         }];
         assert!(validate_message(&m).is_err());
+    }
+
+    fn deflate(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// A compressed change chunk (type 2) whose body inflates to `n` zeros.
+    fn compressed_bomb(n: usize) -> Vec<u8> {
+        let body = deflate(&vec![0u8; n]);
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend([0, 0, 0, 0, CHUNK_COMPRESSED]);
+        let mut len = body.len();
+        loop {
+            let b = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                chunk.push(b);
+                break;
+            }
+            chunk.push(b | 0x80);
+        }
+        chunk.extend(body);
+        chunk
+    }
+
+    fn message_with(changes: Vec<Vec<u8>>) -> Message {
+        Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![],
+            changes: automerge::sync::ChunkList::from(changes),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        }
+    }
+
+    #[test]
+    fn a_compressed_change_may_inflate_only_within_the_budget() {
+        let bomb = compressed_bomb(2 << 20);
+        assert!(bomb.len() < 4096, "{} bytes", bomb.len());
+        let e = changes_within(&message_with(vec![bomb.clone()]), &mut Budget::new(1 << 20))
+            .unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        let mut budget = Budget::new(1 << 20);
+        assert!(matches!(
+            parse_change(&bomb, &mut budget),
+            Err(Error::TooLarge { .. })
+        ));
+        // an honest compressed change passes, and counts against the budget
+        let mut d = AutoCommit::new();
+        d.put(ROOT, "text", "x".repeat(20_000)).unwrap();
+        d.commit();
+        let mut c = d.get_last_local_change().unwrap();
+        let packed = c.bytes().to_vec();
+        assert_eq!(packed[8], CHUNK_COMPRESSED);
+        let mut budget = Budget::new(1 << 20);
+        assert_eq!(parse_change(&packed, &mut budget).unwrap().hash(), c.hash());
+        assert!(budget.left < 1 << 20);
+        // several honest ones share the message's budget
+        let msg = message_with(vec![packed.clone(); 8]);
+        assert!(changes_within(&msg, &mut Budget::new(1 << 20)).is_ok());
+        assert!(changes_within(&msg, &mut Budget::new(100_000)).is_err());
+        // a bundle, or an unknown type, is no change
+        let mut other = packed.clone();
+        other[8] = 3;
+        assert!(changes_within(&message_with(vec![other]), &mut Budget::new(1 << 20)).is_err());
+    }
+
+    #[test]
+    fn a_documents_deflated_columns_are_bounded() {
+        let mut d = AutoCommit::new();
+        for i in 0..2000 {
+            d.put(ROOT, format!("key{i}"), "some repetitive value ".repeat(4))
+                .unwrap();
+        }
+        d.commit();
+        let saved = d.save();
+        let parts = split_chunks(&saved).unwrap();
+        assert_eq!(parts[0].kind, CHUNK_DOCUMENT);
+        // the walk finds the deflated columns automerge wrote
+        let mut budget = Budget::new(MAX_INFLATED_PER_MESSAGE);
+        check_document(parts[0].body, &mut budget).unwrap();
+        let inflated = MAX_INFLATED_PER_MESSAGE - budget.left;
+        assert!(inflated > 0, "no deflated column found");
+        let msg = message_with(vec![saved.clone()]);
+        assert_eq!(
+            changes_within(&msg, &mut Budget::new(MAX_INFLATED_PER_MESSAGE))
+                .unwrap()
+                .len(),
+            1
+        );
+        let e = changes_within(&msg, &mut Budget::new(inflated - 1)).unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        // a crafted document: no actors, no heads, one deflated change
+        // column that inflates to 2 MiB
+        let col = deflate(&vec![0u8; 2 << 20]);
+        let mut body = vec![0, 0, 1, (1 << 4) | 0b1000];
+        let mut len = col.len();
+        while len >= 0x80 {
+            body.push((len & 0x7f) as u8 | 0x80);
+            len >>= 7;
+        }
+        body.push(len as u8);
+        body.push(0);
+        body.extend(&col);
+        let e = check_document(&body, &mut Budget::new(1 << 20)).unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        // truncated or lying headers are refused, never a panic
+        for cut in 0..body.len().min(64) {
+            let _ = check_document(&body[..cut], &mut Budget::new(1 << 20));
+        }
+        assert!(check_document(&[0xff, 0xff, 0xff, 0xff, 0x0f], &mut Budget::new(1)).is_err());
     }
 
     proptest::proptest! {

@@ -375,7 +375,8 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
         sigs: vec![sign(&vkey_copy, &space, &as_owner)?],
     });
     h.publish(&topic, envelope::seal(&space, 0, &key, [4; 24], &forged))?;
-    rejected(&mut h, &mut ev, "published by").await?;
+    // its publisher may not write: refused before the change is decoded
+    rejected(&mut h, &mut ev, "viewer").await?;
     // 5. garbage inside a valid envelope
     h.publish(
         &topic,
@@ -779,6 +780,53 @@ async fn a_bloom_filter_that_would_crash_automerge_is_refused() -> Result<()> {
     assert_eq!(a.get("notes", &todo).await?, before_todo);
     assert_eq!(a.get("notes", &DocId::members()).await?, before_members);
     // The node still syncs with an honest member.
+    a.put("notes", &todo, "/after", json!(2)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    assert_eq!(b.get("notes", &todo).await?["after"], json!(2));
+    Ok(())
+}
+
+/// Issue 18, hole 3: a compressed change chunk of about 65 KiB whose body
+/// inflates to 65 MiB is refused before it is inflated past the
+/// per-message limit (64 MiB), not after Automerge inflated it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_bomb_is_refused_before_it_inflates() -> Result<()> {
+    use std::io::Write;
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/legit", json!(1)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    let mut m = admitted(a, Role::Editor, None).await?;
+    // magic, checksum, type 2 (compressed change), uLEB128 length, body
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..65 {
+        z.write_all(&zeros)?;
+    }
+    let body = z.finish()?;
+    assert!(body.len() < 256 * 1024, "{} bytes", body.len());
+    let mut bomb = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
+    let mut len = body.len();
+    while len >= 0x80 {
+        bomb.push((len & 0x7f) as u8 | 0x80);
+        len >>= 7;
+    }
+    bomb.push(len as u8);
+    bomb.extend(body);
+    let before = a.get("notes", &todo).await?;
+    let r =
+        m.h.sync_request(
+            m.a_peer,
+            sync_req(m.space, &todo, carrying(vec![bomb]), vec![]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut m.h, &mut m.ev, "too large").await?;
+    assert_eq!(a.get("notes", &todo).await?, before);
     a.put("notes", &todo, "/after", json!(2)).await?;
     wait_converged(&[a, b], "notes", "todo").await?;
     assert_eq!(b.get("notes", &todo).await?["after"], json!(2));
