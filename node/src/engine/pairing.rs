@@ -716,8 +716,10 @@ impl Engine {
         })
     }
 
-    /// Adopts a new epoch key: persisted, current for publishing, its topic
-    /// joined (the old ones stay joined for stragglers).
+    /// Adopts a new epoch key: persisted, and when it is the newest, current
+    /// for publishing: its topic joined and the topic of the epoch it
+    /// replaces left (a removed device still holds the old key; members
+    /// that lag catch up by sync).
     pub(super) fn add_epoch(
         &mut self,
         id: SpaceId,
@@ -736,11 +738,15 @@ impl Engine {
         self.store.put_space(&s.grant)?;
         let (cur, k) = s.current();
         let topic = k.topic(&id, cur);
-        s.topic = topic.clone();
-        let t = key.topic(&id, epoch);
-        self.topics
-            .insert(libp2p::gossipsub::IdentTopic::new(t.clone()).hash(), id);
-        outbox.push(NetCommand::Subscribe(t));
+        if topic != s.topic {
+            let old = std::mem::replace(&mut s.topic, topic.clone());
+            self.topics
+                .remove(&libp2p::gossipsub::IdentTopic::new(old.clone()).hash());
+            outbox.push(NetCommand::Unsubscribe(old));
+            self.topics
+                .insert(libp2p::gossipsub::IdentTopic::new(topic.clone()).hash(), id);
+            outbox.push(NetCommand::Subscribe(topic));
+        }
         Ok(())
     }
 

@@ -833,6 +833,34 @@ async fn a_compressed_bomb_is_refused_before_it_inflates() -> Result<()> {
     Ok(())
 }
 
+/// Issue 18, hole 3 (gossip): once a revocation rotates the key, the node
+/// leaves the old epoch's topic, where the removed device can still publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaves_the_topic_of_a_rotated_epoch() -> Result<()> {
+    let n = spawn_nodes(1).await?;
+    let a = &n[0].node;
+    a.create_space("notes").await?;
+    let grant = a.export_grant("notes").await?;
+    let old = grant.keys[0].1.topic(&grant.space, 0);
+    let mut m = admitted(a, Role::Editor, None).await?;
+    // The node announced its topic as the connection opened (seen while
+    // `admitted` pumped the swarm).
+    let (a_peer, old_hash) = (m.a_peer, IdentTopic::new(old).hash());
+    let gone = DeviceId::from_bytes(Keypair::generate_ed25519().public().to_peer_id().to_bytes())?;
+    a.add_member("notes", &gone, Role::Editor, "gone").await?;
+    let r = a.revoke("notes", &gone).await?;
+    assert_eq!(r.epoch, 1);
+    m.h.pump(|e| match e {
+        SwarmEvent::Behaviour(HostileBehaviourEvent::Gossipsub(
+            gossipsub::Event::Unsubscribed { peer_id, topic },
+        )) if *peer_id == a_peer && *topic == old_hash => Some(()),
+        _ => None,
+    })
+    .await
+    .context("the node stayed on the old epoch's topic")?;
+    Ok(())
+}
+
 /// A change to `doc` by `key`'s device on top of `base`, with its signature.
 fn signed_change(
     key: &Keypair,
