@@ -921,7 +921,6 @@ async fn a_former_writers_new_changes_are_refused_by_sync() -> Result<()> {
 
     // The owner demotes one and revokes the other.
     a.set_role("notes", &e.dev, Role::Viewer).await?;
-    a.revoke("notes", &gone.dev).await?;
 
     // New changes by the demoted editor: by itself, and relayed.
     let (new, new_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("new"))?;
@@ -947,7 +946,23 @@ async fn a_former_writers_new_changes_are_refused_by_sync() -> Result<()> {
         .await?;
     assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
     rejected(&mut relay.h, &mut relay.ev, "no longer").await?;
+    // By gossip, under the space key it still holds: refused the same way.
+    let grant = e.h.grant.clone().context("no grant")?;
+    let (epoch, key) = grant.keys[0].clone();
+    let (newer, newer_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("newer"))?;
+    let body = wire::encode(&GossipBody::Changes {
+        doc: todo.clone(),
+        changes: vec![newer],
+        sigs: vec![newer_sig],
+    });
+    e.h.publish(
+        &key.topic(&e.space, epoch),
+        envelope::seal(&e.space, epoch, &key, [6; 24], &body),
+    )?;
+    rejected(&mut e.h, &mut e.ev, "no longer").await?;
+
     // The revoked one is cut off; relayed, its change is refused too.
+    a.revoke("notes", &gone.dev).await?;
     let (new, new_sig) = signed_change(&gone.key, &gone.space, &mut g_doc, "/g", json!("new"))?;
     let r = gone
         .h
