@@ -648,6 +648,16 @@ mod tests {
             let mut framed = MAGIC.to_vec();
             framed.extend_from_slice(&bytes);
             let _ = split_chunks(&framed);
+            // the document walk and the change parser on anything
+            let _ = check_document(&bytes, &mut Budget::new(1 << 20));
+            let _ = parse_change(&framed, &mut Budget::new(1 << 20));
+            for kind in [CHUNK_DOCUMENT, CHUNK_COMPRESSED] {
+                let mut chunk = MAGIC.to_vec();
+                chunk.extend([0, 0, 0, 0, kind]);
+                chunk.push(bytes.len().min(127) as u8);
+                chunk.extend_from_slice(&bytes[..bytes.len().min(127)]);
+                let _ = changes_within(&message_with(vec![chunk]), &mut Budget::new(1 << 20));
+            }
         }
     }
 }
