@@ -6,12 +6,32 @@
 //! The creator named in the space grant is the first owner; after that only
 //! owners may change `members`, and only owners and editors may change any
 //! other document.
+//!
+//! # Former writers
+//!
+//! When an owner demotes a writer to viewer or removes it, it records the
+//! device's *frontier* in the device's entry:
+//! `/devices/<device>/frontier/<doc>/<actor-hex>` = the highest `seq` the
+//! owner had seen from that Automerge actor (one of the device's actors,
+//! see [`crate::actor::device_of`]) in that document. From then on a change
+//! by the device is valid iff it is a change the demoting owner had seen:
+//! its (actor, seq) is at or below the recorded seq for its actor in its
+//! document. Anything else (written after the demotion, or concurrently
+//! with it and not yet seen by the owner) is refused, by gossip and sync
+//! alike, whoever relays it. So the history a former writer wrote while it
+//! could stays valid, and a device that joins later still syncs it.
+//! `members` itself never accepts a former owner's changes: there the
+//! current role alone decides.
+//!
+//! Tombstones written before frontiers existed (`was_writer` without a
+//! `frontier`) keep the old, lenient meaning: the device's changes to
+//! documents other than `members` are accepted.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use automerge::{AutoCommit, Change};
+use automerge::{ActorId, AutoCommit, Change};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -94,31 +114,49 @@ pub struct Roster {
     /// Devices by id.
     pub members: BTreeMap<DeviceId, Member>,
     /// Devices that could write once and no longer can (removed or
-    /// demoted): their past changes to documents stay valid, so a device
-    /// that joins later can still sync the history they wrote. Their new
-    /// changes are kept out at the network: they are not admitted to sync,
-    /// and gossip moves to a new epoch when a device is removed.
-    pub former_writers: std::collections::BTreeSet<DeviceId>,
+    /// demoted), with the frontier recorded when they lost write access
+    /// (`None` for a tombstone older than frontiers): their changes up to
+    /// it stay valid, so a device that joins later can still sync the
+    /// history they wrote; later ones are refused (see the module docs).
+    pub former_writers: BTreeMap<DeviceId, Option<Frontier>>,
+    /// Devices whose entry in `members` is not a member (removed, or a role
+    /// this version does not know). The creator among them is no owner.
+    pub tombstones: std::collections::BTreeSet<DeviceId>,
 }
 
 impl Roster {
+    /// The roster of a space whose `members` is not known yet: the creator
+    /// alone, as owner.
+    pub fn new(creator: DeviceId) -> Self {
+        Self {
+            creator,
+            members: BTreeMap::new(),
+            former_writers: Default::default(),
+            tombstones: Default::default(),
+        }
+    }
+
     /// Reads the roster from a members document.
     pub fn read(creator: DeviceId, doc: &AutoCommit) -> Self {
         let mut members = BTreeMap::new();
-        let mut former_writers = std::collections::BTreeSet::new();
+        let mut former_writers = BTreeMap::new();
+        let mut tombstones = std::collections::BTreeSet::new();
         if let Some(devs) = to_json(doc).get("devices").and_then(|d| d.as_object()) {
             for (id, m) in devs {
                 if m.get("was_writer").and_then(|w| w.as_bool()) == Some(true) {
                     if let Ok(d) = id.parse::<DeviceId>() {
-                        former_writers.insert(d);
+                        former_writers.insert(d, m.get("frontier").map(read_frontier));
                     }
                 }
-                let (Ok(id), Some(role)) = (
-                    id.parse::<DeviceId>(),
-                    m.get("role")
-                        .and_then(|r| r.as_str())
-                        .and_then(|r| r.parse::<Role>().ok()),
-                ) else {
+                let Ok(id) = id.parse::<DeviceId>() else {
+                    continue;
+                };
+                let Some(role) = m
+                    .get("role")
+                    .and_then(|r| r.as_str())
+                    .and_then(|r| r.parse::<Role>().ok())
+                else {
+                    tombstones.insert(id);
                     continue;
                 };
                 let name = m
@@ -150,19 +188,34 @@ impl Roster {
             creator,
             members,
             former_writers,
+            tombstones,
         }
     }
 
     /// The role of `device`, if it is a member. The creator is an owner
-    /// until `members` says otherwise.
+    /// while `members` has no entry for it at all; once it has one (a role,
+    /// or a removal) that entry decides, as for anyone else.
     pub fn role_of(&self, device: &DeviceId) -> Option<Role> {
         match self.members.get(device) {
             Some(m) => Some(m.role),
-            None if *device == self.creator && !self.members.contains_key(device) => {
+            None if *device == self.creator && !self.tombstones.contains(device) => {
                 Some(Role::Owner)
             }
             None => None,
         }
+    }
+
+    /// How many owners the space has (the creator counted while it has no
+    /// entry). The last one may not be removed or demoted.
+    pub fn owners(&self) -> usize {
+        let listed = self
+            .members
+            .values()
+            .filter(|m| m.role == Role::Owner)
+            .count();
+        let creator = !self.members.contains_key(&self.creator)
+            && self.role_of(&self.creator) == Some(Role::Owner);
+        listed + usize::from(creator)
     }
 
     /// Whether `author` may write a change to `doc`.
@@ -185,19 +238,87 @@ impl Roster {
         }
     }
 
-    /// Checks the author of every change of a document's history (as sync
-    /// carries it): a current writer, or a former one (see
-    /// [`Roster::former_writers`]). The first refusal wins.
+    /// Checks the author of every change (as sync or gossip carries it): a
+    /// current writer, or a former one whose change is within the frontier
+    /// recorded when it lost write access (see the module docs). The first
+    /// refusal wins.
     pub fn check_changes(&self, doc: &DocId, changes: &[Change]) -> Result<()> {
         for c in changes {
             let author = device_of(c.actor_id())?;
-            if !doc.is_members() && self.former_writers.contains(&author) {
+            let Err(refused) = self.check(doc, &author) else {
                 continue;
+            };
+            if doc.is_members() {
+                return Err(refused);
             }
-            self.check(doc, &author)?;
+            match self.former_writers.get(&author) {
+                None => return Err(refused),
+                // A tombstone from before frontiers: lenient, as it was.
+                Some(None) => {}
+                Some(Some(f)) => {
+                    let seen = f.get(doc).and_then(|a| a.get(c.actor_id())).copied();
+                    if seen.is_none_or(|s| c.seq() > s) {
+                        return Err(Error::Unauthorized(format!(
+                            "{} could no longer write to {doc} when it wrote change {} \
+                             (seq {} of its actor; the owner had seen {})",
+                            author.short(),
+                            c.hash(),
+                            c.seq(),
+                            seen.map_or("none".to_string(), |s| format!("up to {s}")),
+                        )));
+                    }
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// What an owner had seen of a device when it lost write access: per
+/// document, per Automerge actor of the device, the highest `seq`.
+pub type Frontier = BTreeMap<DocId, BTreeMap<ActorId, u64>>;
+
+/// The highest `seq` of each of `device`'s actors in `doc`.
+pub fn frontier_in(doc: &mut AutoCommit, device: &DeviceId) -> BTreeMap<ActorId, u64> {
+    let mut out: BTreeMap<ActorId, u64> = BTreeMap::new();
+    for c in doc.get_changes_meta(&[]) {
+        if device_of(&c.actor).is_ok_and(|d| d == *device) {
+            let seq = out.entry(c.actor.into_owned()).or_default();
+            *seq = (*seq).max(c.seq);
+        }
+    }
+    out
+}
+
+fn frontier_json(f: &Frontier) -> serde_json::Value {
+    let mut docs = serde_json::Map::new();
+    for (doc, actors) in f {
+        let per: serde_json::Map<String, serde_json::Value> = actors
+            .iter()
+            .map(|(a, s)| (hex::encode(a.to_bytes()), json!(s)))
+            .collect();
+        docs.insert(doc.to_string(), serde_json::Value::Object(per));
+    }
+    serde_json::Value::Object(docs)
+}
+
+/// Reads a frontier; entries that do not parse are left out (so they
+/// vouch for nothing).
+fn read_frontier(v: &serde_json::Value) -> Frontier {
+    let mut f = Frontier::new();
+    for (doc, per) in v.as_object().into_iter().flatten() {
+        let Ok(doc) = doc.parse::<DocId>() else {
+            continue;
+        };
+        let actors: BTreeMap<ActorId, u64> = per
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(a, s)| Some((ActorId::from(hex::decode(a).ok()?), s.as_u64()?)))
+            .collect();
+        f.insert(doc, actors);
+    }
+    f
 }
 
 /// Writes the space header and the creator's own entry into a fresh
@@ -275,20 +396,34 @@ pub fn epoch_keys_for(doc: &AutoCommit, me: &DeviceId) -> Vec<(u32, Vec<u8>)> {
     out
 }
 
-/// Removes a device.
-/// Removes a device, keeping a tombstone that says whether it could write
-/// (see [`Roster::former_writers`]).
-pub fn remove_member(doc: &mut AutoCommit, device: &DeviceId, was_writer: bool) -> Result<()> {
-    put_json(
-        doc,
-        &format!("/devices/{device}"),
-        &json!({"role": "removed", "was_writer": was_writer}),
-    )
+/// Removes a device, keeping a tombstone; for a device that could write,
+/// with the frontier of its changes the owner had seen (see the module
+/// docs).
+pub fn remove_member(
+    doc: &mut AutoCommit,
+    device: &DeviceId,
+    frontier: Option<&Frontier>,
+) -> Result<()> {
+    let mut v = json!({"role": "removed", "was_writer": frontier.is_some()});
+    if let Some(f) = frontier {
+        v["frontier"] = frontier_json(f);
+    }
+    put_json(doc, &format!("/devices/{device}"), &v)
 }
 
-/// Records that a device could write, before a demotion.
-pub fn mark_former_writer(doc: &mut AutoCommit, device: &DeviceId) -> Result<()> {
-    put_json(doc, &format!("/devices/{device}/was_writer"), &json!(true))
+/// Records that a device could write, and what the owner had seen of it,
+/// as it is demoted.
+pub fn mark_former_writer(
+    doc: &mut AutoCommit,
+    device: &DeviceId,
+    frontier: &Frontier,
+) -> Result<()> {
+    put_json(doc, &format!("/devices/{device}/was_writer"), &json!(true))?;
+    put_json(
+        doc,
+        &format!("/devices/{device}/frontier"),
+        &frontier_json(frontier),
+    )
 }
 
 /// Applies remote changes to the members document, accepting a change only
@@ -350,6 +485,101 @@ mod tests {
         // demoting the creator takes effect
         set_member(&mut d, &a, Role::Viewer, "laptop", None, None).unwrap();
         assert!(Roster::read(a.clone(), &d).check(&todo, &a).is_err());
+    }
+
+    #[test]
+    fn a_former_writer_keeps_only_the_history_the_owner_had_seen() {
+        use automerge::transaction::Transactable;
+        let (a, e) = (dev(1), dev(2));
+        let todo: DocId = "todo".parse().unwrap();
+        let mut m = AutoCommit::new().with_actor(actor_for(&a, [0; 8]));
+        init_members(&mut m, "notes", &a, "laptop", None).unwrap();
+        set_member(&mut m, &e, Role::Editor, "desk", Some(&a), None).unwrap();
+        // e writes twice under one actor, once under another (a restart)
+        let mut t = AutoCommit::new().with_actor(actor_for(&e, [1; 8]));
+        t.put(automerge::ROOT, "x", 1).unwrap();
+        t.commit();
+        t.put(automerge::ROOT, "x", 2).unwrap();
+        t.commit();
+        let mut t = t.fork().with_actor(actor_for(&e, [2; 8]));
+        t.put(automerge::ROOT, "x", 3).unwrap();
+        t.commit();
+        let seen = t.get_changes(&[]);
+        assert_eq!(seen.len(), 3);
+        let f: Frontier = [(todo.clone(), frontier_in(&mut t, &e))].into();
+        assert_eq!(f[&todo].len(), 2);
+        // e is demoted with that frontier, then writes again under both
+        // actors
+        set_member(&mut m, &e, Role::Viewer, "desk", Some(&a), None).unwrap();
+        mark_former_writer(&mut m, &e, &f).unwrap();
+        let heads = t.get_heads();
+        t.put(automerge::ROOT, "x", 4).unwrap();
+        t.commit();
+        let mut t1 = t.fork().with_actor(actor_for(&e, [1; 8]));
+        t1.put(automerge::ROOT, "x", 5).unwrap();
+        t1.commit();
+        let after = t.get_changes(&heads);
+        let after1 = t1.get_last_local_change().unwrap();
+        let r = Roster::read(a.clone(), &m);
+        assert_eq!(r.role_of(&e), Some(Role::Viewer));
+        assert!(r.check_changes(&todo, &seen).is_ok());
+        let err = r.check_changes(&todo, &after).unwrap_err();
+        assert!(err.to_string().contains("no longer"), "{err}");
+        assert!(r.check_changes(&todo, &[after1]).is_err());
+        // nothing in a document the owner had seen nothing of
+        let other: DocId = "other".parse().unwrap();
+        assert!(r.check_changes(&other, &seen).is_err());
+        // never in members
+        assert!(r.check_changes(&DocId::members(), &seen).is_err());
+        // removal keeps the same rule
+        remove_member(&mut m, &e, Some(&f)).unwrap();
+        let r = Roster::read(a.clone(), &m);
+        assert_eq!(r.role_of(&e), None);
+        assert!(r.check_changes(&todo, &seen).is_ok());
+        assert!(r.check_changes(&todo, &after).is_err());
+        // promoted again, it writes like any editor
+        set_member(&mut m, &e, Role::Editor, "desk", Some(&a), None).unwrap();
+        assert!(Roster::read(a.clone(), &m)
+            .check_changes(&todo, &after)
+            .is_ok());
+        // an old tombstone without a frontier stays lenient
+        put_json(
+            &mut m,
+            &format!("/devices/{e}"),
+            &json!({"role": "removed", "was_writer": true}),
+        )
+        .unwrap();
+        assert!(Roster::read(a.clone(), &m)
+            .check_changes(&todo, &after)
+            .is_ok());
+    }
+
+    #[test]
+    fn a_removed_creator_is_no_owner() {
+        let (a, b) = (dev(1), dev(2));
+        // before `members` is known, the creator alone is an owner
+        let r = Roster::new(a.clone());
+        assert_eq!(r.role_of(&a), Some(Role::Owner));
+        assert_eq!(r.owners(), 1);
+        let mut d = AutoCommit::new().with_actor(actor_for(&a, [0; 8]));
+        init_members(&mut d, "notes", &a, "laptop", None).unwrap();
+        set_member(&mut d, &b, Role::Owner, "desk", Some(&a), None).unwrap();
+        assert_eq!(Roster::read(a.clone(), &d).owners(), 2);
+        // b removes the creator
+        let mut by_b = d.fork().with_actor(actor_for(&b, [0; 8]));
+        remove_member(&mut by_b, &a, Some(&Frontier::new())).unwrap();
+        let r = Roster::read(a.clone(), &by_b);
+        assert_eq!(r.role_of(&a), None);
+        assert!(r.check(&DocId::members(), &a).is_err());
+        assert_eq!(r.owners(), 1);
+        // the creator's change re-adding itself, on the history it had, is
+        // refused by a peer that has the removal
+        let heads = d.get_heads();
+        set_member(&mut d, &a, Role::Owner, "laptop", None, None).unwrap();
+        let back = d.get_changes(&heads);
+        let refused = apply_members_changes(&mut by_b, &a, back.clone()).unwrap();
+        assert_eq!(refused.len(), back.len());
+        assert_eq!(Roster::read(a.clone(), &by_b).role_of(&a), None);
     }
 
     #[test]

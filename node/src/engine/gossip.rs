@@ -163,9 +163,24 @@ impl Engine {
                 if sigs.len() > changes.len() {
                     return Err(reject("more signatures than changes".into()));
                 }
+                // What can be decided before Automerge decodes anything: an
+                // author that may not write this document, and never could,
+                // is refused here. (A former writer's changes need their
+                // seq, so they are decoded and checked below.)
+                if s.roster.role_of(&author).is_some() {
+                    let former = !doc.is_members() && s.roster.former_writers.contains_key(&author);
+                    if !former {
+                        s.roster
+                            .check(&doc, &author)
+                            .map_err(|e| reject(e.to_string()))?;
+                    }
+                }
+                let mut budget = shoal_protocol::sync::Budget::new(
+                    shoal_protocol::sync::MAX_INFLATED_PER_GOSSIP,
+                );
                 let mut parsed = Vec::with_capacity(changes.len());
                 for c in &changes {
-                    let c = Change::try_from(c.as_slice())
+                    let c = shoal_protocol::sync::parse_change(c, &mut budget)
                         .map_err(|e| reject(format!("malformed change: {e}")))?;
                     let by = device_of(c.actor_id()).map_err(|e| reject(e.to_string()))?;
                     if by != author {
@@ -193,9 +208,11 @@ impl Engine {
                     // A fresh space's first members changes: checked in
                     // order when applied.
                     None => {}
+                    // The same rule as sync: a former writer's changes only
+                    // within the frontier recorded when it lost write access.
                     Some(_) => s
                         .roster
-                        .check(&doc, &author)
+                        .check_changes(&doc, &parsed)
                         .map_err(|e| reject(e.to_string()))?,
                 }
                 // The author signs its batch's last change; that signature,

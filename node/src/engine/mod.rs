@@ -652,11 +652,7 @@ impl Engine {
         }
         let roster = match docs.get(&DocId::members()) {
             Some(d) => Roster::read(grant.creator.clone(), &d.doc),
-            None => Roster {
-                creator: grant.creator.clone(),
-                members: BTreeMap::new(),
-                former_writers: Default::default(),
-            },
+            None => Roster::new(grant.creator.clone()),
         };
         let (e, k) = grant
             .keys

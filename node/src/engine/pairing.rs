@@ -589,17 +589,24 @@ impl Engine {
 
     // ----- roles and revocation --------------------------------------------
 
+    /// What this owner has seen of `device`'s changes, per document: the
+    /// frontier a former writer's changes are held to (see
+    /// `shoal_protocol::members`).
+    fn frontier_of(&mut self, id: &SpaceId, device: &DeviceId) -> members::Frontier {
+        let mut f = members::Frontier::new();
+        if let Some(s) = self.spaces.get_mut(id) {
+            for (doc, d) in s.docs.iter_mut().filter(|(d, _)| !d.is_members()) {
+                let actors = members::frontier_in(&mut d.doc, device);
+                if !actors.is_empty() {
+                    f.insert(doc.clone(), actors);
+                }
+            }
+        }
+        f
+    }
+
     fn owners(&self, id: &SpaceId) -> usize {
-        self.spaces
-            .get(id)
-            .map(|s| {
-                s.roster
-                    .members
-                    .values()
-                    .filter(|m| m.role == Role::Owner)
-                    .count()
-            })
-            .unwrap_or(0)
+        self.spaces.get(id).map(|s| s.roster.owners()).unwrap_or(0)
     }
 
     pub(super) fn set_role(&mut self, space: &str, device: &DeviceId, role: Role) -> Result<()> {
@@ -616,6 +623,12 @@ impl Engine {
                 "the last owner cannot give up ownership".into(),
             ));
         }
+        let demoted = m.role.can_write() && !role.can_write();
+        let frontier = if demoted {
+            self.frontier_of(&id, device)
+        } else {
+            members::Frontier::new()
+        };
         self.edit_doc(id, &DocId::members(), |d| {
             members::set_member(
                 d,
@@ -625,8 +638,8 @@ impl Engine {
                 m.added_by.as_ref(),
                 m.x25519.as_ref(),
             )?;
-            if m.role.can_write() && !role.can_write() {
-                members::mark_former_writer(d, device)?;
+            if demoted {
+                members::mark_former_writer(d, device, &frontier)?;
             }
             Ok(())
         })?;
@@ -649,6 +662,7 @@ impl Engine {
         if m.role == Role::Owner && self.owners(&id) <= 1 {
             return Err(Error::Forbidden("the last owner cannot be removed".into()));
         }
+        let frontier = m.role.can_write().then(|| self.frontier_of(&id, device));
         // New epoch key, sealed to every remaining member that has an x25519 key.
         let s = &self.spaces[&id];
         let epoch = s
@@ -680,7 +694,7 @@ impl Engine {
             );
         }
         self.edit_doc(id, &DocId::members(), |d| {
-            members::remove_member(d, device, m.role.can_write())?;
+            members::remove_member(d, device, frontier.as_ref())?;
             members::put_epoch_keys(d, epoch, &sealed)
         })?;
         self.add_epoch(id, epoch, key, outbox)?;
@@ -702,8 +716,10 @@ impl Engine {
         })
     }
 
-    /// Adopts a new epoch key: persisted, current for publishing, its topic
-    /// joined (the old ones stay joined for stragglers).
+    /// Adopts a new epoch key: persisted, and when it is the newest, current
+    /// for publishing: its topic joined and the topic of the epoch it
+    /// replaces left (a removed device still holds the old key; members
+    /// that lag catch up by sync).
     pub(super) fn add_epoch(
         &mut self,
         id: SpaceId,
@@ -722,11 +738,15 @@ impl Engine {
         self.store.put_space(&s.grant)?;
         let (cur, k) = s.current();
         let topic = k.topic(&id, cur);
-        s.topic = topic.clone();
-        let t = key.topic(&id, epoch);
-        self.topics
-            .insert(libp2p::gossipsub::IdentTopic::new(t.clone()).hash(), id);
-        outbox.push(NetCommand::Subscribe(t));
+        if topic != s.topic {
+            let old = std::mem::replace(&mut s.topic, topic.clone());
+            self.topics
+                .remove(&libp2p::gossipsub::IdentTopic::new(old.clone()).hash());
+            outbox.push(NetCommand::Unsubscribe(old));
+            self.topics
+                .insert(libp2p::gossipsub::IdentTopic::new(topic.clone()).hash(), id);
+            outbox.push(NetCommand::Subscribe(topic));
+        }
         Ok(())
     }
 

@@ -43,6 +43,8 @@ struct Hostile {
     swarm: Swarm<HostileBehaviour>,
     grant: Option<SpaceGrant>,
     me: DeviceId,
+    /// When set, every sync request the node sends us gets this answer.
+    sync_answer: Option<Vec<u8>>,
 }
 
 impl Hostile {
@@ -82,7 +84,12 @@ impl Hostile {
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .build();
-        Ok(Self { swarm, grant, me })
+        Ok(Self {
+            swarm,
+            grant,
+            me,
+            sync_answer: None,
+        })
     }
 
     /// Polls the swarm until the node under attack emits an event matching
@@ -171,6 +178,22 @@ impl Hostile {
                         .hello
                         .send_response(channel, wire::encode(&HelloResponse::V1 { proofs }));
                     continue;
+                }
+                if let Some(answer) = self.sync_answer.clone() {
+                    if let SwarmEvent::Behaviour(HostileBehaviourEvent::Sync(
+                        request_response::Event::Message {
+                            message: request_response::Message::Request { channel, .. },
+                            ..
+                        },
+                    )) = ev
+                    {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_response(channel, answer);
+                        continue;
+                    }
                 }
                 if let Some(v) = f(&mut Pumped::Swarm(&mut ev)) {
                     return Ok(v);
@@ -352,7 +375,8 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
         sigs: vec![sign(&vkey_copy, &space, &as_owner)?],
     });
     h.publish(&topic, envelope::seal(&space, 0, &key, [4; 24], &forged))?;
-    rejected(&mut h, &mut ev, "published by").await?;
+    // its publisher may not write: refused before the change is decoded
+    rejected(&mut h, &mut ev, "viewer").await?;
     // 5. garbage inside a valid envelope
     h.publish(
         &topic,
@@ -674,5 +698,454 @@ async fn a_revoked_device_gets_no_chunk_on_its_open_streams() -> Result<()> {
             Err(e) => bail!("request {i} after the revocation: {e}, not refused"),
         }
     }
+    Ok(())
+}
+
+/// A hostile peer admitted to `a`'s space "notes" with `role`.
+struct Admitted {
+    h: Hostile,
+    key: Keypair,
+    dev: DeviceId,
+    space: shoal_protocol::SpaceId,
+    /// `a`'s events, subscribed before the peer dialled.
+    ev: tokio::sync::broadcast::Receiver<Event>,
+    a_peer: libp2p::PeerId,
+}
+
+async fn admitted(a: &shoal_node::Node, role: Role, answer: Option<Vec<u8>>) -> Result<Admitted> {
+    let key = Keypair::generate_ed25519();
+    let peer = key.public().to_peer_id();
+    let dev = DeviceId::from_bytes(peer.to_bytes())?;
+    a.add_member("notes", &dev, role, "evil").await?;
+    let grant = a.export_grant("notes").await?;
+    let space = grant.space;
+    let mut h = Hostile::new(key.clone(), Some(grant))?;
+    h.sync_answer = answer;
+    let mut ev = a.events();
+    h.swarm.dial(a.listen_addrs().await?[0].clone())?;
+    let me = peer.to_string();
+    h.until_node_event(
+        &mut ev,
+        |e| matches!(e, Event::MemberVerified { peer, .. } if *peer == me),
+    )
+    .await?;
+    Ok(Admitted {
+        h,
+        key,
+        dev,
+        space,
+        ev,
+        a_peer: a.peer_id(),
+    })
+}
+
+/// A V1 sync message carrying `changes`.
+fn carrying(changes: Vec<Vec<u8>>) -> Vec<u8> {
+    Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![],
+        changes: ChunkList::from(changes),
+        flags: None,
+        version: MessageVersion::V1,
+    }
+    .encode()
+}
+
+fn sync_req(
+    space: shoal_protocol::SpaceId,
+    doc: &DocId,
+    message: Vec<u8>,
+    sigs: Vec<wire::ChangeSig>,
+) -> Vec<u8> {
+    wire::encode(&SyncRequest::V1 {
+        fresh: true,
+        space,
+        doc: doc.clone(),
+        message: Some(message),
+        sigs,
+    })
+}
+
+fn refused(r: &std::result::Result<SyncResponse, String>, why: wire::RefuseReason) -> bool {
+    matches!(r, Ok(SyncResponse::Refused { reason }) if *reason == why)
+}
+
+/// Issue 18, hole 1: a `have` bloom filter with one entry and zero bits per
+/// entry made automerge divide by zero while answering, killing the engine.
+/// Refused on the response path and on the request path alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bloom_filter_that_would_crash_automerge_is_refused() -> Result<()> {
+    use automerge::sync::{BloomFilter, Have};
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/legit", json!(1)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    let bomb = Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![Have {
+            last_sync: vec![],
+            bloom: BloomFilter::try_from(&[1u8, 0, 1][..])?,
+        }],
+        changes: ChunkList::empty(),
+        flags: None,
+        version: MessageVersion::V1,
+    }
+    .encode();
+    // The response path: a viewer answers the node's sync requests with it.
+    let answer = wire::encode(&SyncResponse::V1 {
+        message: Some(bomb.clone()),
+        sigs: vec![],
+    });
+    let mut m = admitted(a, Role::Viewer, Some(answer)).await?;
+    rejected(&mut m.h, &mut m.ev, "bloom").await?;
+    let before_todo = a.get("notes", &todo).await?;
+    let before_members = a.get("notes", &DocId::members()).await?;
+    // The request path.
+    m.h.sync_answer = None;
+    let r =
+        m.h.sync_request(m.a_peer, sync_req(m.space, &todo, bomb, vec![]))
+            .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut m.h, &mut m.ev, "bloom").await?;
+    assert_eq!(a.get("notes", &todo).await?, before_todo);
+    assert_eq!(a.get("notes", &DocId::members()).await?, before_members);
+    // The node still syncs with an honest member.
+    a.put("notes", &todo, "/after", json!(2)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    assert_eq!(b.get("notes", &todo).await?["after"], json!(2));
+    Ok(())
+}
+
+/// Issue 18, hole 3: a compressed change chunk of about 65 KiB whose body
+/// inflates to 65 MiB is refused before it is inflated past the
+/// per-message limit (64 MiB), not after Automerge inflated it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_bomb_is_refused_before_it_inflates() -> Result<()> {
+    use std::io::Write;
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/legit", json!(1)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    let mut m = admitted(a, Role::Editor, None).await?;
+    // magic, checksum, type 2 (compressed change), uLEB128 length, body
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..65 {
+        z.write_all(&zeros)?;
+    }
+    let body = z.finish()?;
+    assert!(body.len() < 256 * 1024, "{} bytes", body.len());
+    let mut bomb = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
+    let mut len = body.len();
+    while len >= 0x80 {
+        bomb.push((len & 0x7f) as u8 | 0x80);
+        len >>= 7;
+    }
+    bomb.push(len as u8);
+    bomb.extend(body);
+    let before = a.get("notes", &todo).await?;
+    let r =
+        m.h.sync_request(
+            m.a_peer,
+            sync_req(m.space, &todo, carrying(vec![bomb]), vec![]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut m.h, &mut m.ev, "too large").await?;
+    assert_eq!(a.get("notes", &todo).await?, before);
+    a.put("notes", &todo, "/after", json!(2)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    assert_eq!(b.get("notes", &todo).await?["after"], json!(2));
+    Ok(())
+}
+
+/// Issue 18, hole 3 (gossip): once a revocation rotates the key, the node
+/// leaves the old epoch's topic, where the removed device can still publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaves_the_topic_of_a_rotated_epoch() -> Result<()> {
+    let n = spawn_nodes(1).await?;
+    let a = &n[0].node;
+    a.create_space("notes").await?;
+    let grant = a.export_grant("notes").await?;
+    let old = grant.keys[0].1.topic(&grant.space, 0);
+    let mut m = admitted(a, Role::Editor, None).await?;
+    // The node announced its topic as the connection opened (seen while
+    // `admitted` pumped the swarm).
+    let (a_peer, old_hash) = (m.a_peer, IdentTopic::new(old).hash());
+    let gone = DeviceId::from_bytes(Keypair::generate_ed25519().public().to_peer_id().to_bytes())?;
+    a.add_member("notes", &gone, Role::Editor, "gone").await?;
+    let r = a.revoke("notes", &gone).await?;
+    assert_eq!(r.epoch, 1);
+    m.h.pump(|e| match e {
+        SwarmEvent::Behaviour(HostileBehaviourEvent::Gossipsub(
+            gossipsub::Event::Unsubscribed { peer_id, topic },
+        )) if *peer_id == a_peer && *topic == old_hash => Some(()),
+        _ => None,
+    })
+    .await
+    .context("the node stayed on the old epoch's topic")?;
+    Ok(())
+}
+
+/// A change to `doc` by `key`'s device on top of `base`, with its signature.
+fn signed_change(
+    key: &Keypair,
+    space: &shoal_protocol::SpaceId,
+    base: &mut AutoCommit,
+    path: &str,
+    value: serde_json::Value,
+) -> Result<(Vec<u8>, wire::ChangeSig)> {
+    jdoc::put_json(base, path, &value)?;
+    base.commit();
+    let raw = base
+        .get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec();
+    let sig = sign(key, space, &raw)?;
+    Ok((raw, sig))
+}
+
+/// Issue 18, hole 4: a demoted editor's (and a revoked editor's) new
+/// changes are refused through sync, sent by itself or relayed by another
+/// member, while the history the owner had seen before still syncs to a
+/// device that joins later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_writers_new_changes_are_refused_by_sync() -> Result<()> {
+    let n = spawn_nodes(2).await?;
+    let (a, d) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    let todo: DocId = "todo".parse()?;
+    let mut e = admitted(a, Role::Editor, None).await?;
+    let mut gone = admitted(a, Role::Editor, None).await?;
+    let mut relay = admitted(a, Role::Editor, None).await?;
+    // Both write while they may.
+    let mut e_doc = AutoCommit::new().with_actor(actor_for(&e.dev, [7; 8]));
+    let (old, old_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("old"))?;
+    let r =
+        e.h.sync_request(
+            e.a_peer,
+            sync_req(e.space, &todo, carrying(vec![old]), vec![old_sig]),
+        )
+        .await?;
+    assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    let mut g_doc = AutoCommit::new().with_actor(actor_for(&gone.dev, [7; 8]));
+    let (old, old_sig) = signed_change(&gone.key, &gone.space, &mut g_doc, "/g", json!("old"))?;
+    let r = gone
+        .h
+        .sync_request(
+            gone.a_peer,
+            sync_req(gone.space, &todo, carrying(vec![old]), vec![old_sig]),
+        )
+        .await?;
+    assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    let had = a.get("notes", &todo).await?;
+    assert_eq!(
+        (had["e"].clone(), had["g"].clone()),
+        (json!("old"), json!("old"))
+    );
+
+    // The owner demotes one and revokes the other.
+    a.set_role("notes", &e.dev, Role::Viewer).await?;
+
+    // New changes by the demoted editor: by itself, and relayed.
+    let (new, new_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("new"))?;
+    let r =
+        e.h.sync_request(
+            e.a_peer,
+            sync_req(
+                e.space,
+                &todo,
+                carrying(vec![new.clone()]),
+                vec![new_sig.clone()],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut e.h, &mut e.ev, "no longer").await?;
+    let r = relay
+        .h
+        .sync_request(
+            relay.a_peer,
+            sync_req(relay.space, &todo, carrying(vec![new]), vec![new_sig]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut relay.h, &mut relay.ev, "no longer").await?;
+    // By gossip, under the space key it still holds: refused the same way.
+    let grant = e.h.grant.clone().context("no grant")?;
+    let (epoch, key) = grant.keys[0].clone();
+    let (newer, newer_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("newer"))?;
+    let body = wire::encode(&GossipBody::Changes {
+        doc: todo.clone(),
+        changes: vec![newer],
+        sigs: vec![newer_sig],
+    });
+    e.h.publish(
+        &key.topic(&e.space, epoch),
+        envelope::seal(&e.space, epoch, &key, [6; 24], &body),
+    )?;
+    rejected(&mut e.h, &mut e.ev, "no longer").await?;
+
+    // The revoked one is cut off; relayed, its change is refused too.
+    a.revoke("notes", &gone.dev).await?;
+    let (new, new_sig) = signed_change(&gone.key, &gone.space, &mut g_doc, "/g", json!("new"))?;
+    let r = gone
+        .h
+        .sync_request(
+            gone.a_peer,
+            sync_req(
+                gone.space,
+                &todo,
+                carrying(vec![new.clone()]),
+                vec![new_sig.clone()],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::NotAllowed), "{r:?}");
+    let r = relay
+        .h
+        .sync_request(
+            relay.a_peer,
+            sync_req(relay.space, &todo, carrying(vec![new]), vec![new_sig]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut relay.h, &mut relay.ev, "no longer").await?;
+    assert_eq!(a.get("notes", &todo).await?, had);
+
+    // A device that joins now gets the old history, and the node syncs on.
+    share_space(a, "notes", &[d]).await?;
+    connect(d, a).await?;
+    wait_converged(&[a, d], "notes", "todo").await?;
+    assert_eq!(d.get("notes", &todo).await?, had);
+    a.put("notes", &todo, "/after", json!(2)).await?;
+    wait_converged(&[a, d], "notes", "todo").await?;
+    assert_eq!(d.get("notes", &todo).await?["after"], json!(2));
+    Ok(())
+}
+
+/// Issue 18, hole 5: an owner removes the space's creator; the creator is
+/// no owner any more: its members change re-adding itself is refused and
+/// it no longer syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_creator_is_no_owner() -> Result<()> {
+    use shoal_protocol::members;
+    let n = spawn_nodes(2).await?;
+    let (b, c) = (&n[0].node, &n[1].node);
+    // The creator is a peer the test drives; b is the owner it added.
+    let key = Keypair::generate_ed25519();
+    let peer = key.public().to_peer_id();
+    let creator = DeviceId::from_bytes(peer.to_bytes())?;
+    let space = shoal_protocol::SpaceId(rand::random());
+    let grant = SpaceGrant {
+        space,
+        name: "notes".into(),
+        creator: creator.clone(),
+        keys: vec![(0, SpaceKey::from_bytes(rand::random()))],
+    };
+    let mut doc = AutoCommit::new().with_actor(actor_for(&creator, [1; 8]));
+    members::init_members(&mut doc, "notes", &creator, "creator", None)?;
+    members::set_member(
+        &mut doc,
+        b.device_id(),
+        Role::Owner,
+        "b",
+        Some(&creator),
+        None,
+    )?;
+    doc.commit();
+    let history: Vec<Vec<u8>> = doc
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    let tip = sign(&key, &space, history.last().context("no history")?)?;
+    b.import_grant(grant.clone()).await?;
+    let mut h = Hostile::new(key.clone(), Some(grant))?;
+    let mut ev = b.events();
+    h.swarm.dial(b.listen_addrs().await?[0].clone())?;
+    let me = peer.to_string();
+    h.until_node_event(
+        &mut ev,
+        |e| matches!(e, Event::MemberVerified { peer, .. } if *peer == me),
+    )
+    .await?;
+    let b_peer = b.peer_id();
+    let r = h
+        .sync_request(
+            b_peer,
+            sync_req(space, &DocId::members(), carrying(history), vec![tip]),
+        )
+        .await?;
+    assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    let is_owner = |ms: &[shoal_node::MemberInfo], d: &DeviceId| {
+        ms.iter()
+            .any(|m| m.device == d.to_string() && m.role == Role::Owner)
+    };
+    assert!(is_owner(&b.members("notes").await?, b.device_id()));
+
+    // b removes the creator.
+    b.revoke("notes", &creator).await?;
+    let after = b.get("notes", &DocId::members()).await?;
+    assert!(!is_owner(&b.members("notes").await?, &creator));
+    // b is the last owner now: it cannot remove itself.
+    let e = b.revoke("notes", b.device_id()).await.unwrap_err();
+    assert!(e.to_string().contains("last owner"), "{e}");
+
+    // The creator makes itself an owner again, on the history it has.
+    members::set_member(&mut doc, &creator, Role::Owner, "creator", None, None)?;
+    doc.commit();
+    let back = doc
+        .get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec();
+    let sig = sign(&key, &space, &back)?;
+    let r = h
+        .sync_request(
+            b_peer,
+            sync_req(space, &DocId::members(), carrying(vec![back]), vec![sig]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::NotAllowed), "{r:?}");
+    let todo: DocId = "todo".parse()?;
+    let (w, wsig) = signed_change(
+        &key,
+        &space,
+        &mut AutoCommit::new().with_actor(actor_for(&creator, [2; 8])),
+        "/x",
+        json!(1),
+    )?;
+    let r = h
+        .sync_request(
+            b_peer,
+            sync_req(space, &todo, carrying(vec![w]), vec![wsig]),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::NotAllowed), "{r:?}");
+    assert_eq!(b.get("notes", &DocId::members()).await?, after);
+    assert!(!is_owner(&b.members("notes").await?, &creator));
+
+    // An honest device joins by invite and syncs with b.
+    let inv = b
+        .create_invite("notes", Role::Editor, Duration::from_secs(600), 1)
+        .await?;
+    connect(c, b).await?;
+    c.join(inv.code.as_deref().unwrap_or(""), Duration::from_secs(20))
+        .await?;
+    b.put("notes", &todo, "/after", json!(2)).await?;
+    wait_converged(&[b, c], "notes", "todo").await?;
+    assert_eq!(c.get("notes", &todo).await?["after"], json!(2));
     Ok(())
 }
