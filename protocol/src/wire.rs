@@ -81,10 +81,15 @@ pub type ChangeSig = ([u8; 32], Vec<u8>);
 /// Most bytes of one signature.
 pub const MAX_SIG_LEN: usize = 128;
 
-/// What an author signs for a change of `space`.
-pub fn change_sig_message(space: &SpaceId, hash: &[u8; 32]) -> Vec<u8> {
-    let mut m = b"shoal change signature v1".to_vec();
+/// What an author signs for a change of document `doc` of `space`. The
+/// document is bound too: a change with no dependencies signed for one
+/// document must not be accepted when replayed into another.
+pub fn change_sig_message(space: &SpaceId, doc: &crate::DocId, hash: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"shoal change signature v2".to_vec();
     m.extend_from_slice(&space.0);
+    let d = doc.as_str().as_bytes();
+    m.extend_from_slice(&(d.len() as u32).to_be_bytes());
+    m.extend_from_slice(d);
     m.extend_from_slice(hash);
     m
 }

@@ -56,7 +56,7 @@ impl Engine {
             // Pulled by sync, which carries the signature of the last change:
             // it vouches for the others (`shoal_protocol::sync::unvouched`).
             if let Some(last) = changes_tip {
-                let sig = self.sign_change(&id, &last);
+                let sig = self.sign_change(&id, &doc, &last);
                 self.store_sigs(&[(last.0, sig)]);
             }
             // Too big to inline: announce the heads; receivers pull.
@@ -73,7 +73,7 @@ impl Engine {
             else {
                 continue;
             };
-            let sig = self.sign_change(&id, &tip.hash());
+            let sig = self.sign_change(&id, &doc, &tip.hash());
             self.store_sigs(&[(tip.hash().0, sig.clone())]);
             let bytes = wire::encode(&GossipBody::Changes {
                 doc: doc.clone(),
@@ -219,7 +219,7 @@ impl Engine {
                 // checked once, vouches for the batch.
                 let mut signed = HashSet::new();
                 for (h, sig) in &sigs {
-                    if !verify_change_sig(&space, &author, h, sig) {
+                    if !verify_change_sig(&space, &doc, &author, h, sig) {
                         return Err(reject("a change's signature does not verify".into()));
                     }
                     signed.insert(ChangeHash(*h));

@@ -520,7 +520,13 @@ fn device_of_peer(p: &PeerId) -> Result<DeviceId> {
 /// Whether `sig` is `author`'s signature of change `hash` in `space`. The
 /// author's public key is inside its device id (an identity-multihash
 /// libp2p peer id).
-fn verify_change_sig(space: &SpaceId, author: &DeviceId, hash: &[u8; 32], sig: &[u8]) -> bool {
+fn verify_change_sig(
+    space: &SpaceId,
+    doc: &DocId,
+    author: &DeviceId,
+    hash: &[u8; 32],
+    sig: &[u8],
+) -> bool {
     let Ok(peer) = PeerId::from_bytes(author.as_bytes()) else {
         return false;
     };
@@ -529,7 +535,7 @@ fn verify_change_sig(space: &SpaceId, author: &DeviceId, hash: &[u8; 32], sig: &
         return false;
     }
     match libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()) {
-        Ok(pk) => pk.verify(&wire::change_sig_message(space, hash), sig),
+        Ok(pk) => pk.verify(&wire::change_sig_message(space, doc, hash), sig),
         Err(_) => false,
     }
 }
@@ -1038,10 +1044,10 @@ impl Engine {
         }
     }
 
-    fn sign_change(&self, space: &SpaceId, hash: &ChangeHash) -> Vec<u8> {
+    fn sign_change(&self, space: &SpaceId, doc: &DocId, hash: &ChangeHash) -> Vec<u8> {
         // Signing with an in-memory ed25519 key cannot fail.
         self.keypair
-            .sign(&wire::change_sig_message(space, &hash.0))
+            .sign(&wire::change_sig_message(space, doc, &hash.0))
             .unwrap_or_default()
     }
 

@@ -362,7 +362,7 @@ impl Engine {
         for (h, sig) in sigs {
             let Some(c) = by_hash.get(h) else { continue };
             let author = shoal_protocol::actor::device_of(c.actor_id())?;
-            if !verify_change_sig(space, &author, h, sig) {
+            if !verify_change_sig(space, doc, &author, h, sig) {
                 return Err(shoal_protocol::Error::Unauthorized(format!(
                     "a change claiming {} as author is not signed by it",
                     author.short()

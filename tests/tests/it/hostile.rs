@@ -290,9 +290,17 @@ async fn rejected(
 }
 
 /// `key`'s signature of a raw change, as shoal's wire carries it.
-fn sign(key: &Keypair, space: &shoal_protocol::SpaceId, raw: &[u8]) -> Result<wire::ChangeSig> {
+fn sign(
+    key: &Keypair,
+    space: &shoal_protocol::SpaceId,
+    doc: &DocId,
+    raw: &[u8],
+) -> Result<wire::ChangeSig> {
     let hash = automerge::Change::try_from(raw)?.hash().0;
-    Ok((hash, key.sign(&wire::change_sig_message(space, &hash))?))
+    Ok((
+        hash,
+        key.sign(&wire::change_sig_message(space, doc, &hash))?,
+    ))
 }
 
 fn a_change_by(device: &DeviceId) -> Result<Vec<u8>> {
@@ -350,7 +358,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
     rejected(&mut h, &mut ev, "envelope").await?;
     // 2. a well-formed envelope under the wrong key, and under an unknown epoch
     let by_viewer = a_change_by(&viewer)?;
-    let sig_viewer = sign(&vkey_copy, &space, &by_viewer)?;
+    let sig_viewer = sign(&vkey_copy, &space, &todo, &by_viewer)?;
     let body = wire::encode(&GossipBody::Changes {
         doc: todo.clone(),
         changes: vec![by_viewer.clone()],
@@ -372,7 +380,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
     let forged = wire::encode(&GossipBody::Changes {
         doc: todo.clone(),
         changes: vec![as_owner.clone()],
-        sigs: vec![sign(&vkey_copy, &space, &as_owner)?],
+        sigs: vec![sign(&vkey_copy, &space, &todo, &as_owner)?],
     });
     h.publish(&topic, envelope::seal(&space, 0, &key, [4; 24], &forged))?;
     // its publisher may not write: refused before the change is decoded
@@ -430,7 +438,7 @@ async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
     for (sigs, why) in [
         (vec![], "unsigned"),
         (
-            vec![sign(&vkey_copy, &space, &as_owner)?],
+            vec![sign(&vkey_copy, &space, &todo, &as_owner)?],
             "not signed by it",
         ),
     ] {
@@ -901,6 +909,7 @@ async fn a_node_leaves_the_topic_of_a_rotated_epoch() -> Result<()> {
 fn signed_change(
     key: &Keypair,
     space: &shoal_protocol::SpaceId,
+    doc: &DocId,
     base: &mut AutoCommit,
     path: &str,
     value: serde_json::Value,
@@ -912,7 +921,7 @@ fn signed_change(
         .context("no change")?
         .raw_bytes()
         .to_vec();
-    let sig = sign(key, space, &raw)?;
+    let sig = sign(key, space, doc, &raw)?;
     Ok((raw, sig))
 }
 
@@ -931,7 +940,7 @@ async fn a_former_writers_new_changes_are_refused_by_sync() -> Result<()> {
     let mut relay = admitted(a, Role::Editor, None).await?;
     // Both write while they may.
     let mut e_doc = AutoCommit::new().with_actor(actor_for(&e.dev, [7; 8]));
-    let (old, old_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("old"))?;
+    let (old, old_sig) = signed_change(&e.key, &e.space, &todo, &mut e_doc, "/e", json!("old"))?;
     let r =
         e.h.sync_request(
             e.a_peer,
@@ -940,7 +949,14 @@ async fn a_former_writers_new_changes_are_refused_by_sync() -> Result<()> {
         .await?;
     assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
     let mut g_doc = AutoCommit::new().with_actor(actor_for(&gone.dev, [7; 8]));
-    let (old, old_sig) = signed_change(&gone.key, &gone.space, &mut g_doc, "/g", json!("old"))?;
+    let (old, old_sig) = signed_change(
+        &gone.key,
+        &gone.space,
+        &todo,
+        &mut g_doc,
+        "/g",
+        json!("old"),
+    )?;
     let r = gone
         .h
         .sync_request(
@@ -959,7 +975,7 @@ async fn a_former_writers_new_changes_are_refused_by_sync() -> Result<()> {
     a.set_role("notes", &e.dev, Role::Viewer).await?;
 
     // New changes by the demoted editor: by itself, and relayed.
-    let (new, new_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("new"))?;
+    let (new, new_sig) = signed_change(&e.key, &e.space, &todo, &mut e_doc, "/e", json!("new"))?;
     let r =
         e.h.sync_request(
             e.a_peer,
@@ -985,7 +1001,8 @@ async fn a_former_writers_new_changes_are_refused_by_sync() -> Result<()> {
     // By gossip, under the space key it still holds: refused the same way.
     let grant = e.h.grant.clone().context("no grant")?;
     let (epoch, key) = grant.keys[0].clone();
-    let (newer, newer_sig) = signed_change(&e.key, &e.space, &mut e_doc, "/e", json!("newer"))?;
+    let (newer, newer_sig) =
+        signed_change(&e.key, &e.space, &todo, &mut e_doc, "/e", json!("newer"))?;
     let body = wire::encode(&GossipBody::Changes {
         doc: todo.clone(),
         changes: vec![newer],
@@ -999,7 +1016,14 @@ async fn a_former_writers_new_changes_are_refused_by_sync() -> Result<()> {
 
     // The revoked one is cut off; relayed, its change is refused too.
     a.revoke("notes", &gone.dev).await?;
-    let (new, new_sig) = signed_change(&gone.key, &gone.space, &mut g_doc, "/g", json!("new"))?;
+    let (new, new_sig) = signed_change(
+        &gone.key,
+        &gone.space,
+        &todo,
+        &mut g_doc,
+        "/g",
+        json!("new"),
+    )?;
     let r = gone
         .h
         .sync_request(
@@ -1070,7 +1094,12 @@ async fn a_removed_creator_is_no_owner() -> Result<()> {
         .iter()
         .map(|c| c.raw_bytes().to_vec())
         .collect();
-    let tip = sign(&key, &space, history.last().context("no history")?)?;
+    let tip = sign(
+        &key,
+        &space,
+        &DocId::members(),
+        history.last().context("no history")?,
+    )?;
     b.import_grant(grant.clone()).await?;
     let mut h = Hostile::new(key.clone(), Some(grant))?;
     let mut ev = b.events();
@@ -1111,7 +1140,7 @@ async fn a_removed_creator_is_no_owner() -> Result<()> {
         .context("no change")?
         .raw_bytes()
         .to_vec();
-    let sig = sign(&key, &space, &back)?;
+    let sig = sign(&key, &space, &DocId::members(), &back)?;
     let r = h
         .sync_request(
             b_peer,
@@ -1123,6 +1152,7 @@ async fn a_removed_creator_is_no_owner() -> Result<()> {
     let (w, wsig) = signed_change(
         &key,
         &space,
+        &todo,
         &mut AutoCommit::new().with_actor(actor_for(&creator, [2; 8])),
         "/x",
         json!(1),
@@ -1147,5 +1177,46 @@ async fn a_removed_creator_is_no_owner() -> Result<()> {
     b.put("notes", &todo, "/after", json!(2)).await?;
     wait_converged(&[b, c], "notes", "todo").await?;
     assert_eq!(c.get("notes", &todo).await?["after"], json!(2));
+    Ok(())
+}
+
+/// Issue 18, hole 9: a change signature binds the document too. A member's
+/// signed change with no dependencies, taken from one document and
+/// replayed into another (by anyone), is refused there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_change_replayed_into_another_document_is_refused() -> Result<()> {
+    let n = spawn_nodes(1).await?;
+    let a = &n[0].node;
+    a.create_space("notes").await?;
+    let todo: DocId = "todo".parse()?;
+    let other: DocId = "other".parse()?;
+    let mut e = admitted(a, Role::Editor, None).await?;
+    let mut doc = AutoCommit::new().with_actor(actor_for(&e.dev, [3; 8]));
+    let (raw, sig) = signed_change(&e.key, &e.space, &todo, &mut doc, "/x", json!(1))?;
+    let mut rx = a.events();
+    let r =
+        e.h.sync_request(
+            e.a_peer,
+            sync_req(
+                e.space,
+                &other,
+                carrying(vec![raw.clone()]),
+                vec![sig.clone()],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    let why = rejected(&mut e.h, &mut rx, "not signed by it").await?;
+    assert!(why.contains("not signed"), "{why}");
+    assert!(a.docs("notes").await?.iter().all(|d| d != "other"));
+    // The same change where it was signed is taken.
+    let r =
+        e.h.sync_request(
+            e.a_peer,
+            sync_req(e.space, &todo, carrying(vec![raw]), vec![sig]),
+        )
+        .await?;
+    assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    assert_eq!(a.get("notes", &todo).await?["x"], json!(1));
     Ok(())
 }
