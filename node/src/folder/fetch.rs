@@ -33,6 +33,11 @@ pub enum TransferError {
     /// The disk (or quota) is full: the transfer waits.
     #[error("disk full: {0}")]
     DiskFull(String),
+    /// Peers are connected but none could serve the version (it may be
+    /// gone from every device: a conflict copy of content its writer
+    /// replaced at once). Retried, and counted apart in the status.
+    #[error("no connected member has this version: {0}")]
+    Unavailable(String),
     /// Anything else; retried later.
     #[error("{0}")]
     Failed(String),
@@ -223,7 +228,9 @@ impl Worker {
                         Err(_) => continue,
                     }
                 }
-                let m = got.ok_or(TransferError::NoPeers)?;
+                let m = got.ok_or_else(|| {
+                    TransferError::Unavailable("no connected peer could serve its manifest".into())
+                })?;
                 sh.blobs
                     .put_manifest(&self.space, &m)
                     .map_err(|e| TransferError::Failed(e.to_string()))?;
@@ -495,7 +502,7 @@ impl Worker {
                     .copied()
                     .collect();
                 if candidates.is_empty() {
-                    return Err(TransferError::Failed(format!(
+                    return Err(TransferError::Unavailable(format!(
                         "no connected peer could serve chunk {} of {}",
                         i,
                         chunks.len()

@@ -151,6 +151,9 @@ pub struct FolderStatus {
     pub progress: f64,
     /// Files waiting to be reconciled or transferred.
     pub files_left: u64,
+    /// Files the index lists that no connected member could serve at the
+    /// last try (not in `files_left`; retried, and named in `problems`).
+    pub unavailable: u64,
     /// Bytes still to fetch or copy.
     pub bytes_left: u64,
     /// Bytes per second, averaged over the last 10 seconds.

@@ -64,6 +64,9 @@ struct Progress {
     queued: HashMap<String, u64>,
     window: VecDeque<(Instant, u64)>,
     problems: VecDeque<String>,
+    /// Pending paths whose version no connected member could serve at the
+    /// last try: reported apart, so the folder is not "syncing" for good.
+    unavailable: HashSet<String>,
 }
 
 /// The worker of one space's folder.
@@ -251,8 +254,12 @@ impl Worker {
 
     /// The folder's status now.
     pub(super) fn status(&self) -> FolderStatus {
-        let pending = self.shared.blobs.pending_count(&self.space) as u64;
         let p = self.prog();
+        // Paths no member can serve are counted apart: the folder has all
+        // that can be had.
+        let unavailable = p.unavailable.len() as u64;
+        let pending =
+            (self.shared.blobs.pending_count(&self.space) as u64).saturating_sub(unavailable);
         let bytes_left: u64 = p.queued.values().sum();
         let span = p
             .window
@@ -289,6 +296,7 @@ impl Worker {
             progress,
             detail: p.detail.clone(),
             files_left: pending,
+            unavailable,
             bytes_left,
             rate,
             eta_secs: (rate > 0 && bytes_left > 0).then(|| bytes_left / rate),
@@ -477,6 +485,7 @@ impl Worker {
                             Ok(()) => {
                                 retry.remove(&path);
                                 let mut p = self.prog();
+                                p.unavailable.remove(&path);
                                 if p.detail.as_deref().is_some_and(|d| d.starts_with("disk full")) {
                                     p.detail = None;
                                 }
@@ -489,6 +498,11 @@ impl Worker {
                                         self.problem(&path, e.to_string());
                                     }
                                     TransferError::NoPeers => {}
+                                    TransferError::Unavailable(_) => {
+                                        if self.prog().unavailable.insert(path.clone()) {
+                                            self.problem(&path, e.to_string());
+                                        }
+                                    }
                                     TransferError::Failed(_) => self.problem(&path, e.to_string()),
                                 }
                             }
@@ -962,6 +976,7 @@ impl Worker {
             match self.decide(&rel, &entries, &mut parts) {
                 Ok(Action::Done) => {
                     retry.remove(&rel);
+                    self.prog().unavailable.remove(&rel);
                     let _ = self.shared.blobs.done_pending(&self.space, &rel, &mark);
                 }
                 Ok(Action::Transfer(w, all)) => {

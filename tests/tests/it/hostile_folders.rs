@@ -150,3 +150,50 @@ async fn a_file_larger_than_the_free_disk_is_refused_before_it_is_written() -> R
     wait_file(&an, &a.join("small.txt"), b"fits").await?;
     Ok(())
 }
+
+/// Found by scripts/chaos (issue 19): an index entry whose content no
+/// device holds any more (a conflict copy of a version its writer replaced
+/// at once) kept every folder "syncing, 1 file left" for good. Now the
+/// path is counted apart as unavailable, named in the problems, retried,
+/// and the folder says it is in sync with everything that can be had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_no_member_holds_does_not_keep_the_folder_syncing() -> Result<()> {
+    let (nodes, roots, _dirs) = folder_nodes(2, "g").await?;
+    let (a, b) = (roots[0].clone(), roots[1].clone());
+    let bn = &nodes[1].node;
+    fs::write(a.join("first.txt"), b"first")?;
+    wait_file(bn, &b.join("first.txt"), b"first").await?;
+    let ghost = Entry {
+        kind: Kind::File,
+        hash: *blake3::hash(b"content nobody has").as_bytes(),
+        chunked: false,
+        size: 18,
+        mode: 0o644,
+        mtime_ns: 1,
+        deleted: false,
+        device: bn.device_id().clone(),
+        target: None,
+    };
+    bn.put_index_entries(
+        "g",
+        vec![("ghost.sync-conflict-20260101-000000-x.bin".into(), ghost)],
+    )
+    .await?;
+    let an = nodes[0].node.clone();
+    wait_for(&an, TIMEOUT, || async {
+        an.folder_status().await.iter().any(|f| {
+            f.unavailable == 1
+                && f.files_left == 0
+                && f.state == "in sync"
+                && f.problems
+                    .iter()
+                    .any(|p| p.contains("no connected member has this version"))
+        })
+    })
+    .await
+    .context("A never counted the version apart and said it is in sync")?;
+    // Everything else still syncs.
+    fs::write(b.join("later.txt"), b"later")?;
+    wait_file(&an, &a.join("later.txt"), b"later").await?;
+    Ok(())
+}
