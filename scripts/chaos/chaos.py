@@ -252,23 +252,27 @@ class Chaos:
     def ip(self, *args):
         subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
 
-    def partition(self):
-        if self.rng.random() < 0.5:
-            i = self.rng.randrange(3)
+    def partition(self, kind=None, i=None, j=None):
+        rng = self.rng
+        kind = kind or ("isolate" if rng.random() < 0.5 else "cut")
+        if kind == "isolate":
+            i = rng.randrange(3) if i is None else i
             if any(p[0] == "isolate" and p[1] == i for p in self.parts):
                 return
             self.ip("-n", self.a.bridge, "link", "set", f"p{i}", "down")
             p = ("isolate", i, None)
             desc = f"isolate {NAMES[i]} (bridge port down)"
         else:
-            i, j = sorted(self.rng.sample(range(3), 2))
+            if i is None:
+                i, j = rng.sample(range(3), 2)
+            i, j = sorted((i, j))
             if any(p[0] == "cut" and p[1] == i and p[2] == j for p in self.parts):
                 return
             self.ip("-n", self.a.ns[i], "route", "add", "blackhole", self.a.ips[j] + "/32")
             self.ip("-n", self.a.ns[j], "route", "add", "blackhole", self.a.ips[i] + "/32")
             p = ("cut", i, j)
             desc = f"cut {NAMES[i]}-{NAMES[j]} (blackhole routes)"
-        self.parts.append((*p, self.round + self.rng.randint(1, 3)))
+        self.parts.append((*p, self.round + rng.randint(1, 3)))
         self.partitions += 1
         self.log(event="partition", kind=p[0], a=NAMES[p[1]], b=NAMES[p[2]] if p[2] is not None else None)
         self.say(desc)
@@ -302,7 +306,7 @@ class Chaos:
             if d == dev and (p == prefix or (whole_tree and p.startswith(prefix + "/"))):
                 self.last[(d, p)] = None
 
-    def do_op(self, n, force=None):
+    def do_op(self, n, force=None, path=None, dst=None):
         rng = self.rng
         dev, root = n.name, n.folder
         P = lambda p: os.path.join(root, p)
@@ -312,16 +316,20 @@ class Chaos:
                  "renamedir", "mkdir", "rmdir", "big"]
         weights = [10, 10, 10, 8, 5, 6, 6, 3, 3, 2, 3]
         kind = force or rng.choices(kinds, weights)[0]
-        if kind in ("append", "truncate", "delete", "rename") and not existing:
-            kind = "create"
-        if kind in ("renamedir", "rmdir") and not dirs:
-            kind = "mkdir"
+        if path is None:
+            if kind in ("append", "truncate", "delete", "rename") and not existing:
+                kind = "create"
+            if kind in ("renamedir", "rmdir") and not dirs:
+                kind = "mkdir"
+        else:  # a scripted op: its path, whatever the pools say
+            existing, dirs = [path], [path]
+        pick = lambda pool: path if path is not None else rng.choice(pool)
         self.ops += 1
         rec = {"op": self.ops, "dev": dev, "kind": kind, "alive": n.alive()}
         t0 = now()
         try:
             if kind in ("create", "overwrite", "replace", "big"):
-                path = rng.choice(BIGS if kind == "big" else FILES)
+                path = pick(BIGS if kind == "big" else FILES)
                 rec["path"] = path
                 data = self.content(dev, kind, path, big=kind == "big")
                 os.makedirs(os.path.dirname(P(path)) or root, exist_ok=True)
@@ -346,7 +354,7 @@ class Chaos:
                 rec["sha"] = self.wrote(dev, path, data, kind)
                 rec["size"] = len(data)
             elif kind in ("append", "truncate"):
-                path = rng.choice(existing)
+                path = pick(existing)
                 rec["path"] = path
                 fd = os.open(P(path), os.O_RDWR | (os.O_APPEND if kind == "append" else 0))
                 try:
@@ -371,36 +379,36 @@ class Chaos:
                 rec["sha"] = self.wrote(dev, path, data, kind)
                 rec["size"] = len(data)
             elif kind == "delete":
-                path = rng.choice(existing)
+                path = pick(existing)
                 rec["path"] = path
                 os.unlink(P(path))
                 self.forget(dev, path)
             elif kind == "rename":
-                src = rng.choice(existing)
-                dst = rng.choice([f for f in FILES if f != src])
+                src = pick(existing)
+                dst = dst or rng.choice([f for f in FILES if f != src])
                 rec["path"], rec["dst"] = src, dst
                 os.makedirs(os.path.dirname(P(dst)) or root, exist_ok=True)
                 os.rename(P(src), P(dst))
                 self.forget(dev, src)
                 self.forget(dev, dst)
             elif kind == "renamedir":
-                src = rng.choice(dirs)
+                src = pick(dirs)
                 cands = [d for d in DIRS if d != src and not d.startswith(src + "/")
                          and not os.path.exists(P(d))]
-                if not cands:
+                if not cands and not dst:
                     raise FileExistsError("no free folder name")
-                dst = rng.choice(cands)
+                dst = dst or rng.choice(cands)
                 rec["path"], rec["dst"] = src, dst
                 os.makedirs(os.path.dirname(P(dst)) or root, exist_ok=True)
                 os.rename(P(src), P(dst))
                 self.forget(dev, src, True)
                 self.forget(dev, dst, True)
             elif kind == "mkdir":
-                path = rng.choice(DIRS)
+                path = pick(DIRS)
                 rec["path"] = path
                 os.makedirs(P(path), exist_ok=True)
             elif kind == "rmdir":
-                path = rng.choice(dirs)
+                path = pick(dirs)
                 rec["path"] = path
                 shutil.rmtree(P(path))
                 self.forget(dev, path, True)
@@ -444,6 +452,43 @@ class Chaos:
                     self.kill(rng.choice(alive), "random moment")
                 time.sleep(rng.uniform(0, 0.4))
             time.sleep(rng.uniform(0.2, 2.5))
+        self.round += 1
+
+    def run_script(self, path):
+        """Replays a scenario, one step a line (`#` starts a comment):
+        DEV KIND PATH [DST] (a file operation: create, overwrite, replace,
+        append, truncate, delete, rename, renamedir, mkdir, rmdir, big),
+        kill DEV, start DEV, cut DEV DEV, isolate DEV, heal (everything),
+        sleep SECS, settle [SECS] (wait for convergence, at most SECS)."""
+        ix = {n: i for i, n in enumerate(NAMES)}
+        for lineno, line in enumerate(open(path), 1):
+            w = line.split("#", 1)[0].split()
+            if not w:
+                continue
+            self.round = lineno
+            self.say("step: " + " ".join(w))
+            if w[0] in ix:
+                self.do_op(self.nodes[ix[w[0]]], force=w[1], path=w[2] if len(w) > 2 else None,
+                           dst=w[3] if len(w) > 3 else None)
+            elif w[0] == "kill":
+                self.kill(self.nodes[ix[w[1]]], "scripted")
+            elif w[0] == "start":
+                n = self.nodes[ix[w[1]]]
+                if n.proc is None:
+                    self.start(n)
+            elif w[0] == "cut":
+                self.partition("cut", ix[w[1]], ix[w[2]])
+            elif w[0] == "isolate":
+                self.partition("isolate", ix[w[1]])
+            elif w[0] == "heal":
+                for p in list(self.parts):
+                    self.heal(p)
+            elif w[0] == "sleep":
+                time.sleep(float(w[1]))
+            elif w[0] == "settle":
+                self.wait_converged(float(w[1]) if len(w) > 1 else 60)
+            else:
+                raise ValueError(f"{path}:{lineno}: unknown step {line.strip()!r}")
         self.round += 1
 
     def converged_once(self, need_peers=0):
@@ -506,14 +551,25 @@ class Chaos:
         result = {"seed": self.a.seed, "rounds": self.a.rounds, "ok": False}
         try:
             self.setup()
-            self.say(f"{self.a.rounds} rounds of chaos")
-            self.chaos_rounds()
+            if self.a.script:
+                self.say(f"scenario {self.a.script}")
+                self.run_script(self.a.script)
+            else:
+                self.say(f"{self.a.rounds} rounds of chaos")
+                self.chaos_rounds()
             for p in list(self.parts):
                 self.heal(p)
             self.restart_due(force=True)
             self.say(f"all healed; waiting for convergence (timeout {self.a.timeout} s)")
             ok, t_conv, trees, states = self.wait_converged(self.a.timeout)
             lost, torn = self.check(trees)
+            # The index as each node sees it, for the post-mortem.
+            for n in self.nodes:
+                for what in ("ls", "conflicts", "status"):
+                    args = (what,) if what == "status" else (what, SPACE)
+                    r = n.cli(*args, timeout=30, check=False)
+                    with open(os.path.join(self.a.work, f"{n.name}-{what}.json"), "w") as f:
+                        f.write(r.stdout or r.stderr)
             diverged = []
             if not ok and trees:
                 keys = sorted(set().union(*trees))
@@ -616,6 +672,7 @@ def main():
     r.add_argument("--ips", required=True, type=lambda s: s.split(","))
     r.add_argument("--bridge", required=True)
     r.add_argument("--port", type=int, default=4801)
+    r.add_argument("--script", help="replay a scenario instead of random rounds")
     t = sub.add_parser("table")
     t.add_argument("results", nargs="*")
     a = ap.parse_args()

@@ -19,6 +19,7 @@
 #
 # usage: scripts/chaos/chaos.sh [--rounds N] [--seed S] [--runs R]
 #                               [--timeout SECS] [--keep] [--out DIR]
+#                               [--script FILE]  (replay a scenario; see README)
 #   (SHOAL_BIN=path/to/shoal to choose the binary)
 set -euo pipefail
 
@@ -31,8 +32,9 @@ runs=1
 timeout=240
 keep=0
 out=${CHAOS_OUT:-/tmp/shoal-chaos}
+script=
 
-usage() { sed -n '20,22p' "$0"; exit 2; }
+usage() { sed -n '20,24p' "$0"; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) rounds=$2; shift 2 ;;
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
     --timeout) timeout=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --out) out=$2; shift 2 ;;
+    --script) script=$(readlink -f "$2"); shift 2 ;;
     -h|--help) usage ;;
     *) echo "chaos: unknown argument $1" >&2; usage ;;
   esac
@@ -99,7 +102,7 @@ for ((r = 0; r < runs; r++)); do
   rc=0
   python3 "$here/chaos.py" run --bin "$SHOAL_BIN" --work "$dir" --seed "$s" --rounds "$rounds" \
     --timeout "$timeout" --ns "$(IFS=,; echo "${nss[*]}")" --ips "$(IFS=,; echo "${ips[*]}")" \
-    --bridge "$br" 2>&1 | tee "$dir/chaos.out" || true
+    --bridge "$br" ${script:+--script "$script"} 2>&1 | tee "$dir/chaos.out" || true
   python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get("ok") else 1)' \
     "$dir/result.json" 2>/dev/null || rc=1
   teardown
