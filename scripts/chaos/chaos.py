@@ -494,24 +494,33 @@ class Chaos:
     def converged_once(self, need_peers=0):
         trees = [tree(n.folder) for n in self.nodes]
         same = trees[0] == trees[1] == trees[2]
-        states = []
-        for n in self.nodes:
-            st = n.status()
-            states.append(st)
+        states = [n.status() for n in self.nodes]
         ok = same and all(s is not None and s.get("state") == "in sync" and s.get("peers", 0) >= need_peers
                           for s in states)
-        return ok, trees, states
+        return ok, same, trees, states
 
     def wait_converged(self, timeout, need_peers=0):
         """Polls until all three say in sync and the trees are the same for
-        three polls in a row; returns (ok, time of the first of those)."""
+        three polls in a row (3 s at least); returns (ok, time of the first
+        of those, trees, states). Also notes in self.t_identical when the
+        trees alone first held still and identical that way."""
         deadline = now() + timeout
         streak_start, streak = None, 0
+        same_start, same_streak = None, 0
+        self.t_identical = None
         trees, states = None, None
         while now() < deadline:
             self.check_crashes()
             self.restart_due(force=True)
-            ok, trees, states = self.converged_once(need_peers)
+            ok, same, trees, states = self.converged_once(need_peers)
+            if same:
+                if same_streak == 0:
+                    same_start = now()
+                same_streak += 1
+                if same_streak >= 3 and now() - same_start >= 3 and self.t_identical is None:
+                    self.t_identical = same_start
+            else:
+                same_streak, self.t_identical = 0, None
             if ok:
                 if streak == 0:
                     streak_start = now()
@@ -548,7 +557,8 @@ class Chaos:
 
     def run(self):
         t_start = now()
-        result = {"seed": self.a.seed, "rounds": self.a.rounds, "ok": False}
+        result = {"seed": self.a.seed, "rounds": 0 if self.a.script else self.a.rounds, "ok": False,
+                  "script": self.a.script}
         try:
             self.setup()
             if self.a.script:
@@ -582,6 +592,7 @@ class Chaos:
                 "kills_in_flight": self.kills_in_flight, "partitions": self.partitions,
                 "crashes": self.crashes, "lost": lost, "torn": torn, "converged": ok,
                 "converge_secs": round(t_conv - self.t_last_op, 1) if ok else None,
+                "identical_secs": round(self.t_identical - self.t_last_op, 1) if self.t_identical else None,
                 "diverged": diverged[:200], "states": states,
                 "files": len([v for v in (trees[0] if trees else {}).values() if v[0] == "f"]),
                 "conflict_copies": len([k for k in (trees[0] if trees else {}) if ".sync-conflict-" in k]),
@@ -619,7 +630,8 @@ def summary(r):
     return (f"seed {r['seed']}: {r['ops']} ops ({r['ops_failed']} failed), {r['kills']} kills "
             f"({r['kills_in_flight']} in flight), {r['partitions']} partitions, {len(r['crashes'])} crashes, "
             f"lost {len(r['lost'])}, torn {len(r['torn'])}, "
-            f"converged {'in %.1f s' % r['converge_secs'] if r['converged'] else 'NO'}; "
+            f"converged {'in %.1f s' % r['converge_secs'] if r['converged'] else 'NO'}"
+            f"{'' if r['converged'] or r.get('identical_secs') is None else ' (trees identical after %.1f s)' % r['identical_secs']}; "
             f"{r['files']} files ({r['conflict_copies']} conflict copies) -> {'PASS' if r['ok'] else 'FAIL'}")
 
 
@@ -641,7 +653,9 @@ def table(paths):
         lines.append([str(r["seed"]), str(r["rounds"]), str(r["ops"]),
                       f"{r['kills']} ({r['kills_in_flight']})", str(r["partitions"]), str(len(r["crashes"])),
                       str(len(r["lost"])), str(len(r["torn"])),
-                      f"{r['converge_secs']:.1f}" if r["converged"] else "did not",
+                      f"{r['converge_secs']:.1f}" if r["converged"] else
+                      ("did not (trees identical %.1f)" % r["identical_secs"] if r.get("identical_secs") is not None
+                       else "did not"),
                       "PASS" if r["ok"] else "FAIL"])
     done = [r for r in rows if "ops" in r]
     conv = [r["converge_secs"] for r in done if r["converged"]]
@@ -659,6 +673,40 @@ def table(paths):
         print(fmt(l))
 
 
+def explain(work):
+    """For a failed run: each path that the index of a node lists and its
+    folder lacks, the operation that wrote that content (matched by writer,
+    size and time) and where that content is on disk now."""
+    ops = [json.loads(l) for l in open(os.path.join(work, "ops.jsonl"))]
+    ids = {}
+    for n in NAMES:
+        try:
+            ids[json.load(open(os.path.join(work, f"home-{n}.out")))["device_id"]] = n
+        except (OSError, ValueError):
+            pass
+    where = {}
+    for n in NAMES:
+        for h, p in all_hashes(os.path.join(work, n, SPACE)).items():
+            where.setdefault(h, []).append(f"{n}:{os.path.relpath(p, os.path.join(work, n, SPACE))}")
+    for n in NAMES:
+        try:
+            listing = json.load(open(os.path.join(work, f"{n}-ls.json")))
+        except (OSError, ValueError):
+            continue
+        for e in listing:
+            if e["kind"] != "file" or os.path.exists(os.path.join(work, n, SPACE, e["path"])):
+                continue
+            dev = ids.get(e["device"], e["device"][-8:])
+            cands = [o for o in ops if o.get("sha") and o.get("size") == e["size"] and o.get("dev") == dev
+                     and abs(o["t"] - e["mtime"]) < 3]
+            print(f"{n}: index lists {e['path']} ({e['size']} bytes, by {dev}, mtime "
+                  f"{time.strftime('%H:%M:%S', time.gmtime(e['mtime']))}) but the folder lacks it")
+            for o in cands:
+                print(f"    written by op {o['op']} ({o['dev']} {o['kind']} {o['path']} at "
+                      f"{time.strftime('%H:%M:%S', time.gmtime(o['t']))}); that content is now at: "
+                      f"{', '.join(where.get(o['sha'], ['nowhere']))}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -673,9 +721,14 @@ def main():
     r.add_argument("--bridge", required=True)
     r.add_argument("--port", type=int, default=4801)
     r.add_argument("--script", help="replay a scenario instead of random rounds")
+    x = sub.add_parser("explain")
+    x.add_argument("work")
     t = sub.add_parser("table")
     t.add_argument("results", nargs="*")
     a = ap.parse_args()
+    if a.cmd == "explain":
+        explain(a.work)
+        return 0
     if a.cmd == "table":
         table(a.results)
         return 0

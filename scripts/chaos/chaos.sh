@@ -109,7 +109,8 @@ for ((r = 0; r < runs; r++)); do
   results+=("$dir/result.json")
   if [ "$rc" != 0 ]; then
     fail=1
-    echo "chaos: seed $s FAILED; everything kept in $dir"
+    python3 "$here/chaos.py" explain "$dir" >"$dir/explain.txt" 2>&1 || true
+    echo "chaos: seed $s FAILED; everything kept in $dir (see explain.txt)"
   elif [ "$keep" = 0 ]; then
     # Keep the op log, the node logs and the result; drop folders and homes.
     rm -rf "$dir/a" "$dir/b" "$dir/c" "$dir"/home-?
