@@ -458,7 +458,7 @@ class Chaos:
         """Replays a scenario, one step a line (`#` starts a comment):
         DEV KIND PATH [DST] (a file operation: create, overwrite, replace,
         append, truncate, delete, rename, renamedir, mkdir, rmdir, big),
-        kill DEV, start DEV, cut DEV DEV, isolate DEV, heal (everything),
+        kill DEV, start DEV, cut DEV DEV, isolate DEV, heal [DEV [DEV]],
         sleep SECS, settle [SECS] (wait for convergence, at most SECS)."""
         ix = {n: i for i, n in enumerate(NAMES)}
         for lineno, line in enumerate(open(path), 1):
@@ -480,9 +480,11 @@ class Chaos:
                 self.partition("cut", ix[w[1]], ix[w[2]])
             elif w[0] == "isolate":
                 self.partition("isolate", ix[w[1]])
-            elif w[0] == "heal":
+            elif w[0] == "heal":  # heal [DEV [DEV]]: that partition, or all
+                want = sorted(ix[x] for x in w[1:])
                 for p in list(self.parts):
-                    self.heal(p)
+                    if not want or sorted(x for x in p[1:3] if x is not None) == want:
+                        self.heal(p)
             elif w[0] == "sleep":
                 time.sleep(float(w[1]))
             elif w[0] == "settle":
@@ -673,6 +675,33 @@ def table(paths):
         print(fmt(l))
 
 
+def to_script(work):
+    """Turns a run's op log into a scenario for --script: the same
+    operations, kills, restarts and partitions in the same order, with the
+    pauses between them (at most 3 s each). New content, same shape."""
+    last = None
+    print(f"# from {os.path.join(work, 'ops.jsonl')}")
+    for l in open(os.path.join(work, "ops.jsonl")):
+        r = json.loads(l)
+        if r.get("round", 0) < 0:
+            continue
+        if last is not None and r["t"] - last > 0.05:
+            print(f"sleep {min(r['t'] - last, 3.0):.2f}")
+        last = r["t"]
+        ev = r.get("event")
+        if ev == "kill9":
+            print(f"kill {r['dev']}")
+        elif ev == "start":
+            print(f"start {r['dev']}")
+        elif ev == "partition":
+            print(f"cut {r['a']} {r['b']}" if r["kind"] == "cut" else f"isolate {r['a']}")
+        elif ev == "heal":
+            print(f"heal {r['a']} {r['b'] or ''}".rstrip())
+        elif ev is None and "error" not in r and "path" in r:
+            kind = r["kind"].replace("create->overwrite", "overwrite")
+            print(f"{r['dev']} {kind} {r['path']} {r.get('dst', '')}".rstrip())
+
+
 def explain(work):
     """For a failed run: each path that the index of a node lists and its
     folder lacks, the operation that wrote that content (matched by writer,
@@ -721,11 +750,16 @@ def main():
     r.add_argument("--bridge", required=True)
     r.add_argument("--port", type=int, default=4801)
     r.add_argument("--script", help="replay a scenario instead of random rounds")
+    sc = sub.add_parser("script")
+    sc.add_argument("work")
     x = sub.add_parser("explain")
     x.add_argument("work")
     t = sub.add_parser("table")
     t.add_argument("results", nargs="*")
     a = ap.parse_args()
+    if a.cmd == "script":
+        to_script(a.work)
+        return 0
     if a.cmd == "explain":
         explain(a.work)
         return 0
