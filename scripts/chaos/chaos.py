@@ -87,8 +87,8 @@ class Node:
         if self.joined:
             cmd += ["--folder", self.folder]
         # `ip netns exec` execs the command: the pid is shoal's own.
-        self.proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=open(self.log, "a"),
-                                     stdin=subprocess.DEVNULL)
+        with open(out, "w") as so, open(self.log, "a") as se:
+            self.proc = subprocess.Popen(cmd, stdout=so, stderr=se, stdin=subprocess.DEVNULL)
         deadline = now() + 60
         while now() < deadline:
             if self.proc.poll() is not None:
