@@ -652,7 +652,7 @@ def table(paths):
             lines.append([str(r["seed"]), str(r["rounds"]), "-", "-", "-", "-", "-", "-", "-",
                           "ERROR " + r.get("error", "")])
             continue
-        lines.append([str(r["seed"]), str(r["rounds"]), str(r["ops"]),
+        lines.append([str(r["seed"]), "script" if r.get("script") else str(r["rounds"]), str(r["ops"]),
                       f"{r['kills']} ({r['kills_in_flight']})", str(r["partitions"]), str(len(r["crashes"])),
                       str(len(r["lost"])), str(len(r["torn"])),
                       f"{r['converge_secs']:.1f}" if r["converged"] else
