@@ -165,13 +165,25 @@ impl Entry {
 /// same set, whatever order it arrived in.
 pub fn winner(entries: &[Entry]) -> Option<&Entry> {
     entries.iter().max_by(|a, b| {
-        (!a.deleted, a.mtime_ns, a.device.as_bytes(), a.hash).cmp(&(
-            !b.deleted,
-            b.mtime_ns,
-            b.device.as_bytes(),
-            b.hash,
-        ))
+        rank(a)
+            .cmp(&rank(b))
+            .then_with(|| a.target.cmp(&b.target))
+            .then_with(|| (a.mode, a.chunked).cmp(&(b.mode, b.chunked)))
     })
+}
+
+/// What [`winner`] compares, most significant first. The kind and size
+/// (and, after them, target, mode and chunking) only break ties between
+/// entries that agree on the rest (the same device and time, the zero
+/// hashes of a folder and a link): without them the pick depended on the
+/// order the entries arrived in (found by the planner's property test).
+fn rank(e: &Entry) -> (bool, i64, &[u8], [u8; 32], u8, u64) {
+    let kind = match e.kind {
+        Kind::File => 0u8,
+        Kind::Dir => 1,
+        Kind::Symlink => 2,
+    };
+    (!e.deleted, e.mtime_ns, e.device.as_bytes(), e.hash, kind, e.size)
 }
 
 /// The ordered chunks of one file version.
