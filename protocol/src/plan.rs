@@ -220,6 +220,66 @@ pub fn remote(f: &Facts<'_>, me: &DeviceId) -> Remote {
     }
 }
 
+/// What to do with a version found on disk by the scanner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Local {
+    /// The index already has this content: record it, publish nothing
+    /// (often this device's own placement, or its own version coming back).
+    Adopt,
+    /// A plain local edit: record and publish it.
+    Publish,
+    /// The index moved past the version this file was edited from, and
+    /// this edit wins: publish it, and the other version as a conflict
+    /// copy named after its time and writer.
+    OursWin {
+        /// The other version, published under the copy's name.
+        theirs: Entry,
+        /// The copy's name parts: that version's time and writer.
+        copy: (i64, DeviceId),
+    },
+    /// The same, and the other version wins: this file becomes a conflict
+    /// copy under this device's name (published as such), and the winner
+    /// is placed.
+    TheirsWin {
+        /// The copy's name parts: this version's time and this device.
+        copy: (i64, DeviceId),
+    },
+}
+
+/// Decides what a scanned file means. `values` are the index's versions
+/// of the path, `base` the content hash this device last recorded there
+/// (what the file was edited from), `found` the entry for what is on disk.
+pub fn local(values: &[Entry], base: Option<[u8; 32]>, found: &Entry, me: &DeviceId) -> Local {
+    use crate::files::Kind;
+    let Some(w) = files::winner(values) else {
+        return Local::Publish;
+    };
+    // With no record here at all, a live version this device has not
+    // fetched yet is concurrent with the new file.
+    let concurrent = w.kind == Kind::File
+        && found.kind == Kind::File
+        && !w.deleted
+        && base.is_none_or(|b| w.hash != b)
+        && !w.same_content(found);
+    if concurrent {
+        return if files::winner(&[w.clone(), found.clone()]) == Some(w) {
+            Local::TheirsWin {
+                copy: (found.mtime_ns, me.clone()),
+            }
+        } else {
+            Local::OursWin {
+                theirs: w.clone(),
+                copy: (w.mtime_ns, w.device.clone()),
+            }
+        };
+    }
+    if w.same_content(found) {
+        Local::Adopt
+    } else {
+        Local::Publish
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,6 +474,35 @@ mod tests {
                 // Forgetting a record is itself idempotent.
                 let h = Facts { recorded: None, ..g.clone() };
                 prop_assert_eq!(remote(&h, &dev(9)), Remote::Forget);
+            }
+        }
+    }
+
+    proptest! {
+        /// A local edit: every device given the same index values decides
+        /// the same (and names the same copy) whatever their order; the
+        /// losing side is always kept as a copy, never dropped.
+        #[test]
+        fn a_local_edit_is_decided_alike_everywhere_and_never_dropped(
+            (values, rec, _, _) in facts_strategy(),
+            ours in (0u8..3, 0i64..5),
+            seed in any::<u64>(),
+        ) {
+            let found = entry(ours.0, ours.1, 9, false);
+            let base = rec.map(|h| [h; 32]);
+            let plan = local(&values, base, &found, &dev(9));
+            let mut shuffled = values.clone();
+            let n = shuffled.len();
+            shuffled.rotate_left((seed as usize) % n);
+            prop_assert_eq!(&local(&shuffled, base, &found, &dev(9)), &plan);
+            match &plan {
+                Local::TheirsWin { copy } => prop_assert_eq!(copy, &(found.mtime_ns, dev(9))),
+                Local::OursWin { theirs, copy } => {
+                    prop_assert_eq!(copy, &(theirs.mtime_ns, theirs.device.clone()));
+                    prop_assert!(!theirs.deleted);
+                }
+                Local::Adopt => prop_assert!(files::winner(&values).unwrap().same_content(&found)),
+                Local::Publish => {}
             }
         }
     }

@@ -662,7 +662,6 @@ impl Worker {
         let mut cur = current.into_iter();
         for f in result.found {
             let values = entries(&cur.next().unwrap_or_default());
-            let winner = files::winner(&values).cloned();
             let abs = self.root.join(f.rel());
             // Changed again since it was read: the next scan has it.
             let now = match fs::symlink_metadata(&abs) {
@@ -727,33 +726,30 @@ impl Worker {
             // the two edits are concurrent. Both are kept.
             // (With no record here at all, a live remote version this
             // device has not fetched yet is concurrent with the new file.)
-            let base = blobs.local(&self.space, &rel)?;
-            if let Some(w) = &winner {
-                if w.kind == Kind::File
-                    && entry.kind == Kind::File
-                    && !w.deleted
-                    && base.as_ref().is_none_or(|b| w.hash != b.hash)
-                    && !w.same_content(&entry)
-                {
-                    let theirs_win = files::winner(&[w.clone(), entry.clone()]) == Some(w);
-                    let (loser, device) = if theirs_win {
-                        (&entry, me.short())
-                    } else {
-                        (w, w.device.short())
-                    };
-                    let want = place::conflict_name(&rel, loser.mtime_ns, &device);
-                    let copy = place::free_name(&self.root, &want);
-                    self.shared
-                        .counters
-                        .conflicts
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.shared.emit(Event::Conflict {
-                        space: self.space.to_string(),
-                        path: rel.clone(),
-                        copy: copy.clone(),
-                        device,
-                    });
-                    if theirs_win {
+            let base = blobs.local(&self.space, &rel)?.map(|b| b.hash);
+            let decided = plan::local(&values, base, &entry, &me);
+            let conflict = match &decided {
+                plan::Local::OursWin { copy, .. } | plan::Local::TheirsWin { copy } => {
+                    Some(copy.clone())
+                }
+                plan::Local::Adopt | plan::Local::Publish => None,
+            };
+            if let Some((mtime, device)) = conflict {
+                let device = device.short();
+                let want = place::conflict_name(&rel, mtime, &device);
+                let copy = place::free_name(&self.root, &want);
+                self.shared
+                    .counters
+                    .conflicts
+                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.emit(Event::Conflict {
+                    space: self.space.to_string(),
+                    path: rel.clone(),
+                    copy: copy.clone(),
+                    device,
+                });
+                match &decided {
+                    plan::Local::TheirsWin { .. } => {
                         // Our file becomes the copy; theirs is placed.
                         fs::rename(&abs, self.root.join(&copy))
                             .map_err(|e| Error::io("keep conflict copy", &abs, e))?;
@@ -776,11 +772,12 @@ impl Worker {
                     }
                     // Ours wins; theirs is kept as a copy in the index, and
                     // fetched like any file.
-                    puts.push((copy, w.clone()));
+                    plan::Local::OursWin { theirs, .. } => puts.push((copy, theirs.clone())),
+                    plan::Local::Adopt | plan::Local::Publish => {}
                 }
             }
             blobs.set_local(&self.space, &rel, stat, entry.hash, entry.chunked, &chunks)?;
-            if winner.as_ref().is_some_and(|w| w.same_content(&entry)) {
+            if decided == plan::Local::Adopt {
                 continue;
             }
             puts.push((rel, entry));
