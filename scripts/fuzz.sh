@@ -43,7 +43,10 @@ start=$(date +%s)
 echo "build: $(($(date +%s) - start)) s"
 
 triple=$(rustc +nightly -vV | sed -n 's/^host: //p')
-bin_dir=fuzz/target/$triple/release
+# fuzz/target unless CARGO_TARGET_DIR or a cargo config says otherwise
+target_dir=$(cd fuzz && cargo +nightly metadata --format-version 1 --no-deps |
+  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+bin_dir=${target_dir:-fuzz/target}/$triple/release
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
