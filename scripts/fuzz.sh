@@ -91,9 +91,9 @@ fuzz_one() {
 jobs=${FUZZ_JOBS:-1}
 targets=()
 n=0
-for src in fuzz/fuzz_targets/*.rs; do
-  targets+=("$(basename "$src" .rs)")
-  [[ " ${FUZZ_SKIP:-} " == *" ${targets[-1]} "* ]] || n=$((n + 1))
+for t in $(cd fuzz && cargo +nightly fuzz list); do
+  targets+=("$t")
+  [[ " ${FUZZ_SKIP:-} " == *" $t "* ]] || n=$((n + 1))
 done
 echo "== fuzzing $n of ${#targets[@]} targets, ${secs} s each, ${jobs} at a time"
 running=0

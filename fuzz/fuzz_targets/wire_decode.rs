@@ -4,6 +4,8 @@
 //! gossiped changes it carries are decoded on as the node does.
 #![no_main]
 
+mod known;
+
 use libfuzzer_sys::fuzz_target;
 use shoal_protocol::files::{BlobRequest, BlobResponse, MAX_BLOB_REQUEST};
 use shoal_protocol::wire::{
@@ -31,6 +33,10 @@ fn sync_message(m: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // KNOWN: bundle chunks panic Automerge's parser (known.rs).
+    if known::has_bundle(data) {
+        return;
+    }
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
