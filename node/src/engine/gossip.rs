@@ -56,7 +56,7 @@ impl Engine {
             // Pulled by sync, which carries the signature of the last change:
             // it vouches for the others (`shoal_protocol::sync::unvouched`).
             if let Some(last) = changes_tip {
-                let sig = self.sign_change(&id, &doc, &last);
+                let sig = self.sign_change(&id, doc, &last);
                 self.store_sigs(&[(last.0, sig)]);
             }
             // Too big to inline: announce the heads; receivers pull.
@@ -73,7 +73,7 @@ impl Engine {
             else {
                 continue;
             };
-            let sig = self.sign_change(&id, &doc, &tip.hash());
+            let sig = self.sign_change(&id, doc, &tip.hash());
             self.store_sigs(&[(tip.hash().0, sig.clone())]);
             let bytes = wire::encode(&GossipBody::Changes {
                 doc: doc.clone(),
