@@ -6,12 +6,12 @@
 /// chunk type 3) anywhere.
 ///
 /// KNOWN: automerge 0.12 panics parsing some hostile bundle chunks (an
-/// unwrap in hexane's column decoder, from `BundleStorage`), and shoal
-/// hands peer bytes to that parser: `sync::changes_in` calls
-/// `Change::try_from` on every chunk that is not a document, and the
-/// gossip path does the same for gossiped changes; `AutoCommit::load` of
-/// a stored snapshot too. The fix is to refuse chunk types other than
-/// document and change before Automerge parses them.
+/// unwrap in hexane's column decoder, from `BundleStorage`). Peers can no
+/// longer reach it: `sync::changes_in` and the gossip path refuse chunk
+/// types other than document and change before Automerge parses them (the
+/// `sync_decode` and `wire_decode` crashers replay clean). Still open:
+/// `AutoCommit::load` of a stored snapshot (the node's own disk), which
+/// the `roster` target loads whole.
 pub fn has_bundle(data: &[u8]) -> bool {
     const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
     const CHUNK_BUNDLE: u8 = 3;

@@ -42,11 +42,10 @@ fn base() -> &'static Vec<u8> {
 fn receive(data: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
     let msg = sync::decode_message(data)?;
     let _changes = sync::changes_in(&msg)?;
-    // VALIDATE: the checks of a peer's message before Automerge sees it go
-    // here once they land in protocol/src/sync.rs, e.g.
-    //     shoal_protocol::sync::check_message(&msg)?;
-    // (today automerge 0.12 divides by zero on a `have` bloom filter of one
-    // entry and zero bits per entry; see fuzz/crashers/).
+    // decode_message has checked the message (sync::validate_message:
+    // bloom filter shapes, counts) before Automerge sees it; without that
+    // check automerge 0.12 divides by zero on a `have` bloom filter of one
+    // entry and zero bits per entry (fuzz/crashers/sync_receive-*).
     let mut doc = AutoCommit::load(base())?;
     let mut state = am_sync::State::new();
     // The responder has spoken first, as it has in a live session.
