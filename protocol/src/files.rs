@@ -183,7 +183,14 @@ fn rank(e: &Entry) -> (bool, i64, &[u8], [u8; 32], u8, u64) {
         Kind::Dir => 1,
         Kind::Symlink => 2,
     };
-    (!e.deleted, e.mtime_ns, e.device.as_bytes(), e.hash, kind, e.size)
+    (
+        !e.deleted,
+        e.mtime_ns,
+        e.device.as_bytes(),
+        e.hash,
+        kind,
+        e.size,
+    )
 }
 
 /// The ordered chunks of one file version.
