@@ -6,6 +6,7 @@ mod api;
 mod events;
 mod folders;
 mod hostile;
+mod model;
 mod pairing;
 mod relay;
 mod sync;
