@@ -18,7 +18,10 @@
 //! 2. the last content each device wrote to each path, unless that device
 //!    deleted or moved it afterwards, survives somewhere: the live file, a
 //!    conflict copy or a kept old version under `.shoal/versions/`, at any
-//!    device;
+//!    device; and as a live file (at any path) if no other device changed
+//!    the path since in a way that could have seen it (each change was
+//!    made offline, by a device offline from before the write, or while
+//!    the writer was still offline): modify beats a concurrent delete;
 //! 3. no file holds content nobody wrote (every write is unique: it names
 //!    its operation);
 //! 4. a deletion made after a settle that followed the path's last write
@@ -228,6 +231,18 @@ enum Expect {
     Dir(String),
 }
 
+/// A node's last write to a path.
+struct LastWrite {
+    content: Vec<u8>,
+    /// The operation that wrote it.
+    at: usize,
+    /// No other node has changed the path since in a way that may have
+    /// seen this write (each was offline from before it, or the writer
+    /// was): the write is concurrent with every change made since, and
+    /// must survive as a live file, not only as an old version.
+    unseen: bool,
+}
+
 struct Run {
     nodes: Vec<TestNode>,
     roots: Vec<PathBuf>,
@@ -235,7 +250,9 @@ struct Run {
     /// The operation being applied.
     seq: usize,
     /// (node, path) -> the last content that node wrote there.
-    last: HashMap<(usize, String), Vec<u8>>,
+    last: HashMap<(usize, String), LastWrite>,
+    /// Since which operation each offline node has been offline.
+    offline_since: Vec<Option<usize>>,
     /// Every content a write left in a file.
     written: HashSet<Vec<u8>>,
     /// path -> the last operation that put a file there (any node).
@@ -277,6 +294,7 @@ async fn run(n: usize, ops: &[Op], strict: bool) -> Result<()> {
         online: vec![true; n],
         seq: 0,
         last: HashMap::new(),
+        offline_since: vec![None; n],
         // The moment between truncating and writing a file in place.
         written: HashSet::from([Vec::new()]),
         last_write: HashMap::new(),
@@ -325,12 +343,31 @@ impl Run {
     }
 
     fn wrote(&mut self, node: usize, rel: &str, content: Vec<u8>) {
+        self.changed(node, rel);
         self.written.insert(content.clone());
-        self.last.insert((node, rel.to_string()), content);
+        let w = LastWrite {
+            content,
+            at: self.seq,
+            unseen: true,
+        };
+        self.last.insert((node, rel.to_string()), w);
         self.last_write.insert(rel.to_string(), self.seq);
     }
 
+    /// `node` changes `rel`: other nodes' last writes there that it may
+    /// have seen may now be only old versions.
+    fn changed(&mut self, node: usize, rel: &str) {
+        let offline = &self.offline_since;
+        for ((d, p), w) in self.last.iter_mut() {
+            let before = |n: usize| offline[n].is_some_and(|s| s < w.at);
+            if p == rel && *d != node && !(before(node) || before(*d)) {
+                w.unseen = false;
+            }
+        }
+    }
+
     fn removed(&mut self, node: usize, rel: &str) {
+        self.changed(node, rel);
         self.last.remove(&(node, rel.to_string()));
         let seen = self
             .settled
@@ -516,6 +553,7 @@ impl Run {
             Op::Toggle(..) if self.online[node] => {
                 self.nodes[node].stop().await;
                 self.online[node] = false;
+                self.offline_since[node] = Some(self.seq);
                 self.note(format!("n{node} stop"));
             }
             Op::Toggle(_, slow) => {
@@ -529,6 +567,7 @@ impl Run {
                 if self.online[node] {
                     self.nodes[node].stop().await;
                     self.online[node] = false;
+                    self.offline_since[node] = Some(self.seq);
                 }
                 self.start(node, slow).await?;
                 self.note(format!(
@@ -559,6 +598,7 @@ impl Run {
             self.note(format!("n{node}'s store was still locked after it stopped"));
         }
         self.online[node] = true;
+        self.offline_since[node] = None;
         let peers: Vec<usize> = (0..self.n())
             .filter(|&j| j != node && self.online[j])
             .collect();
@@ -745,17 +785,35 @@ impl Run {
                 everywhere.insert(c);
             }
         }
+        let live: HashSet<Vec<u8>> = self
+            .roots
+            .iter()
+            .flat_map(|r| tree(r).into_values().flatten())
+            .collect();
         let mut lost: Vec<_> = self
             .last
             .iter()
-            .filter(|(_, c)| !everywhere.contains(*c))
+            .filter(|(_, w)| !everywhere.contains(&w.content))
             .collect();
-        lost.sort();
-        if let Some(((node, rel), c)) = lost.first() {
+        lost.sort_by_key(|(k, _)| (*k).clone());
+        if let Some(((node, rel), w)) = lost.first() {
             bail!(
                 "property 2: n{node}'s last write to {rel} ({:?}) is nowhere (lost: {})",
-                String::from_utf8_lossy(c),
+                String::from_utf8_lossy(&w.content),
                 lost.len()
+            );
+        }
+        let mut gone: Vec<_> = self
+            .last
+            .iter()
+            .filter(|(_, w)| w.unseen && !live.contains(&w.content))
+            .collect();
+        gone.sort_by_key(|(k, _)| (*k).clone());
+        if let Some(((node, rel), w)) = gone.first() {
+            bail!(
+                "property 2: n{node}'s last write to {rel} ({:?}) is only an old version, but \
+                 nobody who could have seen it changed {rel} (modify beats a concurrent delete)",
+                String::from_utf8_lossy(&w.content),
             );
         }
         Ok(())
