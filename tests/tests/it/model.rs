@@ -175,7 +175,26 @@ proptest! {
 /// regressions file only means the same case while the strategy stays the
 /// same).
 fn found() -> Vec<(&'static str, usize, Vec<Op>)> {
-    vec![]
+    use Op::*;
+    vec![
+        (
+            "0c743de, bug 1: a file saved by rename after it was served never reaches the peer",
+            2,
+            vec![Create(0, 0), Settle, Replace(0, 0)],
+        ),
+        (
+            "0c743de, bug 2: a deletion made offline beats a newer edit (slow first scan)",
+            2,
+            vec![
+                Create(0, 0),
+                Settle,
+                Toggle(1, false),
+                Delete(1, 0),
+                Append(0, 0),
+                Toggle(1, true),
+            ],
+        ),
+    ]
 }
 
 /// Cases that fail on the current code: the open issues the model found,
@@ -253,8 +272,9 @@ struct Run {
     last: HashMap<(usize, String), LastWrite>,
     /// Since which operation each offline node has been offline.
     offline_since: Vec<Option<usize>>,
-    /// Every content a write left in a file.
-    written: HashSet<Vec<u8>>,
+    /// Every content a write left in a file, with the hash the index
+    /// names it by.
+    written: HashMap<Vec<u8>, String>,
     /// path -> the last operation that put a file there (any node).
     last_write: HashMap<String, usize>,
     /// The last settle.
@@ -296,7 +316,7 @@ async fn run(n: usize, ops: &[Op], strict: bool) -> Result<()> {
         last: HashMap::new(),
         offline_since: vec![None; n],
         // The moment between truncating and writing a file in place.
-        written: HashSet::from([Vec::new()]),
+        written: HashMap::from([(Vec::new(), version_of(b""))]),
         last_write: HashMap::new(),
         settled: None,
         protected: Vec::new(),
@@ -339,12 +359,23 @@ impl Run {
     }
 
     fn content(&self, node: usize, what: &str) -> Vec<u8> {
-        format!("op{} n{node} {what}\n", self.seq).into_bytes()
+        let mut c = format!("op{} n{node} {what}\n", self.seq).into_bytes();
+        // About 100 kB, cut into several chunks: a file of one chunk did
+        // not show bug 1.
+        let mut x = (self.seq as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.push(b'a' + (x % 26) as u8);
+        }
+        c
     }
 
     fn wrote(&mut self, node: usize, rel: &str, content: Vec<u8>) {
         self.changed(node, rel);
-        self.written.insert(content.clone());
+        let v = version_of(&content);
+        self.written.insert(content.clone(), v);
         let w = LastWrite {
             content,
             at: self.seq,
@@ -630,7 +661,11 @@ impl Run {
             };
             expect.iter().all(|e| match e {
                 Expect::File(rel, c) => {
-                    let hash = blake3::hash(c).to_hex().to_string();
+                    let hash = self
+                        .written
+                        .get(c)
+                        .cloned()
+                        .unwrap_or_else(|| version_of(c));
                     std::fs::read(root.join(rel)).ok().as_ref() != Some(c)
                         || files.iter().any(|f| {
                             f.hash.as_deref() == Some(hash.as_str())
@@ -732,7 +767,7 @@ impl Run {
         let mut anywhere = HashSet::new();
         for root in &self.roots {
             for (_, c) in all_files(root).ok()? {
-                anywhere.insert(blake3::hash(&c).to_hex().to_string());
+                anywhere.insert(version_of(&c));
             }
         }
         let missing: Vec<_> = ixs[0]
@@ -752,16 +787,13 @@ impl Run {
         let Some(ix) = ix else {
             return "(unreadable)".into();
         };
-        let by_hash: HashMap<String, &Vec<u8>> = self
-            .written
-            .iter()
-            .map(|c| (blake3::hash(c).to_hex().to_string(), c))
-            .collect();
+        let by_hash: HashMap<&String, &Vec<u8>> =
+            self.written.iter().map(|(c, v)| (v, c)).collect();
         ix.iter()
             .map(|(p, kind, hash)| match (kind, hash) {
                 (&"dir", _) => format!("{p}/"),
                 (_, Some(h)) => match by_hash.get(h) {
-                    Some(c) => format!("{p}={:?}", String::from_utf8_lossy(c).trim_end()),
+                    Some(c) => format!("{p}={}", label(c)),
                     None => format!("{p}=#{}", &h[..8]),
                 },
                 _ => format!("{p} ({kind})"),
@@ -775,11 +807,11 @@ impl Run {
         let mut everywhere: HashSet<Vec<u8>> = HashSet::new();
         for root in &self.roots {
             for (rel, c) in all_files(root)? {
-                if !self.written.contains(&c) {
+                if !self.written.contains_key(&c) {
                     bail!(
-                        "property 3: {} holds {:?}, which nobody wrote",
+                        "property 3: {} holds {}, which nobody wrote",
                         root.join(rel).display(),
-                        String::from_utf8_lossy(&c)
+                        label(&c)
                     );
                 }
                 everywhere.insert(c);
@@ -798,8 +830,8 @@ impl Run {
         lost.sort_by_key(|(k, _)| (*k).clone());
         if let Some(((node, rel), w)) = lost.first() {
             bail!(
-                "property 2: n{node}'s last write to {rel} ({:?}) is nowhere (lost: {})",
-                String::from_utf8_lossy(&w.content),
+                "property 2: n{node}'s last write to {rel} ({}) is nowhere (lost: {})",
+                label(&w.content),
                 lost.len()
             );
         }
@@ -811,9 +843,9 @@ impl Run {
         gone.sort_by_key(|(k, _)| (*k).clone());
         if let Some(((node, rel), w)) = gone.first() {
             bail!(
-                "property 2: n{node}'s last write to {rel} ({:?}) is only an old version, but \
+                "property 2: n{node}'s last write to {rel} ({}) is only an old version, but \
                  nobody who could have seen it changed {rel} (modify beats a concurrent delete)",
-                String::from_utf8_lossy(&w.content),
+                label(&w.content),
             );
         }
         Ok(())
@@ -829,7 +861,7 @@ impl Run {
                     bail!(
                         "property 4: n{node} deleted {rel} at op {at} after everyone had its last \
                          write, nobody wrote it since, but it is back: {:?}",
-                        c.as_ref().map(|c| String::from_utf8_lossy(c).into_owned())
+                        c.as_ref().map(|c| label(c))
                     );
                 }
             }
@@ -919,11 +951,32 @@ fn files_under(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
         .collect())
 }
 
+/// A content as its first line (the write that made it) and its length.
+fn label(c: &[u8]) -> String {
+    let first = c.split(|b| *b == b'\n').next().unwrap_or_default();
+    format!("{:?}({} B)", String::from_utf8_lossy(first), c.len())
+}
+
+/// The hash the index names `content` by (a manifest's, when it has
+/// several chunks).
+fn version_of(content: &[u8]) -> String {
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(content).expect("write temp file");
+    let h = shoal_node::folder::scan::hash_file(f.path())
+        .expect("hash")
+        .expect("stable");
+    hex_of(&h.version().0)
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 fn show(t: &BTreeMap<String, Option<Vec<u8>>>) -> String {
     t.iter()
         .map(|(p, c)| match c {
             None => format!("{p}/"),
-            Some(c) => format!("{p}={:?}", String::from_utf8_lossy(c).trim_end()),
+            Some(c) => format!("{p}={}", label(c)),
         })
         .collect::<Vec<_>>()
         .join(" ")
