@@ -141,7 +141,38 @@ fn config() -> ProptestConfig {
     if std::env::var_os("PROPTEST_CASES").is_none() {
         c.cases = CI_CASES;
     }
+    // A failing case is shrunk by `minimize`: proptest's shrinker stops
+    // at the first simpler case that passes, and timing decides some.
+    if std::env::var_os("PROPTEST_MAX_SHRINK_ITERS").is_none() {
+        c.max_shrink_iters = 0;
+    }
     c
+}
+
+/// Shrinks a failing case by removing one operation at a time (and a
+/// node), keeping each removal after which the case still fails.
+fn minimize(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    ops: Vec<Op>,
+    strict: bool,
+) -> (usize, Vec<Op>) {
+    let fails = |n: usize, ops: &[Op]| rt.block_on(run(n, ops, strict)).is_err();
+    let (mut n, mut ops) = (n, ops);
+    if n > 2 && fails(2, &ops) {
+        n = 2;
+    }
+    let mut i = 0;
+    while i < ops.len() {
+        let mut fewer = ops.clone();
+        fewer.remove(i);
+        if fails(n, &fewer) {
+            ops = fewer;
+        } else {
+            i += 1;
+        }
+    }
+    (n, ops)
 }
 
 proptest! {
@@ -156,7 +187,7 @@ proptest! {
             .expect("runtime");
         let started = std::time::Instant::now();
         let strict = std::env::var_os("MODEL_STRICT").is_some();
-        let r = rt.block_on(run(n, &ops, strict));
+        let mut r = rt.block_on(run(n, &ops, strict));
         if std::env::var_os("MODEL_LOG").is_some() {
             eprintln!(
                 "model case: {n} nodes, {} ops, {:.1} s, {}",
@@ -164,6 +195,12 @@ proptest! {
                 started.elapsed().as_secs_f64(),
                 if r.is_ok() { "ok" } else { "FAILED" }
             );
+        }
+        if r.is_err() {
+            let (n, ops) = minimize(&rt, n, ops, strict);
+            r = rt.block_on(run(n, &ops, strict)).with_context(|| {
+                format!("shrunk by removing operations: {n} nodes, {ops:?}")
+            });
         }
         if let Err(e) = r {
             return Err(TestCaseError::fail(format!("{e:#}")));
