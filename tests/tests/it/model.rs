@@ -125,7 +125,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (node(), dir()).prop_map(|(n, d)| Op::RmDir(n, d)),
         5 => (node(), any::<bool>()).prop_map(|(n, slow)| Op::Toggle(n, slow)),
         2 => (node(), any::<bool>()).prop_map(|(n, slow)| Op::Restart(n, slow)),
-        2 => Just(Op::Settle),
+        4 => Just(Op::Settle),
     ]
 }
 
@@ -187,7 +187,7 @@ proptest! {
             .expect("runtime");
         let started = std::time::Instant::now();
         let strict = std::env::var_os("MODEL_STRICT").is_some();
-        let mut r = rt.block_on(run(n, &ops, strict));
+        let r = rt.block_on(run(n, &ops, strict));
         if std::env::var_os("MODEL_LOG").is_some() {
             eprintln!(
                 "model case: {n} nodes, {} ops, {:.1} s, {}",
@@ -196,14 +196,19 @@ proptest! {
                 if r.is_ok() { "ok" } else { "FAILED" }
             );
         }
-        if r.is_err() {
-            let (n, ops) = minimize(&rt, n, ops, strict);
-            r = rt.block_on(run(n, &ops, strict)).with_context(|| {
-                format!("shrunk by removing operations: {n} nodes, {ops:?}")
-            });
-        }
-        if let Err(e) = r {
-            return Err(TestCaseError::fail(format!("{e:#}")));
+        if let Err(first) = r {
+            if std::env::var_os("MODEL_LOG").is_some() {
+                eprintln!("model case failed: {first:#}");
+            }
+            let (m, fewer) = minimize(&rt, n, ops.clone(), strict);
+            let msg = match rt.block_on(run(m, &fewer, strict)) {
+                Err(e) => format!(
+                    "shrunk by removing operations to {m} nodes, {fewer:?}: {e:#}\n\n\
+                     first failure ({n} nodes, {ops:?}): {first:#}"
+                ),
+                Ok(()) => format!("{first:#}\n(no shorter case failed again)"),
+            };
+            return Err(TestCaseError::fail(msg));
         }
     }
 }
