@@ -220,6 +220,18 @@ fn found() -> Vec<(&'static str, usize, Vec<Op>)> {
     use Op::*;
     vec![
         (
+            "a deletion of a version older than the index's (the newer one's writer offline): \
+             the newer version wins when its writer is back",
+            2,
+            vec![
+                Create(2, 0),
+                Settle,
+                Append(2, 0),
+                Toggle(2, true),
+                RmDir(1, 0),
+            ],
+        ),
+        (
             "0c743de, bug 1: a file saved by rename after it was served never reaches the peer",
             2,
             vec![Create(0, 0), Settle, Replace(0, 0)],
@@ -287,7 +299,9 @@ enum Expect {
     /// the disk no longer holds it there.
     File(String, Vec<u8>),
     /// The path is not live in the index, unless it is back on disk.
-    Gone(String),
+    /// (With the content that was there, for a file: a newer version
+    /// this node never had beats the deletion and is fetched again.)
+    Gone(String, Option<Vec<u8>>),
     /// The folder is recorded, unless it is gone from disk.
     Dir(String),
 }
@@ -558,10 +572,11 @@ impl Run {
                 if !p.is_file() {
                     return self.skip(format!("n{node} delete {rel}: missing, skipped"));
                 }
+                let c = std::fs::read(&p)?;
                 std::fs::remove_file(&p)?;
                 self.note(format!("n{node} delete {rel}"));
                 self.removed(node, rel);
-                expect.push(Expect::Gone(rel.into()));
+                expect.push(Expect::Gone(rel.into(), Some(c)));
             }
             Op::RenameFile(_, f, g) => {
                 let (from, to) = (FILES[f], FILES[g]);
@@ -575,7 +590,7 @@ impl Run {
                 self.note(format!("n{node} rename {from} -> {to}"));
                 self.removed(node, from);
                 self.wrote(node, to, c.clone());
-                expect.push(Expect::Gone(from.into()));
+                expect.push(Expect::Gone(from.into(), Some(c.clone())));
                 expect.push(Expect::File(to.into(), c));
             }
             Op::RenameDir(_, d, e) => {
@@ -589,13 +604,13 @@ impl Run {
                     return self.skip(format!("n{node} rename dir {from} {to}: {e}, skipped"));
                 }
                 self.note(format!("n{node} rename dir {from} -> {to}"));
-                expect.push(Expect::Gone(from.into()));
+                expect.push(Expect::Gone(from.into(), None));
                 expect.push(Expect::Dir(to.into()));
                 for (sub, c) in files {
                     let (old, new) = (format!("{from}/{sub}"), format!("{to}/{sub}"));
                     self.removed(node, &old);
                     self.wrote(node, &new, c.clone());
-                    expect.push(Expect::Gone(old));
+                    expect.push(Expect::Gone(old, Some(c.clone())));
                     expect.push(Expect::File(new, c));
                 }
             }
@@ -616,11 +631,11 @@ impl Run {
                 let files = files_under(&p)?;
                 std::fs::remove_dir_all(&p)?;
                 self.note(format!("n{node} rmdir {rel} ({} files)", files.len()));
-                expect.push(Expect::Gone(rel.into()));
-                for (sub, _) in files {
+                expect.push(Expect::Gone(rel.into(), None));
+                for (sub, c) in files {
                     let old = format!("{rel}/{sub}");
                     self.removed(node, &old);
-                    expect.push(Expect::Gone(old));
+                    expect.push(Expect::Gone(old, Some(c)));
                 }
             }
             Op::Toggle(..) if self.online[node] => {
@@ -715,9 +730,19 @@ impl Run {
                                     || parse_conflict(&f.path).is_some_and(|(o, _, _)| o == *rel))
                         })
                 }
-                Expect::Gone(rel) => {
+                Expect::Gone(rel, had) => {
+                    let had = had.as_ref().map(|c| {
+                        self.written
+                            .get(c)
+                            .cloned()
+                            .unwrap_or_else(|| version_of(c))
+                    });
+                    let under = format!("{rel}/");
                     root.join(rel).symlink_metadata().is_ok()
-                        || !files.iter().any(|f| f.path == *rel)
+                        || !files
+                            .iter()
+                            .any(|f| f.path == *rel && (had.is_none() || f.hash == had))
+                        || (had.is_none() && files.iter().any(|f| f.path.starts_with(&under)))
                 }
                 Expect::Dir(rel) => {
                     !root.join(rel).is_dir()
