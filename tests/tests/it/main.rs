@@ -8,6 +8,7 @@ mod folders;
 mod hostile;
 mod hostile_folders;
 mod limits;
+mod model;
 mod pairing;
 mod relay;
 mod supervise;
