@@ -47,7 +47,7 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::UnknownSpace(_) | Error::UnknownDoc { .. } => StatusCode::NOT_FOUND,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Forbidden(_) | Error::MembersUnknown => StatusCode::FORBIDDEN,
             Error::BadRequest(_) | Error::Protocol(_) => StatusCode::BAD_REQUEST,
             Error::SpaceExists(_) => StatusCode::CONFLICT,
             Error::Stopped => StatusCode::SERVICE_UNAVAILABLE,

@@ -66,6 +66,11 @@ pub enum Error {
     /// The local device may not do this.
     #[error("not allowed: {0}")]
     Forbidden(String),
+    /// This device holds the space's key but has not received its
+    /// `members` document yet, so it cannot know its own role: writes
+    /// wait until a peer has synced it.
+    #[error("not allowed yet: this device does not know the space's members yet; wait for a peer to sync")]
+    MembersUnknown,
     /// The request is malformed.
     #[error("bad request: {0}")]
     BadRequest(String),

@@ -1160,9 +1160,7 @@ impl Engine {
             .get_mut(&id)
             .ok_or_else(|| Error::UnknownSpace(id.to_string()))?;
         if s.roster.members.is_empty() && !doc.is_members() && s.roster.creator != self.me {
-            return Err(Error::Forbidden(
-                "this device does not know the space's members yet; wait for a peer to sync".into(),
-            ));
+            return Err(Error::MembersUnknown);
         }
         s.roster
             .check(doc, &self.me)

@@ -88,6 +88,9 @@ pub struct Worker {
     /// scanner leaves them for later, or it would take the placed content
     /// for a local edit (and publish it over a newer version).
     placing: Mutex<HashSet<String>>,
+    /// Local changes were refused because this device did not know the
+    /// space's members yet: scan everything again once `members` changes.
+    unshared: AtomicBool,
 }
 
 /// A path the scanner found changed.
@@ -168,6 +171,7 @@ impl Worker {
             rules: RwLock::new(rules),
             activity: AtomicU64::new(0),
             placing: Mutex::new(HashSet::new()),
+            unshared: AtomicBool::new(false),
         }
     }
 
@@ -425,6 +429,8 @@ impl Worker {
                         if let Ok(d) = doc.parse::<DocId>() {
                             if files::is_index(&d) {
                                 dirty_shards.insert(d);
+                            } else if d.is_members() && self.unshared.swap(false, Ordering::SeqCst) {
+                                full_scan = true;
                             }
                         }
                     }
@@ -833,6 +839,11 @@ impl Worker {
             if let Err(Error::Forbidden(why)) = &r {
                 self.problem("", format!("local changes are not shared: {why}"));
                 return Ok(());
+            }
+            if let Err(Error::MembersUnknown) = &r {
+                // Shared once `members` arrives: a full scan then finds
+                // these files again (their records are forgotten below).
+                self.unshared.store(true, Ordering::SeqCst);
             }
             if r.is_err() {
                 // Not recorded in the index: forget what the scan recorded

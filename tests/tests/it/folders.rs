@@ -570,3 +570,35 @@ async fn a_deletion_made_offline_does_not_beat_a_newer_edit() -> Result<()> {
     assert_eq!(fs::read(a.join("notes.txt"))?, v2, "A lost version 2");
     Ok(())
 }
+
+/// Found by the model test (issue 19): a file written on a device that had
+/// the space's key but not yet its `members` document was refused by the
+/// engine, but the scan kept its record, so later scans saw nothing new and
+/// the file was never shared unless edited again. Now the records are
+/// forgotten and the folder is scanned again once `members` arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_before_members_arrive_is_shared_once_they_do() -> Result<()> {
+    use shoal_tests::{connect, share_space, TestNode};
+    let a = TestNode::spawn("a").await?;
+    let b = TestNode::spawn("b").await?;
+    a.node.create_space("s").await?;
+    share_space(&a.node, "s", &[&b.node]).await?;
+    let dirs = tempfile::tempdir()?;
+    let (ra, rb) = (dirs.path().join("a"), dirs.path().join("b"));
+    a.node.attach_folder("s", &ra).await?;
+    b.node.attach_folder("s", &rb).await?;
+    // B writes before it has ever talked to anyone: it cannot know its role.
+    fs::write(rb.join("early.txt"), b"written before members")?;
+    shoal_tests::wait_for(&b.node, shoal_tests::TIMEOUT, || async {
+        b.node.folder_status().await.iter().any(|f| {
+            f.problems
+                .iter()
+                .any(|p| p.contains("does not know the space's members"))
+        })
+    })
+    .await
+    .context("B never said its change waits for the members")?;
+    connect(&b.node, &a.node).await?;
+    wait_file(&a.node, &ra.join("early.txt"), b"written before members").await?;
+    Ok(())
+}
