@@ -66,6 +66,8 @@ const OP_WAIT: Duration = Duration::from_secs(10);
 const SETTLE_WAIT: Duration = Duration::from_secs(20);
 /// Cases per run unless `PROPTEST_CASES` says otherwise.
 const CI_CASES: u32 = 48;
+/// The seed of those cases unless `PROPTEST_RNG_SEED` says otherwise.
+const CI_SEED: u64 = 20261206;
 
 /// One step of a case. Node numbers are taken modulo the number of nodes.
 #[derive(Debug, Clone)]
@@ -145,6 +147,11 @@ fn config() -> ProptestConfig {
     // at the first simpler case that passes, and timing decides some.
     if std::env::var_os("PROPTEST_MAX_SHRINK_ITERS").is_none() {
         c.max_shrink_iters = 0;
+    }
+    // The same cases on every run, so that CI judges the code, not the
+    // draw; `PROPTEST_RNG_SEED=N` draws others (long runs explore so).
+    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+        c.rng_seed = proptest::test_runner::RngSeed::Fixed(CI_SEED);
     }
     c
 }
@@ -259,6 +266,20 @@ fn found() -> Vec<(&'static str, usize, Vec<Op>)> {
             Replace(0, 0),
         ],
     ),
+        (
+            "16dc69e, failed once in CI: the model took a conflict copy made after the last settle for one every device had, and its deletion as final (the model was wrong; kept as a case)",
+            2,
+            vec![
+                Settle,
+                Create(1, 1),
+                Create(2, 1),
+                Overwrite(0, 2),
+                Replace(2, 0),
+                Toggle(1, false),
+                Create(2, 2),
+                RenameDir(1, 0, 1),
+            ],
+        ),
     ]
 }
 
@@ -273,7 +294,12 @@ fn replay(cases: Vec<(&'static str, usize, Vec<Op>)>, strict: bool) {
         .enable_all()
         .build()
         .expect("runtime");
+    // `MODEL_CASE=text` replays only the cases whose description has it.
+    let only = std::env::var("MODEL_CASE").ok();
     for (what, n, ops) in cases {
+        if only.as_deref().is_some_and(|o| !what.contains(o)) {
+            continue;
+        }
         if let Err(e) = rt.block_on(run(n, &ops, strict)) {
             panic!("{what}: {ops:?}: {e:#}");
         }
@@ -322,6 +348,8 @@ struct Run {
     last_write: HashMap<String, usize>,
     /// The last settle.
     settled: Option<usize>,
+    /// The paths every device had at the last settle.
+    settled_paths: HashSet<String>,
     /// Deletions made after a settle that followed the path's last write:
     /// (path, operation, node).
     protected: Vec<(String, usize, usize)>,
@@ -363,6 +391,7 @@ async fn run(n: usize, ops: &[Op], strict: bool) -> Result<()> {
         last_write: HashMap::new(),
         settled: None,
         protected: Vec::new(),
+        settled_paths: HashSet::new(),
         log: Vec::new(),
         strict,
     };
@@ -443,9 +472,13 @@ impl Run {
     fn removed(&mut self, node: usize, rel: &str) {
         self.changed(node, rel);
         self.last.remove(&(node, rel.to_string()));
-        let seen = self
-            .settled
-            .is_some_and(|s| self.last_write.get(rel).is_none_or(|w| *w < s));
+        // Everyone had the path's last write if it was there at the last
+        // settle and nobody wrote it since. (A path no operation wrote, a
+        // conflict copy, may have appeared after that settle: the device
+        // that made it may delete it before anyone else heard of it.)
+        let seen = self.settled.is_some_and(|s| {
+            self.settled_paths.contains(rel) && self.last_write.get(rel).is_none_or(|w| *w < s)
+        });
         if seen {
             self.protected.push((rel.to_string(), self.seq, node));
         }
@@ -798,6 +831,7 @@ impl Run {
             }
         }
         self.settled = Some(self.seq);
+        self.settled_paths = tree(&self.roots[0]).into_keys().collect();
         self.check_contents()
     }
 
