@@ -407,6 +407,16 @@ impl EventFilter {
                 Some(path),
                 std::slice::from_ref(device),
             ),
+            Event::Restored { space, path, .. } => {
+                ("restored", "file", Some(space), Some(path), &[])
+            }
+            Event::ChangesHeld { space, device, .. } => (
+                "changes_held",
+                "folder",
+                Some(space),
+                None,
+                std::slice::from_ref(device),
+            ),
             Event::TransferStarted { space, path, .. } => {
                 ("transfer_started", "transfer", Some(space), Some(path), &[])
             }

@@ -51,10 +51,14 @@ pub struct ConfigFile {
     pub debounce_ms: u64,
     /// Seconds between full rescans of each folder.
     pub rescan_secs: u64,
-    /// Old versions kept per file under `.shoal/versions/`.
-    pub versions_keep: usize,
-    /// Days an old version is kept.
+    /// Days an old version is kept (0: no limit by age). Younger ones are
+    /// thinned: all for a day, then one per hour, per day, per week.
     pub versions_max_days: u64,
+    /// Most MiB a folder's old versions may take (0: no cap).
+    pub versions_max_mib: u64,
+    /// Read and ignored: versions are no longer kept by count.
+    #[serde(skip_serializing)]
+    pub versions_keep: Option<usize>,
 }
 
 impl Default for ConfigFile {
@@ -75,8 +79,9 @@ impl Default for ConfigFile {
             redial_secs: 30,
             debounce_ms: 30,
             rescan_secs: 300,
-            versions_keep: 10,
-            versions_max_days: 30,
+            versions_max_days: crate::folder::DEFAULT_VERSIONS_DAYS,
+            versions_max_mib: crate::folder::DEFAULT_VERSIONS_MIB,
+            versions_keep: None,
         }
     }
 }
@@ -155,8 +160,11 @@ impl ConfigFile {
             folders: crate::folder::FolderSettings {
                 debounce: Duration::from_millis(self.debounce_ms),
                 rescan: Duration::from_secs(self.rescan_secs.max(1)),
-                versions_keep: self.versions_keep,
-                versions_max_age: Duration::from_secs(self.versions_max_days * 24 * 3600),
+                retention: shoal_protocol::retain::Policy::staggered(
+                    (self.versions_max_days > 0).then_some(self.versions_max_days),
+                    (self.versions_max_mib > 0)
+                        .then(|| self.versions_max_mib.saturating_mul(1 << 20)),
+                ),
                 ..Default::default()
             },
         })

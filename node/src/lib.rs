@@ -442,6 +442,55 @@ impl Node {
         Ok(self.inner.folders.fetch_chunk(peer, id, hash).await)
     }
 
+    /// Every version of `path` in a space's folder, oldest first, with
+    /// where its content is.
+    pub async fn history(
+        &self,
+        space: &str,
+        path: &str,
+    ) -> Result<Vec<folder::history::VersionInfo>> {
+        let (id, _) = self.resolve(space).await?;
+        self.inner.folders.history(&id, path).await
+    }
+
+    /// Deleted files of a space's folder, newest deletion first.
+    pub async fn trash(&self, space: &str) -> Result<Vec<folder::history::TrashInfo>> {
+        let (id, _) = self.resolve(space).await?;
+        self.inner.folders.trash(&id).await
+    }
+
+    /// Restores a version, a deleted file, or a subtree as it was (see
+    /// [`folder::history::RestoreRequest`]). A restore is this device's
+    /// edit: viewers are refused.
+    pub async fn restore(
+        &self,
+        space: &str,
+        req: folder::history::RestoreRequest,
+    ) -> Result<folder::history::RestoreReport> {
+        let (id, role) = self.resolve(space).await?;
+        if !role.is_some_and(Role::can_write) {
+            return Err(Error::Forbidden(format!(
+                "this device is {} in the space: a restore writes, and only owners and \
+                 editors may",
+                role.map_or("not yet a member".to_string(), |r| format!("{r:?}")
+                    .to_lowercase())
+            )));
+        }
+        self.inner.folders.restore(&id, req).await
+    }
+
+    /// Names the current state of a space's folder.
+    pub async fn snapshot(&self, space: &str, name: &str) -> Result<folder::history::SnapshotInfo> {
+        let (id, _) = self.resolve(space).await?;
+        self.inner.folders.snapshot(&id, name).await
+    }
+
+    /// This device's snapshots of a space.
+    pub async fn snapshots(&self, space: &str) -> Result<Vec<folder::history::SnapshotInfo>> {
+        let (id, _) = self.resolve(space).await?;
+        self.inner.folders.snapshots(&id)
+    }
+
     /// Conflict copies in a space's folder: which file, which device, when.
     pub async fn conflicts(&self, space: &str) -> Result<Vec<folder::ConflictInfo>> {
         let files = self.files(space, "").await?;

@@ -17,6 +17,7 @@ pub mod invite;
 pub mod keys;
 pub mod members;
 pub mod plan;
+pub mod retain;
 pub mod sync;
 pub mod wire;
 

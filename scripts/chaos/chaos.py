@@ -231,9 +231,9 @@ class Chaos:
             cfg = os.path.join(n.home, "config.toml")
             text = open(cfg).read()
             # Keep every old version: retention must not be what loses a file.
-            text, k = re.subn(r"(?m)^versions_keep = .*$", "versions_keep = 100000", text)
+            text, k = re.subn(r"(?m)^versions_max_mib = .*$", "versions_max_mib = 0", text)
             if not k:
-                text += "\nversions_keep = 100000\n"
+                text += "\nversions_max_mib = 0\n"
             open(cfg, "w").write(text)
         os.makedirs(a.folder)
         a.joined = True

@@ -17,6 +17,31 @@ use super::{Engine, Error, Result};
 /// Every packed value of one path (more than one while versions conflict).
 pub type Values = Vec<Vec<u8>>;
 
+/// One value written at a path, from the index's history.
+#[derive(Debug, Clone)]
+pub struct HistoryValue {
+    /// When the change that wrote it was made (its author's clock, ms).
+    pub time_ms: i64,
+    /// That change's hash.
+    pub change: [u8; 32],
+    /// The packed entry.
+    pub value: Vec<u8>,
+    /// Still one of the path's current values.
+    pub current: bool,
+}
+
+/// The heads of each index shard.
+pub type ShardHeads = Vec<(DocId, Vec<[u8; 32]>)>;
+
+/// A past state of the index.
+#[derive(Debug, Clone)]
+pub enum When {
+    /// As it was at this time (ms since the epoch).
+    Time(i64),
+    /// At these heads (a snapshot).
+    Heads(ShardHeads),
+}
+
 /// Paths of one shard that changed since a cursor, and the shard's heads.
 #[derive(Debug, Default)]
 pub struct ShardChanges {
@@ -38,6 +63,54 @@ fn values_of(doc: &automerge::AutoCommit, key: &str) -> Values {
             _ => None,
         })
         .collect()
+}
+
+fn values_at(doc: &automerge::AutoCommit, key: &str, heads: &[ChangeHash]) -> Values {
+    doc.get_all_at(ROOT, key, heads)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(v, _)| match v {
+            Value::Scalar(s) => match s.as_ref() {
+                ScalarValue::Bytes(b) => Some(b.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// The heads of the changes made at or before `ms` (by their own clocks),
+/// with everything they depend on: a change whose dependency is later is
+/// left out, so the answer is a state the document really had.
+fn heads_at(doc: &mut automerge::AutoCommit, ms: i64) -> Vec<ChangeHash> {
+    use std::collections::HashSet;
+    let metas: Vec<(ChangeHash, i64, Vec<ChangeHash>)> = doc
+        .get_changes_meta(&[])
+        .into_iter()
+        .map(|m| (m.hash, m.timestamp, m.deps.clone()))
+        .collect();
+    let mut kept: HashSet<ChangeHash> = HashSet::new();
+    // Dependencies come first in a document's order; loop until stable in
+    // case they do not.
+    loop {
+        let before = kept.len();
+        for (h, t, deps) in &metas {
+            if *t <= ms && !kept.contains(h) && deps.iter().all(|d| kept.contains(d)) {
+                kept.insert(*h);
+            }
+        }
+        if kept.len() == before {
+            break;
+        }
+    }
+    let depended: HashSet<ChangeHash> = metas
+        .iter()
+        .filter(|(h, _, _)| kept.contains(h))
+        .flat_map(|(_, _, d)| d.iter().copied())
+        .collect();
+    let mut heads: Vec<ChangeHash> = kept.into_iter().filter(|h| !depended.contains(h)).collect();
+    heads.sort();
+    heads
 }
 
 impl Engine {
@@ -164,6 +237,98 @@ impl Engine {
         Ok(out)
     }
 
+    /// Every value written at `path`, with the time and hash of the change
+    /// that wrote it, oldest first (by time, then change hash: the same
+    /// order on every device that has the same changes).
+    pub(super) fn index_history(
+        &mut self,
+        space: &SpaceId,
+        path: &str,
+    ) -> Result<Vec<HistoryValue>> {
+        use automerge::legacy::{Key, ObjectId, OpType};
+        let s = self
+            .spaces
+            .get_mut(space)
+            .ok_or_else(|| Error::UnknownSpace(space.to_string()))?;
+        let Some(d) = s.docs.get_mut(&files::shard_of(path)) else {
+            return Ok(Vec::new());
+        };
+        let current = values_of(&d.doc, path);
+        let mut out = Vec::new();
+        for c in d.doc.get_changes(&[]) {
+            let (time_ms, change) = (c.timestamp(), c.hash().0);
+            for op in c.decode().operations {
+                let here = op.obj == ObjectId::Root
+                    && matches!(&op.key, Key::Map(k) if k.as_str() == path);
+                if let (true, OpType::Put(ScalarValue::Bytes(b))) = (here, op.action) {
+                    out.push(HistoryValue {
+                        time_ms,
+                        change,
+                        current: current.contains(&b),
+                        value: b,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|a| (a.time_ms, a.change));
+        Ok(out)
+    }
+
+    /// Paths under `prefix` as the index had them `when`.
+    pub(super) fn index_at(
+        &mut self,
+        space: &SpaceId,
+        when: &When,
+        prefix: &str,
+    ) -> Result<Vec<(String, Values)>> {
+        let s = self
+            .spaces
+            .get_mut(space)
+            .ok_or_else(|| Error::UnknownSpace(space.to_string()))?;
+        let mut out = Vec::new();
+        for shard in files::shards() {
+            let Some(d) = s.docs.get_mut(&shard) else {
+                continue;
+            };
+            let heads: Vec<ChangeHash> = match when {
+                When::Time(ms) => heads_at(&mut d.doc, *ms),
+                When::Heads(all) => all
+                    .iter()
+                    .find(|(s, _)| *s == shard)
+                    .map(|(_, h)| h.iter().map(|h| ChangeHash(*h)).collect())
+                    .unwrap_or_default(),
+            };
+            if heads.is_empty() || heads.iter().any(|h| d.doc.get_change_by_hash(h).is_none()) {
+                continue;
+            }
+            let keys: Vec<String> = d
+                .doc
+                .keys_at(ROOT, &heads)
+                .filter(|k| k.starts_with(prefix))
+                .collect();
+            for k in keys {
+                let v = values_at(&d.doc, &k, &heads);
+                out.push((k, v));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// The heads of every index shard of a space.
+    pub(super) fn index_heads(&mut self, space: &SpaceId) -> Result<ShardHeads> {
+        let s = self
+            .spaces
+            .get_mut(space)
+            .ok_or_else(|| Error::UnknownSpace(space.to_string()))?;
+        Ok(files::shards()
+            .filter_map(|shard| {
+                let d = s.docs.get_mut(&shard)?;
+                Some((shard, d.doc.get_heads().iter().map(|h| h.0).collect()))
+            })
+            .collect())
+    }
+
     /// Connected peers that proved membership of `space` and are admitted.
     pub(super) fn space_peers(&self, space: &SpaceId) -> Vec<PeerId> {
         self.peers
@@ -215,6 +380,20 @@ impl Engine {
                 reply,
             } => {
                 let _ = reply.send(self.index_list(&space, &prefix));
+            }
+            IndexCommand::History { space, path, reply } => {
+                let _ = reply.send(self.index_history(&space, &path));
+            }
+            IndexCommand::At {
+                space,
+                when,
+                prefix,
+                reply,
+            } => {
+                let _ = reply.send(self.index_at(&space, &when, &prefix));
+            }
+            IndexCommand::Heads { space, reply } => {
+                let _ = reply.send(self.index_heads(&space));
             }
             IndexCommand::Peers { space, reply } => {
                 let _ = reply.send(self.space_peers(&space));
@@ -268,6 +447,24 @@ pub(crate) enum IndexCommand {
         peer: PeerId,
         space: SpaceId,
         reply: tokio::sync::oneshot::Sender<bool>,
+    },
+    /// Every value ever written at a path, from the index's history.
+    History {
+        space: SpaceId,
+        path: String,
+        reply: super::Reply<Vec<HistoryValue>>,
+    },
+    /// Paths under a prefix as they were at a time or at named heads.
+    At {
+        space: SpaceId,
+        when: When,
+        prefix: String,
+        reply: super::Reply<Vec<(String, Values)>>,
+    },
+    /// The heads of every index shard (a snapshot's name for now).
+    Heads {
+        space: SpaceId,
+        reply: super::Reply<ShardHeads>,
     },
     /// A space by name or id, and our role in it.
     Resolve {

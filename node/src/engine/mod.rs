@@ -48,7 +48,7 @@ mod index;
 mod pairing;
 mod sessions;
 pub(crate) use index::IndexCommand;
-pub use index::{ShardChanges, Values};
+pub use index::{HistoryValue, ShardChanges, ShardHeads, Values, When};
 pub use pairing::{InviteInfo, Revoked};
 /// Capacity of the event broadcast (slow subscribers lag, never block).
 pub const EVENT_CAPACITY: usize = 4096;
@@ -155,6 +155,30 @@ pub enum Event {
         copy: String,
         /// The device that wrote the losing version.
         device: String,
+    },
+    /// A version of a file was restored on this device (and published as
+    /// its new version).
+    Restored {
+        /// The space id.
+        space: String,
+        /// Where it was placed.
+        path: String,
+        /// The restored content's hash (hex).
+        hash: String,
+        /// Its size.
+        size: u64,
+        /// A file created after the restored time was removed.
+        deleted: bool,
+    },
+    /// Remote deletions and overwrites from one device were held back: they
+    /// would change more of the folder at once than the guard allows.
+    ChangesHeld {
+        /// The space id.
+        space: String,
+        /// The device whose changes are held.
+        device: String,
+        /// Paths held so far.
+        paths: u64,
     },
     /// A file transfer started.
     TransferStarted {

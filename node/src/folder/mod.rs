@@ -35,9 +35,11 @@ use crate::store::Blobs;
 use crate::Event;
 
 pub mod fetch;
+pub mod history;
 pub mod links;
 pub mod place;
 pub mod scan;
+pub mod versions;
 pub mod worker;
 
 /// Files at least this large are made durable on their own (fsync of the
@@ -48,6 +50,11 @@ pub(crate) const OWN_SYNC_BYTES: u64 = 4 << 20;
 /// 512 KiB each): bounds transfer memory.
 pub(crate) const MAX_INFLIGHT_CHUNKS: usize = 64;
 
+/// Days an old version is kept by default.
+pub const DEFAULT_VERSIONS_DAYS: u64 = 365;
+/// Default byte budget of a folder's old versions, in MiB.
+pub const DEFAULT_VERSIONS_MIB: u64 = 10 * 1024;
+
 /// Folder-sync settings.
 #[derive(Debug, Clone)]
 pub struct FolderSettings {
@@ -55,10 +62,9 @@ pub struct FolderSettings {
     pub debounce: Duration,
     /// Interval of full rescans (catches what the watcher missed).
     pub rescan: Duration,
-    /// Old versions kept per path.
-    pub versions_keep: usize,
-    /// Old versions older than this are removed.
-    pub versions_max_age: Duration,
+    /// How old versions under `.shoal/versions/` are kept: by age and a
+    /// byte budget per folder, thinned over time (never by count).
+    pub retention: shoal_protocol::retain::Policy,
     /// Files transferred at once.
     pub transfers: usize,
     /// Chunk requests in flight per file.
@@ -77,8 +83,10 @@ impl Default for FolderSettings {
         Self {
             debounce: Duration::from_millis(30),
             rescan: Duration::from_secs(300),
-            versions_keep: 10,
-            versions_max_age: Duration::from_secs(30 * 24 * 3600),
+            retention: shoal_protocol::retain::Policy::staggered(
+                Some(DEFAULT_VERSIONS_DAYS),
+                Some(DEFAULT_VERSIONS_MIB << 20),
+            ),
             transfers: 128,
             window: 32,
             serve_corrupt_chunks: false,

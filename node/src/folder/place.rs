@@ -1,5 +1,5 @@
 //! Changing the folder on disk: safe parents, atomic placement, old
-//! versions under `.shoal/versions/` with retention, conflict copies.
+//! versions under `.shoal/versions/`, conflict copies.
 //! Everything here moves (renames) files; nothing copies user data.
 
 use std::fs;
@@ -62,7 +62,11 @@ fn stamp(t: SystemTime) -> String {
     t.format("%Y%m%d-%H%M%S").to_string()
 }
 
-/// `dir/name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext` for `rel`.
+/// Bytes of a name kept free for [`free_name`]'s `-N`.
+const FREE_NAME_ROOM: usize = 8;
+
+/// `dir/name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext` for `rel` (the
+/// name cut to fit in 255 bytes).
 pub fn conflict_name(rel: &str, mtime_ns: i64, device_short: &str) -> String {
     let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
     let (dir, name) = match rel.rsplit_once('/') {
@@ -73,7 +77,21 @@ pub fn conflict_name(rel: &str, mtime_ns: i64, device_short: &str) -> String {
         Some(i) if i > 0 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    let n = format!("{stem}.sync-conflict-{}-{device_short}{ext}", stamp(t));
+    let tail = format!(".sync-conflict-{}-{device_short}", stamp(t));
+    // The copy's name must fit where the original's did, with room for
+    // `free_name`'s `-N`: a long stem is cut (at a char boundary), and an
+    // extension too long to keep is dropped.
+    let room = shoal_protocol::files::MAX_NAME_LEN - FREE_NAME_ROOM;
+    let ext = if tail.len() + ext.len() + 1 > room {
+        ""
+    } else {
+        ext
+    };
+    let mut cut = stem.len().min(room.saturating_sub(tail.len() + ext.len()));
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let n = format!("{}{tail}{ext}", &stem[..cut]);
     match dir {
         Some(d) => format!("{d}/{n}"),
         None => n,
@@ -131,105 +149,40 @@ pub fn free_name(root: &Path, want: &str) -> String {
         .unwrap_or_else(|| want.to_string())
 }
 
-/// Moves the file at `rel` into `.shoal/versions/` as `rel~STAMP` and
-/// returns its new relative path. Then applies retention to the versions
-/// of `rel`, returning the relative paths it removed.
-pub fn keep_version(
-    root: &Path,
-    rel: &str,
-    keep: usize,
-    max_age: Duration,
-) -> io::Result<(String, Vec<String>)> {
-    let want = format!("{VERSIONS_DIR}/{rel}~{}", stamp(SystemTime::now()));
-    // Several versions in one second get -1, -2...: always above the
-    // highest taken, so the newest still sorts last even after pruning.
-    let (dir, base) = want.rsplit_once('/').unwrap_or(("", want.as_str()));
-    let mut top: Option<u64> = None;
-    if let Ok(entries) = fs::read_dir(root.join(dir)) {
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n == base {
-                top = top.max(Some(0));
-            } else if let Some(k) = n
-                .strip_prefix(base)
-                .and_then(|r| r.strip_prefix('-'))
-                .and_then(|r| r.parse::<u64>().ok())
-            {
-                top = top.max(Some(k));
-            }
-        }
-    }
-    let dest_rel = match top {
-        None => want.clone(),
-        Some(k) => format!("{want}-{}", k + 1),
-    };
-    let dest = safe_parent(root, &dest_rel)?;
-    fs::rename(root.join(rel), &dest)?;
-    let removed = prune_versions(root, rel, keep, max_age)?;
-    Ok((dest_rel, removed))
+/// Where kept version `id` is stored, relative to the folder root: a
+/// name no user file can have and no path length can break.
+pub fn version_store(id: u64) -> String {
+    format!("{VERSIONS_DIR}/{id:016x}")
 }
 
-fn prune_versions(
-    root: &Path,
-    rel: &str,
-    keep: usize,
-    max_age: Duration,
-) -> io::Result<Vec<String>> {
-    let vrel = format!("{VERSIONS_DIR}/{rel}");
-    let (dir_rel, name) = match vrel.rsplit_once('/') {
-        Some((d, n)) => (d.to_string(), n.to_string()),
-        None => return Ok(Vec::new()),
-    };
-    let dir = root.join(&dir_rel);
-    let prefix = format!("{name}~");
-    let mut versions: Vec<String> = Vec::new();
-    for e in fs::read_dir(&dir)? {
-        let n = e?.file_name().to_string_lossy().into_owned();
-        let stamped = n.strip_prefix(&prefix).is_some_and(|rest| {
-            let b = rest.as_bytes();
-            b.len() >= 15
-                && b[..8].iter().all(u8::is_ascii_digit)
-                && b[8] == b'-'
-                && b[9..15].iter().all(u8::is_ascii_digit)
-        });
-        if stamped {
-            versions.push(n);
-        }
+/// Moves what is at `rel` (a file, or a folder with its contents) to
+/// [`version_store`]`(id)` and returns that relative path.
+pub fn store_version(root: &Path, rel: &str, id: u64) -> io::Result<String> {
+    let store = version_store(id);
+    fs::create_dir_all(root.join(VERSIONS_DIR))?;
+    fs::rename(root.join(rel), root.join(&store))?;
+    Ok(store)
+}
+
+/// Removes a kept version's file, then the folders above it inside
+/// `.shoal/versions/` that it leaves empty (a folder kept whole).
+pub fn remove_version(root: &Path, store: &str) -> io::Result<()> {
+    let p = root.join(store);
+    match fs::symlink_metadata(&p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(&p)?,
+        Ok(_) => fs::remove_file(&p)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    // Newest first: names end in a sortable timestamp, then `-N` for the
-    // N+1th version in that second (compared as a number: -10 after -9).
-    let key = |n: &String| {
-        let rest = n.get(prefix.len()..).unwrap_or_default();
-        let (stamp, k) = rest.split_at(rest.len().min(15));
-        let k = k.strip_prefix('-').and_then(|k| k.parse::<u64>().ok());
-        (stamp.to_string(), k.map_or(0, |k| k + 1))
-    };
-    versions.sort_by_key(|n| std::cmp::Reverse(key(n)));
-    let now = SystemTime::now();
-    let mut removed = Vec::new();
-    for (i, n) in versions.iter().enumerate() {
-        let age = n
-            .rsplit_once('~')
-            .and_then(|(_, s)| {
-                chrono::NaiveDateTime::parse_from_str(s.get(..15)?, "%Y%m%d-%H%M%S").ok()
-            })
-            .map(|t| {
-                let secs = t.and_utc().timestamp().max(0) as u64;
-                now.duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-                    .unwrap_or_default()
-            })
-            .unwrap_or_default();
-        if i >= keep || age > max_age {
-            let p = dir.join(n);
-            if p.symlink_metadata()?.is_dir() {
-                fs::remove_dir_all(&p)?;
-            } else {
-                fs::remove_file(&p)?;
-            }
-            removed.push(format!("{dir_rel}/{n}"));
+    let top = root.join(VERSIONS_DIR);
+    let mut dir = p.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        if d == top || !d.starts_with(&top) || fs::remove_dir(&d).is_err() {
+            break;
         }
+        dir = d.parent().map(Path::to_path_buf);
     }
-    Ok(removed)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -298,33 +251,52 @@ mod tests {
     }
 
     #[test]
-    fn versions_are_moved_and_pruned_to_the_count() {
+    fn a_conflict_copy_of_a_long_name_fits_in_a_name() {
+        // Failed before the cut: a 250-byte name's copy was 287 bytes, and
+        // a conflict on it could not be set aside (ENAMETOOLONG).
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            format!("{}.txt", "n".repeat(246)),
+            "é".repeat(125),
+            format!("a.{}", "x".repeat(240)),
+        ] {
+            let c = conflict_name(&format!("d/{name}"), 1_700_000_000_000_000_000, "ABCDEFGH");
+            let copy = c.strip_prefix("d/").unwrap();
+            assert!(copy.len() <= 247, "{} bytes", copy.len());
+            assert!(parse_conflict(&c).is_some(), "{c}");
+            fs::write(dir.path().join(copy), "x").unwrap();
+            let again = free_name(dir.path(), copy);
+            fs::write(dir.path().join(&again), "y").unwrap();
+        }
+        assert_eq!(
+            conflict_name("a/b.txt", 1_700_000_000_000_000_000, "DEV"),
+            "a/b.sync-conflict-20231114-221320-DEV.txt"
+        );
+    }
+
+    #[test]
+    fn versions_are_stored_by_id_whatever_their_name() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for i in 0..4 {
-            fs::write(root.join("f.txt"), format!("v{i}")).unwrap();
-            let (rel, _) = keep_version(root, "f.txt", 2, Duration::from_secs(3600)).unwrap();
-            assert!(root.join(&rel).exists());
-            assert!(!root.join("f.txt").exists());
+        // A name of 250 bytes, and one shaped like an old version's.
+        let long = "n".repeat(250);
+        for (i, name) in [long.as_str(), "X~20990101-000000"].iter().enumerate() {
+            fs::write(root.join(name), format!("v{i}")).unwrap();
+            let store = store_version(root, name, i as u64 + 1).unwrap();
+            assert_eq!(store, version_store(i as u64 + 1));
+            assert_eq!(
+                fs::read(root.join(&store)).unwrap(),
+                format!("v{i}").as_bytes()
+            );
+            assert!(!root.join(name).exists());
         }
-        let n = fs::read_dir(root.join(VERSIONS_DIR)).unwrap().count();
-        assert_eq!(n, 2);
-        // Twelve versions within one second (-1 .. -11): the newest stay.
-        let mut kept = Vec::new();
-        for i in 0..12 {
-            fs::write(root.join("g.txt"), format!("v{i}")).unwrap();
-            let (rel, _) = keep_version(root, "g.txt", 3, Duration::from_secs(3600)).unwrap();
-            kept.push(rel);
-        }
-        let mut left: Vec<String> = fs::read_dir(root.join(VERSIONS_DIR))
-            .unwrap()
-            .flatten()
-            .map(|e| format!("{VERSIONS_DIR}/{}", e.file_name().to_string_lossy()))
-            .filter(|n| n.contains("g.txt"))
-            .collect();
-        left.sort();
-        let mut newest = kept[9..].to_vec();
-        newest.sort();
-        assert_eq!(left, newest);
+        // A folder kept whole goes, with its contents, when its last file does.
+        fs::create_dir_all(root.join("d/e")).unwrap();
+        fs::write(root.join("d/e/f"), "x").unwrap();
+        let store = store_version(root, "d", 9).unwrap();
+        remove_version(root, &format!("{store}/e/f")).unwrap();
+        assert!(!root.join(&store).exists());
+        assert!(root.join(VERSIONS_DIR).is_dir());
+        remove_version(root, "missing/already").unwrap();
     }
 }

@@ -55,6 +55,8 @@ const MAX_PROBLEMS: usize = 20;
 const AGAIN_AFTER: Duration = Duration::from_millis(100);
 /// Longest wait before a failed path is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often old versions are thinned (also whenever over the byte budget).
+const RETAIN_EVERY: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 struct Progress {
@@ -74,7 +76,7 @@ pub struct Worker {
     pub(super) shared: Arc<Shared>,
     pub(super) space: SpaceId,
     pub(super) root: PathBuf,
-    fs: tokio::sync::Mutex<()>,
+    pub(super) fs: tokio::sync::Mutex<()>,
     pub(super) sync: super::SyncGate,
     progress: Mutex<Progress>,
     stop: Notify,
@@ -91,6 +93,11 @@ pub struct Worker {
     /// Local changes were refused because this device did not know the
     /// space's members yet: scan everything again once `members` changes.
     unshared: AtomicBool,
+    /// Bytes the kept old versions hold (as of the last retention pass,
+    /// plus what was kept since).
+    pub(super) kept_bytes: AtomicU64,
+    /// Retention should run soon (over the byte budget, or its hour came).
+    pub(super) retain_due: AtomicBool,
 }
 
 /// A path the scanner found changed.
@@ -144,7 +151,7 @@ fn entries(values: &[Vec<u8>]) -> Vec<Entry> {
         .collect()
 }
 
-fn now_ns() -> i64 {
+pub(super) fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -172,6 +179,9 @@ impl Worker {
             activity: AtomicU64::new(0),
             placing: Mutex::new(HashSet::new()),
             unshared: AtomicBool::new(false),
+            kept_bytes: AtomicU64::new(0),
+            // The first pass at start also counts what is kept.
+            retain_due: AtomicBool::new(true),
         }
     }
 
@@ -388,6 +398,7 @@ impl Worker {
         let mut rescan = tokio::time::interval(self.shared.settings.rescan);
         rescan.tick().await;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut thin = tokio::time::interval(RETAIN_EVERY);
         let mut reconcile = true;
         let mut was_in_sync = true;
         let mut activity_seen = 0u64;
@@ -468,6 +479,7 @@ impl Worker {
                     }
                 }
                 _ = rescan.tick() => full_scan = true,
+                _ = thin.tick() => self.retain_due.store(true, Ordering::SeqCst),
                 _ = tick.tick() => {
                     was_in_sync = self.report_progress(was_in_sync, &mut activity_seen, || {
                         dirty_paths.shrink_to_fit();
@@ -475,6 +487,9 @@ impl Worker {
                         queue.shrink_to_fit();
                         retry.shrink_to_fit();
                     });
+                    if self.retain_due.swap(false, Ordering::SeqCst) {
+                        self.retain().await;
+                    }
                     let now = Instant::now();
                     if !queue.is_empty()
                         || retry.values().any(|(at, _)| *at <= now)
@@ -859,7 +874,7 @@ impl Worker {
         Ok(())
     }
 
-    async fn index_get(&self, paths: Vec<String>) -> Result<Vec<Vec<Vec<u8>>>, Error> {
+    pub(super) async fn index_get(&self, paths: Vec<String>) -> Result<Vec<Vec<Vec<u8>>>, Error> {
         let space = self.space;
         self.shared
             .engine
@@ -1180,30 +1195,9 @@ impl Worker {
         });
     }
 
-    /// Moves the file at `rel` into `.shoal/versions/`, keeping its chunks
-    /// indexed, and applies retention.
-    fn keep_old(&self, rel: &str) -> io::Result<()> {
-        let s = &self.shared.settings;
-        let (vrel, removed) =
-            place::keep_version(&self.root, rel, s.versions_keep, s.versions_max_age)?;
-        let blobs = &self.shared.blobs;
-        let io = |e: Error| io::Error::other(e.to_string());
-        blobs.relocate(&self.space, rel, &vrel).map_err(io)?;
-        // A folder moved with its contents: their records follow it, or
-        // the next scan would take them for deletions made here.
-        for child in blobs.locals_below(&self.space, rel).map_err(io)? {
-            let to = format!("{vrel}{}", &child[rel.len()..]);
-            blobs.relocate(&self.space, &child, &to).map_err(io)?;
-        }
-        for r in removed {
-            blobs.forget_rel(&self.space, &r).map_err(io)?;
-        }
-        Ok(())
-    }
-
     /// Whatever is at `rel` makes way for the winner, as the planner said
     /// ([`plan::set_aside_as`]): a conflict copy or an old version.
-    fn set_aside(&self, rel: &str, aside: plan::Aside) -> io::Result<()> {
+    pub(super) fn set_aside(&self, rel: &str, aside: plan::Aside) -> io::Result<()> {
         let abs = self.root.join(rel);
         match aside {
             plan::Aside::Conflict { mtime_ns, device } => {
@@ -1335,11 +1329,7 @@ impl Worker {
             self.set_aside(rel, aside).map_err(fail)?;
         }
         let dest = place::safe_parent(&self.root, rel).map_err(fail)?;
-        self.placing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(rel.to_string());
-        let placed = Placing(self, rel);
+        let placed = self.placing(rel);
         fs::rename(&fetched.temp, &dest).map_err(fail)?;
         let st = scan::stat_of(&fs::symlink_metadata(&dest).map_err(fail)?);
         // The rename is made durable outside the lock, so placements in
@@ -1384,7 +1374,18 @@ impl Worker {
 
 /// Takes a path out of [`Worker::placing`] when dropped, whatever way the
 /// placement ends.
-struct Placing<'a>(&'a Worker, &'a str);
+pub(super) struct Placing<'a>(&'a Worker, &'a str);
+
+impl Worker {
+    /// Marks `rel` as being placed until the guard drops.
+    pub(super) fn placing<'a>(&'a self, rel: &'a str) -> Placing<'a> {
+        self.placing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rel.to_string());
+        Placing(self, rel)
+    }
+}
 
 impl Drop for Placing<'_> {
     fn drop(&mut self) {

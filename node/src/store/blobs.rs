@@ -14,6 +14,8 @@
 //! - `f.cursors`: `space | shard` -> the shard heads already reconciled
 //! - `f.pending`: `space | path` -> () paths whose index entry changed and
 //!   whose file is not yet reconciled with it
+//! - `f.kept`, `f.kept_paths`: old versions kept under `.shoal/versions/`,
+//!   and `f.snapshots`: named states of the index (see [`super::kept`])
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shoal_protocol::files::Manifest;
@@ -85,20 +87,23 @@ pub struct Blobs {
     parts: sled::Tree,
     cursors: sled::Tree,
     pending: sled::Tree,
+    pub(super) kept: sled::Tree,
+    pub(super) kept_paths: sled::Tree,
+    pub(super) snapshots: sled::Tree,
 }
 
-fn key(space: &SpaceId, rest: &[u8]) -> Vec<u8> {
+pub(super) fn key(space: &SpaceId, rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(32 + rest.len());
     k.extend_from_slice(&space.0);
     k.extend_from_slice(rest);
     k
 }
 
-fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+pub(super) fn enc<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_stdvec(v).unwrap_or_default()
 }
 
-fn dec<T: DeserializeOwned>(what: &str, v: &[u8]) -> Result<T> {
+pub(super) fn dec<T: DeserializeOwned>(what: &str, v: &[u8]) -> Result<T> {
     postcard::from_bytes(v).map_err(|e| Error::Corrupt {
         key: what.to_string(),
         reason: e.to_string(),
@@ -116,6 +121,9 @@ impl Blobs {
             parts: db.open_tree("f.parts")?,
             cursors: db.open_tree("f.cursors")?,
             pending: db.open_tree("f.pending")?,
+            kept: db.open_tree("f.kept")?,
+            kept_paths: db.open_tree("f.kept_paths")?,
+            snapshots: db.open_tree("f.snapshots")?,
             db: db.clone(),
         })
     }
@@ -249,10 +257,12 @@ impl Blobs {
         Ok(())
     }
 
-    /// The file with id `fid` moved to `rel` (an old version): its chunks
-    /// stay indexed under the new place; the path it left forgets it.
-    pub fn relocate(&self, space: &SpaceId, from: &str, rel: &str) -> Result<()> {
-        if let Some(old) = self.local(space, from)? {
+    /// The file at `from` moved to `rel` (an old version): its chunks stay
+    /// indexed under the new place; the path it left forgets it. Returns
+    /// the record it had there.
+    pub fn relocate(&self, space: &SpaceId, from: &str, rel: &str) -> Result<Option<LocalFile>> {
+        let old = self.local(space, from)?;
+        if let Some(old) = &old {
             if old.fid != 0 {
                 if let Some(v) = self.fids.get(old.fid.to_be_bytes())? {
                     let mut r: FileRec = dec("file record", &v)?;
@@ -262,7 +272,7 @@ impl Blobs {
             }
             self.files.remove(key(space, from.as_bytes()))?;
         }
-        Ok(())
+        Ok(old)
     }
 
     /// Drops every chunk record of the file at `rel` (an old version that
@@ -283,6 +293,20 @@ impl Blobs {
             self.fids.remove(k)?;
         }
         Ok(())
+    }
+
+    /// Drops the chunk records of file `fid` and the file record.
+    pub fn forget_fid(&self, fid: u64) -> Result<()> {
+        if fid != 0 {
+            self.drop_chunks_of(fid)?;
+            self.fids.remove(fid.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// A fresh id, unique in this store.
+    pub fn new_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
     }
 
     fn drop_chunks_of(&self, fid: u64) -> Result<()> {

@@ -22,6 +22,7 @@ use shoal_protocol::{DocId, Role, SpaceId};
 use crate::error::{Error, Result};
 
 pub mod blobs;
+pub mod kept;
 pub use blobs::Blobs;
 
 const KIND_SNAPSHOT: u8 = 0;

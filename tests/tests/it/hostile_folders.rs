@@ -71,11 +71,19 @@ async fn a_link_published_over_a_folder_makes_no_one_publish_deletions() -> Resu
         vec!["photos/one.jpg".to_string(), "photos/two.jpg".to_string()],
         "A published deletions of the folder's contents"
     );
-    // The folder's contents are kept on A, as an old version.
-    let kept = fs::read_dir(a.join(".shoal/versions"))?
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().starts_with("photos~"));
-    assert!(kept, "the folder was not kept under .shoal/versions");
+    // The folder's contents are kept on A, as old versions it lists.
+    for (f, c) in [("photos/one.jpg", b"one"), ("photos/two.jpg", b"two")] {
+        let h = an.history("h", f).await?;
+        assert!(
+            h.iter()
+                .any(|v| v.content == shoal_node::folder::versions::Content::Kept),
+            "{f} was not kept: {h:?}"
+        );
+        let kept = fs::read_dir(a.join(".shoal/versions"))?.flatten().any(|e| {
+            fs::read(e.path().join(f.trim_start_matches("photos/"))).is_ok_and(|b| b == c)
+        });
+        assert!(kept, "{f} is not under .shoal/versions");
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 mod api;
 mod events;
 mod folders;
+mod history;
 mod hostile;
 mod hostile_folders;
 mod limits;

@@ -362,7 +362,7 @@ struct Run {
 async fn run(n: usize, ops: &[Op], strict: bool) -> Result<()> {
     let (nodes, roots, _dirs) = folder_nodes_with(n, SPACE, |_, c| {
         // Old versions are part of what the model checks: none pruned.
-        c.folders.versions_keep = 10_000;
+        c.folders.retention.max_bytes = None;
     })
     .await?;
     // Every device sees every other one.
