@@ -3,6 +3,7 @@
 //! `--json`. `main` returns an exit code and prints the error chain.
 
 mod client;
+mod history;
 mod netcmd;
 mod relay;
 
@@ -102,6 +103,33 @@ enum Cmd {
     },
     /// Conflict copies in a space: which file, which device, when.
     Conflicts {
+        /// Space name or id.
+        space: String,
+    },
+    /// Every version of a file: when, which device, size, hash, and where
+    /// its content is (here, kept, on a peer, gone).
+    History {
+        /// Space name or id.
+        space: String,
+        /// The file's path in the folder.
+        path: String,
+    },
+    /// Bring back a version, a deleted file, or a folder as it was.
+    Restore(history::RestoreArgs),
+    /// Deleted files: when, by which device; `shoal restore SPACE PATH`.
+    Trash {
+        /// Space name or id.
+        space: String,
+    },
+    /// Name the folder's current state (restore it with --snapshot).
+    Snapshot {
+        /// Space name or id.
+        space: String,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// This device's snapshots of a space.
+    Snapshots {
         /// Space name or id.
         space: String,
     },
@@ -645,6 +673,11 @@ syncing {f}"
             print(json_out, v, || format!("{space} now syncs {path}"));
         }
         Cmd::Doctor => netcmd::doctor(c, json_out).await?,
+        Cmd::History { space, path } => history::history(c, json_out, &space, &path).await?,
+        Cmd::Trash { space } => history::trash(c, json_out, &space).await?,
+        Cmd::Restore(a) => history::restore(c, json_out, a).await?,
+        Cmd::Snapshot { space, name } => history::snapshot(c, json_out, &space, &name).await?,
+        Cmd::Snapshots { space } => history::snapshots(c, json_out, &space).await?,
         Cmd::Status => {
             let v = c.get("/v1/status").await?;
             print(json_out, v.clone(), || status_text(&v));
@@ -1099,7 +1132,7 @@ fn absolute(p: PathBuf) -> Result<String> {
         .with_context(|| format!("{} is not valid UTF-8", abs.display()))
 }
 
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;

@@ -646,3 +646,65 @@ fn folder_sync_through_the_cli_resumes_after_kill9_without_refetching() -> Resul
     );
     Ok(())
 }
+
+/// Issue 20 through the CLI: `history`, `restore --version`, `trash`, a
+/// deleted file restored, `snapshot`/`snapshots`, and clear errors for a
+/// bad time and an unknown version.
+#[test]
+fn history_trash_restore_and_snapshots_through_the_cli() -> Result<()> {
+    let t = tempfile::tempdir()?;
+    let (ha, hb) = (t.path().join("laptop"), t.path().join("desk"));
+    let (fa, fb) = (t.path().join("Notes-a"), t.path().join("Notes-b"));
+    let _a = Up::start(&ha)?;
+    let _b = Up::start(&hb)?;
+    let fa_s = fa.to_str().context("utf8")?;
+    ok_json(&ha, &["space", "create", "notes", "--folder", fa_s])?;
+    let inv = ok_json(&ha, &["invite", "notes"])?;
+    let code = inv["code"].as_str().context("no code")?;
+    let fb_s = fb.to_str().context("utf8")?;
+    ok_json(&hb, &["join", code, "--folder", fb_s, "--timeout", "20s"])?;
+
+    let placed = FileEvents::watch(&hb)?;
+    std::fs::write(fa.join("plan.txt"), b"first plan")?;
+    std::fs::write(fa.join("old.txt"), b"to be deleted")?;
+    placed.wait_for(&fb.join("plan.txt"), 10, Duration::from_secs(20))?;
+    placed.wait_for(&fb.join("old.txt"), 13, Duration::from_secs(20))?;
+    std::fs::write(fa.join("plan.txt"), b"second plan, longer")?;
+    std::fs::remove_file(fa.join("old.txt"))?;
+    placed.wait_for(&fb.join("plan.txt"), 19, Duration::from_secs(20))?;
+
+    let h = until(&hb, &["history", "notes", "plan.txt"], |v| {
+        v.as_array().is_some_and(|a| a.len() >= 2)
+    })?;
+    let first = h
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["size"] == 10))
+        .context("no first version")?;
+    assert_eq!(first["content"], "kept", "{h}");
+    let n = first["version"].as_u64().context("version")?.to_string();
+    let text = shoal(&hb, &["history", "notes", "plan.txt"])?;
+    assert!(String::from_utf8_lossy(&text.stdout).contains("kept here"));
+
+    ok_json(&hb, &["snapshot", "notes", "before restore"])?;
+    let snaps = ok_json(&hb, &["snapshots", "notes"])?;
+    assert_eq!(snaps[0]["name"], "before restore", "{snaps}");
+    let e = err_text(&hb, &["snapshot", "notes", "before restore"])?;
+    assert!(e.contains("exists already"), "{e}");
+
+    let r = ok_json(&hb, &["restore", "notes", "plan.txt", "--version", &n])?;
+    assert_eq!(r["restored"], json!(["plan.txt"]), "{r}");
+    let back = FileEvents::watch(&ha)?;
+    back.wait_for(&fa.join("plan.txt"), 10, Duration::from_secs(20))?;
+    assert_eq!(std::fs::read(fa.join("plan.txt"))?, b"first plan");
+
+    let trash = until(&hb, &["trash", "notes"], |v| v[0]["path"] == "old.txt")?;
+    assert_eq!(trash[0]["content"], "kept", "{trash}");
+    ok_json(&hb, &["restore", "notes", "old.txt"])?;
+    back.wait_for(&fa.join("old.txt"), 13, Duration::from_secs(20))?;
+
+    let e = err_text(&hb, &["restore", "notes", "--at", "yesterday"])?;
+    assert!(e.contains("cannot read the time"), "{e}");
+    let e = err_text(&hb, &["restore", "notes", "plan.txt", "--version", "99"])?;
+    assert!(e.contains("has no version 99"), "{e}");
+    Ok(())
+}

@@ -28,6 +28,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 
 use crate::engine::{Event, InviteInfo, MemberInfo, Revoked, SpaceInfo};
 use crate::error::Error;
+use crate::folder::history::{RestoreReport, RestoreRequest, SnapshotInfo, TrashInfo, VersionInfo};
 use crate::folder::{ConflictInfo, FileInfo, FolderStatus};
 use crate::home::MIN_API_TOKEN_LEN;
 use crate::net::NetInfo;
@@ -145,6 +146,10 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(attach_folder))
         .routes(routes!(files))
         .routes(routes!(conflicts))
+        .routes(routes!(history))
+        .routes(routes!(trash))
+        .routes(routes!(restore))
+        .routes(routes!(snapshots, take_snapshot))
 }
 
 /// The OpenAPI description of the API (also served as
@@ -920,6 +925,90 @@ async fn conflicts(
     Path(space): Path<String>,
 ) -> ApiResult<Vec<ConflictInfo>> {
     Ok(Json(st.node.conflicts(&space).await?))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct HistoryQuery {
+    /// The file's path in the folder.
+    path: String,
+}
+
+#[utoipa::path(get, path = "/v1/spaces/{space}/history", tag = "history",
+    params(("space" = String, Path, description = "Space name or id"), HistoryQuery),
+    responses(
+        (status = 200, body = Vec<VersionInfo>, description = "Every version of the path, oldest first"),
+        (status = 400, body = ErrorBody, description = "Bad path, or no folder on this device"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn history(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<HistoryQuery>,
+) -> ApiResult<Vec<VersionInfo>> {
+    Ok(Json(st.node.history(&space, &q.path).await?))
+}
+
+#[utoipa::path(get, path = "/v1/spaces/{space}/trash", tag = "history",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = Vec<TrashInfo>, description = "Deleted files, newest deletion first"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn trash(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Vec<TrashInfo>> {
+    Ok(Json(st.node.trash(&space).await?))
+}
+
+#[utoipa::path(post, path = "/v1/spaces/{space}/restore", tag = "history",
+    params(("space" = String, Path, description = "Space name or id")),
+    request_body = RestoreRequest,
+    responses(
+        (status = 200, body = RestoreReport, description = "What was restored, left alone or could not be"),
+        (status = 400, body = ErrorBody, description = "Bad request (unknown version, time or snapshot)"),
+        (status = 403, body = ErrorBody, description = "This device may not write in the space (viewer)"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn restore(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+    Json(req): Json<RestoreRequest>,
+) -> ApiResult<RestoreReport> {
+    Ok(Json(st.node.restore(&space, req).await?))
+}
+
+#[utoipa::path(get, path = "/v1/spaces/{space}/snapshots", tag = "history",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = Vec<SnapshotInfo>, description = "This device's named states of the folder"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn snapshots(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+) -> ApiResult<Vec<SnapshotInfo>> {
+    Ok(Json(st.node.snapshots(&space).await?))
+}
+
+#[derive(Deserialize, ToSchema)]
+struct SnapshotBody {
+    /// The snapshot's name (unique in the space on this device).
+    name: String,
+}
+
+#[utoipa::path(post, path = "/v1/spaces/{space}/snapshots", tag = "history",
+    params(("space" = String, Path, description = "Space name or id")),
+    request_body = SnapshotBody,
+    responses(
+        (status = 200, body = SnapshotInfo, description = "The folder's current state, named"),
+        (status = 400, body = ErrorBody, description = "Bad or taken name"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn take_snapshot(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+    Json(b): Json<SnapshotBody>,
+) -> ApiResult<SnapshotInfo> {
+    Ok(Json(st.node.snapshot(&space, &b.name).await?))
 }
 
 #[derive(Deserialize, ToSchema)]
