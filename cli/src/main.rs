@@ -233,6 +233,12 @@ enum FolderCmd {
         /// The folder (created if missing).
         path: PathBuf,
     },
+    /// Apply the deletions and overwrites the mass-delete guard holds
+    /// (`shoal status` says when it holds any).
+    Accept {
+        /// Space name or id.
+        space: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -660,6 +666,20 @@ syncing {f}"
                     ));
                 }
                 s
+            });
+        }
+        Cmd::Folder(FolderCmd::Accept { space }) => {
+            let v = c
+                .post(
+                    &format!("/v1/spaces/{}/folder/accept", enc(&space)),
+                    json!({}),
+                )
+                .await?;
+            print(json_out, v.clone(), || {
+                match v["released"].as_u64().unwrap_or(0) {
+                    0 => format!("nothing was held in {space}"),
+                    n => format!("applying {n} held deletions and overwrites in {space}"),
+                }
             });
         }
         Cmd::Folder(FolderCmd::Attach { space, path }) => {

@@ -144,6 +144,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(status))
         .routes(routes!(metrics))
         .routes(routes!(attach_folder))
+        .routes(routes!(accept_held))
         .routes(routes!(files))
         .routes(routes!(conflicts))
         .routes(routes!(history))
@@ -925,6 +926,25 @@ async fn conflicts(
     Path(space): Path<String>,
 ) -> ApiResult<Vec<ConflictInfo>> {
     Ok(Json(st.node.conflicts(&space).await?))
+}
+
+/// What `folder/accept` released.
+#[derive(Serialize, ToSchema)]
+struct Released {
+    /// Held deletions and overwrites now applied.
+    released: usize,
+}
+
+#[utoipa::path(post, path = "/v1/spaces/{space}/folder/accept", tag = "folders",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = Released, description = "The held changes are applied"),
+        (status = 400, body = ErrorBody, description = "No folder on this device"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn accept_held(State(st): State<AppState>, Path(space): Path<String>) -> ApiResult<Released> {
+    let released = st.node.accept_held(&space).await?;
+    Ok(Json(Released { released }))
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -56,6 +56,13 @@ pub struct ConfigFile {
     pub versions_max_days: u64,
     /// Most MiB a folder's old versions may take (0: no cap).
     pub versions_max_mib: u64,
+    /// Mass-delete guard: one device may delete or overwrite this share of
+    /// a folder's files within `guard_window_secs`...
+    pub guard_share: f64,
+    /// ...and at least this many (0: no guard) before its changes are held.
+    pub guard_min_files: usize,
+    /// The guard's window.
+    pub guard_window_secs: u64,
     /// Read and ignored: versions are no longer kept by count.
     #[serde(skip_serializing)]
     pub versions_keep: Option<usize>,
@@ -82,6 +89,9 @@ impl Default for ConfigFile {
             versions_max_days: crate::folder::DEFAULT_VERSIONS_DAYS,
             versions_max_mib: crate::folder::DEFAULT_VERSIONS_MIB,
             versions_keep: None,
+            guard_share: 0.5,
+            guard_min_files: 100,
+            guard_window_secs: 600,
         }
     }
 }
@@ -160,6 +170,11 @@ impl ConfigFile {
             folders: crate::folder::FolderSettings {
                 debounce: Duration::from_millis(self.debounce_ms),
                 rescan: Duration::from_secs(self.rescan_secs.max(1)),
+                guard: crate::folder::guard::GuardSettings {
+                    share: self.guard_share.clamp(0.0, 1.0),
+                    min_files: self.guard_min_files,
+                    window: Duration::from_secs(self.guard_window_secs.max(1)),
+                },
                 retention: shoal_protocol::retain::Policy::staggered(
                     (self.versions_max_days > 0).then_some(self.versions_max_days),
                     (self.versions_max_mib > 0)

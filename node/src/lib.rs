@@ -479,6 +479,13 @@ impl Node {
         self.inner.folders.restore(&id, req).await
     }
 
+    /// Applies the remote deletions and overwrites the mass-delete guard
+    /// holds in a space's folder; returns how many it released.
+    pub async fn accept_held(&self, space: &str) -> Result<usize> {
+        let (id, _) = self.resolve(space).await?;
+        self.inner.folders.accept(&id)
+    }
+
     /// Names the current state of a space's folder.
     pub async fn snapshot(&self, space: &str, name: &str) -> Result<folder::history::SnapshotInfo> {
         let (id, _) = self.resolve(space).await?;

@@ -35,6 +35,7 @@ use crate::store::Blobs;
 use crate::Event;
 
 pub mod fetch;
+pub mod guard;
 pub mod history;
 pub mod links;
 pub mod place;
@@ -62,6 +63,8 @@ pub struct FolderSettings {
     pub debounce: Duration,
     /// Interval of full rescans (catches what the watcher missed).
     pub rescan: Duration,
+    /// When one device's deletions and overwrites are held.
+    pub guard: guard::GuardSettings,
     /// How old versions under `.shoal/versions/` are kept: by age and a
     /// byte budget per folder, thinned over time (never by count).
     pub retention: shoal_protocol::retain::Policy,
@@ -83,6 +86,7 @@ impl Default for FolderSettings {
         Self {
             debounce: Duration::from_millis(30),
             rescan: Duration::from_secs(300),
+            guard: guard::GuardSettings::default(),
             retention: shoal_protocol::retain::Policy::staggered(
                 Some(DEFAULT_VERSIONS_DAYS),
                 Some(DEFAULT_VERSIONS_MIB << 20),
@@ -174,6 +178,9 @@ pub struct FolderStatus {
     pub files: u64,
     /// Problems (unreadable files, refused names), newest last.
     pub problems: Vec<String>,
+    /// Remote deletions and overwrites held by the mass-delete guard (in
+    /// `files_left`); `shoal folder accept` applies them.
+    pub held: u64,
 }
 
 /// One path of a synced tree.
@@ -672,6 +679,17 @@ impl Folders {
             .links
             .get(peer, space, shoal_protocol::files::BlobKind::Chunk, hash)
             .await
+    }
+
+    /// Applies the changes the mass-delete guard holds in a space's
+    /// folder; returns how many.
+    pub(crate) fn accept(&self, id: &SpaceId) -> Result<usize> {
+        let w = self
+            .lock()
+            .get(id)
+            .map(|r| Arc::clone(&r.worker))
+            .ok_or_else(|| Error::BadRequest("this space has no folder on this device".into()))?;
+        Ok(w.accept_held())
     }
 
     /// Stops every worker and the blob server.

@@ -55,6 +55,9 @@ const MAX_PROBLEMS: usize = 20;
 const AGAIN_AFTER: Duration = Duration::from_millis(100);
 /// Longest wait before a failed path is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often held paths are looked at again without an accept (a restore
+/// over them, or a newer change, is found then or on its own event).
+const HELD_RECHECK: Duration = Duration::from_secs(60);
 /// How often old versions are thinned (also whenever over the byte budget).
 const RETAIN_EVERY: Duration = Duration::from_secs(3600);
 
@@ -98,6 +101,10 @@ pub struct Worker {
     pub(super) kept_bytes: AtomicU64,
     /// Retention should run soon (over the byte budget, or its hour came).
     pub(super) retain_due: AtomicBool,
+    /// The mass-delete guard.
+    guard: Mutex<super::guard::MassGuard>,
+    /// The user accepted what the guard held: decide those paths again.
+    released: AtomicBool,
 }
 
 /// A path the scanner found changed.
@@ -182,6 +189,8 @@ impl Worker {
             kept_bytes: AtomicU64::new(0),
             // The first pass at start also counts what is kept.
             retain_due: AtomicBool::new(true),
+            guard: Mutex::new(Default::default()),
+            released: AtomicBool::new(false),
         }
     }
 
@@ -282,12 +291,26 @@ impl Worker {
             .unwrap_or(0.0)
             .max(1.0);
         let rate = (p.window.iter().map(|(_, n)| *n).sum::<u64>() as f64 / span) as u64;
+        let held = self.guard.lock().unwrap_or_else(|p| p.into_inner()).held();
+        let held_n: usize = held.iter().map(|(_, n)| n).sum();
+        let mut detail = p.detail.clone();
+        if !held.is_empty() {
+            let who: Vec<String> = held
+                .iter()
+                .map(|(d, n)| format!("{n} from device …{}", d.short()))
+                .collect();
+            detail = Some(format!(
+                "holding deletions and overwrites ({}): more of the folder at once than the \
+                 guard allows; `shoal folder accept SPACE` applies them, or restore",
+                who.join(", ")
+            ));
+        }
         let state = if p.state == "scanning" {
             "scanning"
-        } else if p
-            .detail
-            .as_deref()
-            .is_some_and(|d| d.starts_with("disk full"))
+        } else if !held.is_empty()
+            || p.detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with("disk full"))
         {
             "paused"
         } else if pending > 0 {
@@ -308,7 +331,7 @@ impl Worker {
             path: self.root.display().to_string(),
             state: state.into(),
             progress,
-            detail: p.detail.clone(),
+            detail,
             files_left: pending,
             unavailable,
             bytes_left,
@@ -317,7 +340,19 @@ impl Worker {
             peers: 0,
             files,
             problems: p.problems.iter().cloned().collect(),
+            held: held_n as u64,
         }
+    }
+
+    /// The user confirmed what the guard holds; returns how many changes.
+    pub(super) fn accept_held(&self) -> usize {
+        let n = self
+            .guard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .accept();
+        self.released.store(true, Ordering::SeqCst);
+        n
     }
 
     /// Emits a progress event unless the folder is in sync, was at the
@@ -487,6 +522,11 @@ impl Worker {
                         queue.shrink_to_fit();
                         retry.shrink_to_fit();
                     });
+                    if self.released.swap(false, Ordering::SeqCst) {
+                        // The held paths wait in `retry`: decide them now.
+                        retry.clear();
+                        reconcile = true;
+                    }
                     if self.retain_due.swap(false, Ordering::SeqCst) {
                         self.retain().await;
                     }
@@ -991,11 +1031,17 @@ impl Worker {
                 (true, false) => std::cmp::Ordering::Greater,
             }
         });
+        let held = self.guard_batch(&work);
         let _g = self.fs.lock().await;
         // The temp files, read once for the batch: none of its paths has a
         // transfer running, so none of theirs comes or goes meanwhile.
         let mut parts = self.temp_parts();
         for (rel, entries, mark) in work {
+            if held.contains(&rel) {
+                // Left as it is until accepted (or restored over).
+                retry.insert(rel, (now + HELD_RECHECK, 0));
+                continue;
+            }
             match self.decide(&rel, &entries, &mut parts) {
                 Ok(Action::Done) => {
                     retry.remove(&rel);
@@ -1014,6 +1060,58 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The mass-delete guard's look at a batch: the paths whose winner
+    /// would delete or overwrite a file here, by writing device. Returns
+    /// the paths to hold; says so when a device trips the guard.
+    fn guard_batch(&self, work: &[(String, Vec<Entry>, Vec<u8>)]) -> HashSet<String> {
+        let blobs = &self.shared.blobs;
+        let mut destructive = Vec::new();
+        for (rel, entries, _) in work {
+            let Some(w) = files::winner(entries) else {
+                continue;
+            };
+            if w.device == self.shared.me {
+                continue;
+            }
+            let Ok(Some(here)) = blobs.local(&self.space, rel) else {
+                continue;
+            };
+            let overwrite = !w.deleted && w.kind == Kind::File && here.hash != w.hash;
+            if w.deleted || overwrite {
+                destructive.push((rel.clone(), w.device.clone()));
+            }
+        }
+        if destructive.is_empty() {
+            return HashSet::new();
+        }
+        let files_here = blobs.local_count(&self.space);
+        let (hold, tripped) = self.guard.lock().unwrap_or_else(|p| p.into_inner()).check(
+            &destructive,
+            files_here,
+            &self.shared.settings.guard,
+            Instant::now(),
+        );
+        for device in tripped {
+            let n = destructive.iter().filter(|(_, d)| *d == device).count() as u64;
+            warn!(space = %self.space.short(), device = %device.short(), paths = n,
+                "mass-delete guard: holding this device's deletions and overwrites");
+            self.problem(
+                "",
+                format!(
+                    "device …{} would delete or overwrite {n} files at once: held until \
+                     `shoal folder accept` (or a restore)",
+                    device.short()
+                ),
+            );
+            self.shared.emit(Event::ChangesHeld {
+                space: self.space.to_string(),
+                device: device.to_string(),
+                paths: n,
+            });
+        }
+        hold
     }
 
     /// Brings `rel` in line with the index where that needs no transfer:

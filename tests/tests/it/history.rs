@@ -397,3 +397,90 @@ async fn long_names_version_like_names_and_viewers() -> Result<()> {
     ensure!(std::fs::read(roots[1].join("X"))? == b"x 2");
     Ok(())
 }
+
+/// The mass-delete guard: a device that deletes and overwrites most of the
+/// folder at once (ransomware, a mistaken `rm -rf`) does not empty the
+/// others. The receiving device holds that device's deletions and
+/// overwrites past the limit, says so in its status and with an event,
+/// loses nothing, and applies them once the user accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mass_delete_guard_holds_a_devices_deletions_until_accepted() -> Result<()> {
+    let (nodes, roots, _dirs) = folder_nodes_with(2, SPACE, |_, c| {
+        c.folders.guard.min_files = 10;
+    })
+    .await?;
+    let (a, b) = (&nodes[0].node, &nodes[1].node);
+    let body = |i: usize| format!("precious {i}").into_bytes();
+    for i in 0..40 {
+        write(&roots[0], &format!("docs/p{i:02}.txt"), &body(i))?;
+    }
+    for i in 0..40 {
+        wait_file(b, &roots[1].join(format!("docs/p{i:02}.txt")), &body(i)).await?;
+    }
+    wait_in_sync(b).await?;
+    // Limit: max(10, half of B's files), 21 at first (less as deletions
+    // are applied). A deletes 25 files and "encrypts" 10 more.
+    let mut events = b.events();
+    for i in 0..25 {
+        std::fs::remove_file(roots[0].join(format!("docs/p{i:02}.txt")))?;
+    }
+    for i in 25..35 {
+        write(&roots[0], &format!("docs/p{i:02}.txt"), b"ENCRYPTED")?;
+    }
+    let ev = wait_event(&mut events, TIMEOUT, |e| {
+        matches!(e, shoal_node::Event::ChangesHeld { .. })
+    })
+    .await?;
+    let shoal_node::Event::ChangesHeld { device, .. } = ev else {
+        unreachable!()
+    };
+    ensure!(device == a.device_id().to_string());
+    // A's changes keep arriving, one or a few at a time, as A's scanner
+    // sees them. At most the limit is applied (21 at first, less as
+    // deletions are applied); wait until B holds the rest.
+    let held_at_least = 35 - 21;
+    wait_for(b, TIMEOUT, || async {
+        b.folder_status()
+            .await
+            .iter()
+            .any(|s| s.state == "paused" && s.held >= held_at_least)
+    })
+    .await
+    .with_context(|| format!("B never held {held_at_least} changes"))?;
+    let st = b.folder_status().await;
+    let held = st[0].held;
+    ensure!(
+        st[0]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("folder accept")),
+        "{st:?}"
+    );
+    // Nothing is lost: each original is on B's disk or among its kept
+    // versions.
+    let mut intact = 0;
+    for i in 0..35 {
+        let path = format!("docs/p{i:02}.txt");
+        if std::fs::read(roots[1].join(&path)).is_ok_and(|c| c == body(i)) {
+            intact += 1;
+            continue;
+        }
+        let h = b.history(SPACE, &path).await?;
+        let v = version_of(&h, &body(i)).context("no original")?;
+        ensure!(v.content == Content::Kept, "{path}: {v:?}");
+    }
+    ensure!(intact as u64 >= held, "{intact} intact, {held} held");
+
+    ensure!(b.accept_held(SPACE).await? as u64 >= held);
+    for i in 0..25 {
+        wait_gone(b, &roots[1].join(format!("docs/p{i:02}.txt"))).await?;
+    }
+    for i in 25..35 {
+        wait_file(b, &roots[1].join(format!("docs/p{i:02}.txt")), b"ENCRYPTED").await?;
+    }
+    wait_in_sync(b).await?;
+    ensure!(b.folder_status().await[0].held == 0);
+    // Untouched files stay.
+    ensure!(std::fs::read(roots[1].join("docs/p39.txt"))? == body(39));
+    Ok(())
+}
