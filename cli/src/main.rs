@@ -138,7 +138,7 @@ enum Cmd {
         /// Only this space (name or id).
         space: Option<String>,
         /// Event groups or types, comma-separated: doc, file, transfer,
-        /// progress, error, peer, member, rejected (or e.g. doc_changed).
+        /// progress, error, folder, peer, member, rejected (or e.g. doc_changed).
         #[arg(long = "type")]
         types: Option<String>,
         /// Only documents whose id matches this glob.
@@ -546,7 +546,7 @@ async fn progress_bars(node: Node) {
     loop {
         tick.tick().await;
         for f in node.folder_status().await {
-            let busy = f.state == "scanning" || f.bytes_left > 0;
+            let busy = f.state == shoal_node::folder::FolderState::Scanning || f.bytes_left > 0;
             match (busy, bars.get(&f.space)) {
                 (true, Some(bar)) => {
                     let total = bar.length().unwrap_or(0).max(bar.position() + f.bytes_left);

@@ -303,7 +303,7 @@ fn doc_id(s: &str) -> Result<DocId, ApiError> {
 #[into_params(parameter_in = Query)]
 pub struct EventQuery {
     /// Comma-separated event groups (`doc`, `file`, `transfer`,
-    /// `progress`, `peer`, `member`, `rejected`, `error`) or exact types
+    /// `progress`, `peer`, `member`, `rejected`, `error`, `folder`) or exact types
     /// such as `doc_changed`.
     pub types: Option<String>,
     /// A space, by name or id.
@@ -821,7 +821,7 @@ async fn status(State(st): State<AppState>) -> ApiResult<Status> {
                 peers_relayed: s.peers.iter().filter(|p| relayed(p)).count(),
                 state: folder
                     .as_ref()
-                    .map(|f| f.state.clone())
+                    .map(|f| f.state.to_string())
                     .unwrap_or_else(|| "documents only".into()),
                 folder,
                 id: s.id,
@@ -950,7 +950,8 @@ async fn accept_held(State(st): State<AppState>, Path(space): Path<String>) -> A
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct HistoryQuery {
-    /// The file's path in the folder.
+    /// The file's path in the folder (required).
+    #[serde(default)]
     path: String,
 }
 
@@ -991,7 +992,7 @@ async fn trash(State(st): State<AppState>, Path(space): Path<String>) -> ApiResu
 async fn restore(
     State(st): State<AppState>,
     Path(space): Path<String>,
-    Json(req): Json<RestoreRequest>,
+    Body(req): Body<RestoreRequest>,
 ) -> ApiResult<RestoreReport> {
     Ok(Json(st.node.restore(&space, req).await?))
 }
@@ -1026,7 +1027,7 @@ struct SnapshotBody {
 async fn take_snapshot(
     State(st): State<AppState>,
     Path(space): Path<String>,
-    Json(b): Json<SnapshotBody>,
+    Body(b): Body<SnapshotBody>,
 ) -> ApiResult<SnapshotInfo> {
     Ok(Json(st.node.snapshot(&space, &b.name).await?))
 }

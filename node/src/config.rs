@@ -182,6 +182,7 @@ impl ConfigFile {
                 ),
                 ..Default::default()
             },
+            drop_gossip: false,
         })
     }
 }
@@ -250,6 +251,10 @@ pub struct NodeConfig {
     pub gossip_heartbeat: Duration,
     /// Folder sync.
     pub folders: crate::folder::FolderSettings,
+    /// Fault injection for tests: publish nothing on gossip (changes and
+    /// heads summaries are lost, as over a link that drops them).
+    #[doc(hidden)]
+    pub drop_gossip: bool,
 }
 
 impl NodeConfig {
@@ -279,6 +284,7 @@ impl NodeConfig {
                 rescan: Duration::from_secs(2),
                 ..Default::default()
             },
+            drop_gossip: false,
         }
     }
 }

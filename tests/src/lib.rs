@@ -250,10 +250,11 @@ pub async fn wait_file(node: &Node, path: &std::path::Path, content: &[u8]) -> R
 /// or place.
 pub async fn wait_in_sync(node: &Node) -> Result<()> {
     wait_for(node, TIMEOUT, || async {
-        node.folder_status()
-            .await
-            .iter()
-            .any(|f| f.state == "in sync" && f.files_left == 0 && f.progress == 100.0)
+        node.folder_status().await.iter().any(|f| {
+            f.state == shoal_node::folder::FolderState::InSync
+                && f.files_left == 0
+                && f.progress == 100.0
+        })
     })
     .await
     .context("the folder never said it is in sync")

@@ -33,6 +33,14 @@ impl Engine {
             .last()
             .and_then(|c| Change::try_from(c.as_slice()).ok())
             .map(|c| c.hash());
+        if self.drop_gossip {
+            // The signature still goes with the changes by sync.
+            if let Some(last) = changes_tip {
+                let sig = self.sign_change(&id, doc, &last);
+                self.store_sigs(&[(last.0, sig)]);
+            }
+            return;
+        }
         // Pack changes into messages under the inline limit, in order; the
         // last change of each message is signed.
         let mut groups: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
@@ -102,6 +110,9 @@ impl Engine {
     }
 
     pub(super) fn publish_summaries(&mut self, outbox: &mut Vec<NetCommand>) {
+        if self.drop_gossip {
+            return;
+        }
         let ids: Vec<SpaceId> = self
             .spaces
             .keys()
@@ -245,15 +256,27 @@ impl Engine {
                     ));
                 }
                 let mut behind = Vec::new();
+                let mut ahead = Vec::new();
                 if let Some(s) = self.spaces.get_mut(&space) {
                     for (doc, heads) in docs {
-                        let known = s.docs.get_mut(&doc).is_some_and(|d| {
-                            heads
+                        let mine = s.docs.get_mut(&doc).map(|d| {
+                            let known = heads
                                 .iter()
-                                .all(|h| d.doc.get_change_by_hash(&ChangeHash(*h)).is_some())
+                                .all(|h| d.doc.get_change_by_hash(&ChangeHash(*h)).is_some());
+                            let mut own: Vec<[u8; 32]> =
+                                d.doc.get_heads().iter().map(|h| h.0).collect();
+                            own.sort_unstable();
+                            (known, own)
                         });
-                        if !known {
-                            behind.push((doc, heads));
+                        match mine {
+                            Some((true, own)) => {
+                                let mut theirs = heads;
+                                theirs.sort_unstable();
+                                if own != theirs {
+                                    ahead.push(doc);
+                                }
+                            }
+                            _ => behind.push((doc, heads)),
                         }
                     }
                 }
@@ -262,6 +285,15 @@ impl Engine {
                 } else {
                     propagation
                 };
+                // The sender lacks changes we have: our own gossip of them
+                // may never have reached it (a link that was cut while we
+                // published). Offer them by sync, from this side; only to
+                // the member itself, not to whoever relayed its summary.
+                if from == source {
+                    for doc in ahead {
+                        self.kick((source, space, doc), true, outbox);
+                    }
+                }
                 // Gossip in flight may bring them; pull only if it does not.
                 for (doc, heads) in behind {
                     let g = self.gaps.entry((space, doc)).or_insert_with(|| Gap {

@@ -205,8 +205,8 @@ pub enum Event {
     SyncProgress {
         /// The space id.
         space: String,
-        /// `scanning`, `syncing`, `paused` or `in sync`.
-        state: String,
+        /// What the folder is doing.
+        state: crate::folder::FolderState,
         /// Percent of files in place.
         progress: f64,
         /// Files waiting.
@@ -528,6 +528,8 @@ pub(crate) struct Engine {
     /// Local changes of this turn, published together per document.
     local_batch: BTreeMap<(SpaceId, DocId), LocalChanges>,
     anti_entropy: Duration,
+    /// Tests only: publish nothing on gossip.
+    drop_gossip: bool,
     redial: Duration,
     counters: std::sync::Arc<crate::metrics::NodeCounters>,
     /// The DHT rendezvous keys last handed to the network.
@@ -616,6 +618,7 @@ impl Engine {
             last_seen: HashMap::new(),
             gaps: HashMap::new(),
             anti_entropy,
+            drop_gossip: config.drop_gossip,
             redial,
             counters,
             members_generation: Default::default(),

@@ -154,8 +154,8 @@ pub struct FolderStatus {
     pub space: String,
     /// The folder.
     pub path: String,
-    /// `scanning`, `syncing`, `in sync`, `paused` or `waiting for peers`.
-    pub state: String,
+    /// What the folder is doing.
+    pub state: FolderState,
     /// Why it is paused, or what it is doing.
     pub detail: Option<String>,
     /// Percent done: files in place of those in place or waiting (one
@@ -181,6 +181,48 @@ pub struct FolderStatus {
     /// Remote deletions and overwrites held by the mass-delete guard (in
     /// `files_left`); `shoal folder accept` applies them.
     pub held: u64,
+}
+
+/// What a folder is doing (shown as `scanning`, `syncing`, `in sync`,
+/// `paused` or `waiting for peers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, utoipa::ToSchema)]
+pub enum FolderState {
+    /// Reading the folder (at start, or a full rescan).
+    #[default]
+    #[serde(rename = "scanning")]
+    Scanning,
+    /// Files wait to be fetched or placed.
+    #[serde(rename = "syncing")]
+    Syncing,
+    /// Files wait, and no member that could serve them is connected.
+    #[serde(rename = "waiting for peers")]
+    WaitingForPeers,
+    /// Nothing waits.
+    #[serde(rename = "in sync")]
+    InSync,
+    /// Stopped until something changes: the disk is full, or the
+    /// mass-delete guard holds changes (`detail` says which).
+    #[serde(rename = "paused")]
+    Paused,
+}
+
+impl FolderState {
+    /// The word the API and CLI show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FolderState::Scanning => "scanning",
+            FolderState::Syncing => "syncing",
+            FolderState::WaitingForPeers => "waiting for peers",
+            FolderState::InSync => "in sync",
+            FolderState::Paused => "paused",
+        }
+    }
+}
+
+impl std::fmt::Display for FolderState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One path of a synced tree.
@@ -648,8 +690,8 @@ impl Folders {
                 .unwrap_or(0);
             let mut s = w.status();
             s.peers = peers;
-            if s.state == "syncing" && peers == 0 {
-                s.state = "waiting for peers".into();
+            if s.state == FolderState::Syncing && peers == 0 {
+                s.state = FolderState::WaitingForPeers;
             }
             out.push(s);
         }

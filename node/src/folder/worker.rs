@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use super::fetch::TransferError;
 use super::place::{self, TMP_DIR, VERSIONS_DIR};
 use super::scan::{self, Hashed, Rules};
-use super::{FolderStatus, Shared};
+use super::{FolderState, FolderStatus, Shared};
 use crate::engine::{FileOrigin, IndexCommand};
 use crate::error::Error;
 use crate::store::blobs::{LocalFile, Stat};
@@ -63,7 +63,8 @@ const RETAIN_EVERY: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 struct Progress {
-    state: &'static str,
+    /// Whether a scan is running.
+    scanning: bool,
     detail: Option<String>,
     /// Bytes still to fetch for queued transfers, by path.
     queued: HashMap<String, u64>,
@@ -177,7 +178,7 @@ impl Worker {
             fs: tokio::sync::Mutex::new(()),
             sync: super::SyncGate::default(),
             progress: Mutex::new(Progress {
-                state: "scanning",
+                scanning: true,
                 ..Default::default()
             }),
             stop: Notify::new(),
@@ -305,18 +306,18 @@ impl Worker {
                 who.join(", ")
             ));
         }
-        let state = if p.state == "scanning" {
-            "scanning"
+        let state = if p.scanning {
+            FolderState::Scanning
         } else if !held.is_empty()
             || p.detail
                 .as_deref()
                 .is_some_and(|d| d.starts_with("disk full"))
         {
-            "paused"
+            FolderState::Paused
         } else if pending > 0 {
-            "syncing"
+            FolderState::Syncing
         } else {
-            "in sync"
+            FolderState::InSync
         };
         let files = self.shared.blobs.local_count(&self.space) as u64;
         // Files, not bytes: the bytes of files not yet started are unknown
@@ -329,7 +330,7 @@ impl Worker {
         FolderStatus {
             space: self.space.to_string(),
             path: self.root.display().to_string(),
-            state: state.into(),
+            state,
             progress,
             detail,
             files_left: pending,
@@ -369,14 +370,14 @@ impl Worker {
         let quiet = || {
             self.shared.blobs.pending_count(&self.space) == 0 && {
                 let p = self.prog();
-                p.state != "scanning" && p.detail.is_none()
+                !p.scanning && p.detail.is_none()
             }
         };
         if was_in_sync && quiet() {
             return true;
         }
         let st = self.status();
-        let in_sync = st.state == "in sync";
+        let in_sync = st.state == FolderState::InSync;
         if !(in_sync && was_in_sync) {
             self.shared.emit(Event::SyncProgress {
                 space: st.space,
@@ -621,7 +622,7 @@ impl Worker {
         let full = paths.is_none();
         let started = Instant::now();
         if full {
-            self.prog().state = "scanning";
+            self.prog().scanning = true;
         }
         // The watcher's word on `.shoalignore` may still be queued behind
         // this scan: the rules are checked against the files themselves
@@ -642,7 +643,7 @@ impl Worker {
             self.problem(p, e.clone());
         }
         if full {
-            self.prog().state = "";
+            self.prog().scanning = false;
         }
         let new_rules = std::mem::take(&mut result.new_rules);
         if !new_rules.is_empty() || self.rules_changed() {

@@ -39,6 +39,9 @@ pub const EVENT_CAPACITY: usize = 8192;
 const BACKLOG_CAPACITY: usize = 65_536;
 /// How long `start` waits for the listeners to come up.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed pings in a row (15 s apart, 20 s each) after which a connection
+/// is taken for dead and closed.
+const PING_FAILURES_TO_CLOSE: u32 = 2;
 
 /// Id of an inbound request awaiting our answer.
 pub type InboundId = u64;
@@ -288,6 +291,7 @@ pub(crate) async fn spawn(
         next_inbound: 0,
         backlog: std::collections::VecDeque::new(),
         peers: HashMap::new(),
+        ping_failures: HashMap::new(),
         bootstrapped: false,
         reach,
         metrics: metrics
@@ -453,6 +457,8 @@ struct Actor {
     /// Control events waiting for room in the event channel.
     backlog: std::collections::VecDeque<NetEvent>,
     peers: HashMap<PeerId, PeerState>,
+    /// Failed pings in a row, per connection.
+    ping_failures: HashMap<libp2p::swarm::ConnectionId, u32>,
     bootstrapped: bool,
     /// Bootstrap nodes, relay reservations, DHT rendezvous.
     reach: reach::Reach,
@@ -642,6 +648,7 @@ impl Actor {
                 num_established,
                 ..
             } => {
+                self.ping_failures.remove(&connection_id);
                 if let Some(st) = self.peers.get_mut(&peer_id) {
                     st.conns.retain(|(c, _, _)| *c != connection_id);
                 }
@@ -711,11 +718,30 @@ impl Actor {
             }
             BehaviourEvent::Ping(ping::Event {
                 peer,
+                connection,
                 result: Ok(rtt),
-                ..
             }) => {
+                self.ping_failures.remove(&connection);
                 if let Some(st) = self.peers.get_mut(&peer) {
                     st.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            }) => {
+                // A link cut without a reset (a blackhole, a sleeping NAT)
+                // leaves a TCP connection that looks open for many minutes,
+                // and libp2p's ping does not close it: sync requests and
+                // gossip vanish into it. Close it after a few failed pings;
+                // the redial reconnects when the peer is reachable again.
+                let n = self.ping_failures.entry(connection).or_insert(0);
+                *n += 1;
+                if *n >= PING_FAILURES_TO_CLOSE {
+                    self.ping_failures.remove(&connection);
+                    info!(%peer, error = %e, "closing a connection that stopped answering pings");
+                    self.swarm.close_connection(connection);
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {

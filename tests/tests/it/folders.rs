@@ -458,7 +458,8 @@ async fn a_full_disk_pauses_the_transfer_and_places_nothing() -> Result<()> {
     // B says it is paused because the disk is full...
     shoal_tests::wait_for(&b.node, shoal_tests::TIMEOUT, || async {
         b.node.folder_status().await.iter().any(|f| {
-            f.state == "paused" && f.detail.as_deref().is_some_and(|d| d.contains("disk full"))
+            f.state == shoal_node::folder::FolderState::Paused
+                && f.detail.as_deref().is_some_and(|d| d.contains("disk full"))
         })
     })
     .await?;

@@ -443,7 +443,7 @@ async fn the_mass_delete_guard_holds_a_devices_deletions_until_accepted() -> Res
         b.folder_status()
             .await
             .iter()
-            .any(|s| s.state == "paused" && s.held >= held_at_least)
+            .any(|s| s.state == shoal_node::folder::FolderState::Paused && s.held >= held_at_least)
     })
     .await
     .with_context(|| format!("B never held {held_at_least} changes"))?;

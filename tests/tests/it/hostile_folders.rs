@@ -192,7 +192,7 @@ async fn a_version_no_member_holds_does_not_keep_the_folder_syncing() -> Result<
         an.folder_status().await.iter().any(|f| {
             f.unavailable == 1
                 && f.files_left == 0
-                && f.state == "in sync"
+                && f.state == shoal_node::folder::FolderState::InSync
                 && f.problems
                     .iter()
                     .any(|p| p.contains("no connected member has this version"))

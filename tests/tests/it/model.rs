@@ -794,7 +794,9 @@ impl Run {
         let ok = wait_for(nodes[0], SETTLE_WAIT, || async {
             for n in &nodes {
                 let st = n.folder_status().await;
-                if !st.iter().any(|f| f.state == "in sync" && f.files_left == 0) {
+                if !st.iter().any(|f| {
+                    f.state == shoal_node::folder::FolderState::InSync && f.files_left == 0
+                }) {
                     return false;
                 }
             }

@@ -244,3 +244,28 @@ async fn viewer_writes_are_refused_locally() -> Result<()> {
     assert!(v.export_grant("notes").await.is_err());
     Ok(())
 }
+
+/// Chaos finding 3: a device whose gossip never reaches the others (its
+/// link dropped what it published) had changes nobody else ever got: the
+/// others' heads summaries showed they lacked them, but only a device that
+/// is behind acted on a summary. Now the device that is ahead offers its
+/// changes by sync when a member's summary shows it lacks them. Failed
+/// before (B never had A's second change), passes now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_gossip_is_lost_still_gets_its_changes_out() -> Result<()> {
+    let n = spawn_nodes_with(2, |i, c| c.drop_gossip = i == 0).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    a.put("notes", &todo(), "/items/0", json!("first")).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    // A later change: A's gossip of it is lost, and A sends no summaries.
+    a.put("notes", &todo(), "/items/-", json!("second")).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    assert_eq!(
+        b.get("notes", &todo()).await?,
+        json!({"items": ["first", "second"]})
+    );
+    Ok(())
+}
