@@ -278,6 +278,18 @@ impl Node {
         self.ask(|r| Command::Heads(space, doc, r)).await
     }
 
+    /// How many sync states the engine holds. Tests only.
+    #[doc(hidden)]
+    pub async fn sync_states(&self) -> Result<engine::SyncStates> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .commands
+            .send(Command::SyncStates(tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
     /// The documents of a space (not `members`).
     pub async fn docs(&self, space: &str) -> Result<Vec<String>> {
         let space = space.to_string();

@@ -238,6 +238,18 @@ pub enum Event {
     },
 }
 
+/// How many sync states the engine holds (tests watch these for growth).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStates {
+    /// Sessions this node runs (peer, space, document).
+    pub sessions: usize,
+    /// States of sessions peers run with this node.
+    pub responders: usize,
+    /// Documents waiting for missing changes.
+    pub gaps: usize,
+}
+
 /// Where a file change came from.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -291,6 +303,8 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
 /// Requests to the engine.
 #[derive(Debug)]
 pub(crate) enum Command {
+    /// Tests only: how many sync states the engine holds.
+    SyncStates(tokio::sync::oneshot::Sender<SyncStates>),
     CreateSpace(String, Reply<SpaceInfo>),
     Spaces(Reply<Vec<SpaceInfo>>),
     ImportGrant(Box<SpaceGrant>, Reply<SpaceInfo>),
@@ -983,6 +997,13 @@ impl Engine {
             Command::Get(space, doc, reply) => {
                 let r = self.with_doc(&space, &doc, |d| jdoc::to_json(d));
                 let _ = reply.send(r);
+            }
+            Command::SyncStates(reply) => {
+                let _ = reply.send(SyncStates {
+                    sessions: self.sessions.len(),
+                    responders: self.responders.len(),
+                    gaps: self.gaps.len(),
+                });
             }
             Command::Heads(space, doc, reply) => {
                 let r = self.with_doc(&space, &doc, |d| hex_heads(&d.get_heads()));

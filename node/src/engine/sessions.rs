@@ -485,9 +485,18 @@ impl Engine {
             return refuse(RefuseReason::NotAllowed);
         };
         let d = sp.docs.entry(doc.clone()).or_insert(fresh);
-        let state = self.responders.entry(key).or_default();
+        let state = self.responders.entry(key.clone()).or_default();
         let reply = d.doc.sync().generate_sync_message(state);
         self.drop_if_empty(&space, &doc);
+        // A document we do not have (a member may name any id): no state is
+        // kept for it, or asking about many ids would grow the engine.
+        if !self
+            .spaces
+            .get(&space)
+            .is_some_and(|s| s.docs.contains_key(&doc))
+        {
+            self.responders.remove(&key);
+        }
         let sigs = reply.as_ref().map(|m| self.sigs_for(m)).unwrap_or_default();
         SyncResponse::V1 {
             message: reply.map(|m| m.encode()),

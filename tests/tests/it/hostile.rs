@@ -1221,3 +1221,43 @@ async fn still_syncs(a: &shoal_node::Node, b: &shoal_node::Node, todo: &DocId) -
     assert_eq!(b.get("notes", todo).await?["after"], json!(2));
     Ok(())
 }
+
+/// Issue 18: a member may name any document id in a sync request. The node
+/// answers from an empty document and drops it again; it kept a sync state
+/// per id asked about, so a member asking about many ids grew the engine
+/// for good. Failed before (1,000 responder states after 1,000 ids), passes
+/// now: none is kept, and the node still syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_about_many_unknown_documents_keeps_no_state() -> Result<()> {
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let mut adm = admitted(a, Role::Editor, None).await?;
+    let before = a.sync_states().await?;
+    let empty = Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![],
+        changes: ChunkList::from(Vec::<Vec<u8>>::new()),
+        flags: None,
+        version: MessageVersion::V1,
+    }
+    .encode();
+    for i in 0..1000 {
+        let doc: DocId = format!("nothing-{i}").parse()?;
+        let r = adm
+            .h
+            .sync_request(adm.a_peer, sync_req(adm.space, &doc, empty.clone(), vec![]))
+            .await?;
+        assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    }
+    let after = a.sync_states().await?;
+    assert!(
+        after.responders <= before.responders + 1,
+        "{before:?} -> {after:?}"
+    );
+    let todo: DocId = "todo".parse()?;
+    still_syncs(a, b, &todo).await
+}
