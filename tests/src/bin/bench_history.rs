@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use shoal_node::folder::history::RestoreRequest;
-use shoal_node::Node;
-use shoal_tests::{flag_value, folder_nodes_with, median, wait_for};
+use shoal_node::folder::FolderState;
+use shoal_node::{Event, Node};
+use shoal_tests::{flag_value, folder_nodes_with, median};
+use tokio::sync::broadcast::error::RecvError;
 
 const SPACE: &str = "bench";
 
@@ -51,21 +53,31 @@ fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Waits (on events, with a long limit) until `node`'s folder holds
-/// exactly `n` files under `root` as its status counts them and is in sync.
+/// Waits until `node`'s folder is in sync and counts `n` entries. Looks
+/// at the status (which counts the folder's records, O(files)) only on the
+/// node's sync-progress events, not on every file event: on every event,
+/// the waiting itself grew quadratic with the folder and was most of a
+/// 100,000-file run's time.
 async fn wait_files(node: &Node, n: u64, limit: Duration) -> Result<()> {
-    wait_for(node, limit, || async {
-        node.folder_status().await.iter().any(|s| {
-            s.state == shoal_node::folder::FolderState::InSync && s.files_left == 0 && s.files == n
-        })
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "never {n} files: {:?}",
-            futures::executor::block_on(node.folder_status())
-        )
-    })
+    let mut events = node.events();
+    let done = || async {
+        node.folder_status()
+            .await
+            .iter()
+            .any(|s| s.state == FolderState::InSync && s.files_left == 0 && s.files == n)
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done().await {
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => bail!("never {n} files: {:?}", node.folder_status().await),
+                Ok(Ok(Event::SyncProgress { .. })) => break,
+                Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
+                Ok(Err(RecvError::Closed)) => bail!("the node stopped"),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn count_files(root: &Path) -> usize {
