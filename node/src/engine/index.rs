@@ -52,22 +52,18 @@ pub struct ShardChanges {
 }
 
 fn values_of(doc: &automerge::AutoCommit, key: &str) -> Values {
-    doc.get_all(ROOT, key)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(v, _)| match v {
-            Value::Scalar(s) => match s.as_ref() {
-                ScalarValue::Bytes(b) => Some(b.clone()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect()
+    packed(doc.get_all(ROOT, key))
 }
 
 fn values_at(doc: &automerge::AutoCommit, key: &str, heads: &[ChangeHash]) -> Values {
-    doc.get_all_at(ROOT, key, heads)
-        .unwrap_or_default()
+    packed(doc.get_all_at(ROOT, key, heads))
+}
+
+/// The byte values among a key's values (index entries are bytes).
+fn packed(
+    all: std::result::Result<Vec<(Value<'_>, automerge::ObjId)>, automerge::AutomergeError>,
+) -> Values {
+    all.unwrap_or_default()
         .into_iter()
         .filter_map(|(v, _)| match v {
             Value::Scalar(s) => match s.as_ref() {

@@ -84,7 +84,7 @@ pub struct RestoreRequest {
     pub path: String,
     /// A version number from `history`.
     pub version: Option<usize>,
-    /// A time: RFC 3339, `YYYY-MM-DD[ HH:MM[:SS]]` (UTC), `@UNIX_SECONDS`,
+    /// A time: RFC 3339, `YYYY-MM-DD[ HH:MM[:SS]]` (UTC), `@UNIX_SECONDS[.mmm]`,
     /// or `-30m` / `-2h` / `-1d` (ago).
     pub at: Option<String>,
     /// A snapshot's name.
@@ -148,9 +148,15 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64> {
         };
         return Ok(now_ms.saturating_sub(n.saturating_mul(ms)));
     }
-    if let Some(secs) = s.strip_prefix('@') {
+    if let Some(at) = s.strip_prefix('@') {
+        // `@SECS` or `@SECS.mmm` (the history's times are in ms).
+        let (secs, frac) = at.split_once('.').unwrap_or((at, ""));
         let secs: i64 = secs.parse().map_err(|_| bad())?;
-        return Ok(secs.saturating_mul(1000));
+        if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let ms: i64 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+        return Ok(secs.saturating_mul(1000).saturating_add(ms));
     }
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.timestamp_millis());
@@ -204,17 +210,6 @@ fn decoded(values: &[Vec<u8>]) -> Vec<Entry> {
 }
 
 impl Folders {
-    fn worker(&self, id: &SpaceId) -> Result<Arc<Worker>> {
-        self.lock()
-            .get(id)
-            .map(|r| Arc::clone(&r.worker))
-            .ok_or_else(|| {
-                Error::BadRequest(
-                    "this space has no folder on this device (`shoal folder add` first)".into(),
-                )
-            })
-    }
-
     async fn history_values(&self, w: &Worker, path: &str) -> Result<Vec<(HistoryValue, Entry)>> {
         let path = path.to_string();
         let list = w
@@ -580,6 +575,12 @@ mod tests {
     fn times_are_read_in_every_documented_form() {
         let now = 1_765_000_000_000;
         assert_eq!(parse_time("@1700000000", now).unwrap(), 1_700_000_000_000);
+        assert_eq!(parse_time("@1700000000.5", now).unwrap(), 1_700_000_000_500);
+        assert_eq!(
+            parse_time("@1700000000.042", now).unwrap(),
+            1_700_000_000_042
+        );
+        assert!(parse_time("@1700000000.0421", now).is_err());
         assert_eq!(parse_time("-2h", now).unwrap(), now - 7_200_000);
         assert_eq!(
             parse_time("2023-11-14T22:13:20Z", now).unwrap(),

@@ -723,15 +723,22 @@ impl Folders {
             .await
     }
 
+    /// The worker of a space's folder on this device.
+    fn worker(&self, id: &SpaceId) -> Result<Arc<worker::Worker>> {
+        self.lock()
+            .get(id)
+            .map(|r| Arc::clone(&r.worker))
+            .ok_or_else(|| {
+                Error::BadRequest(
+                    "this space has no folder on this device (`shoal folder add` first)".into(),
+                )
+            })
+    }
+
     /// Applies the changes the mass-delete guard holds in a space's
     /// folder; returns how many.
     pub(crate) fn accept(&self, id: &SpaceId) -> Result<usize> {
-        let w = self
-            .lock()
-            .get(id)
-            .map(|r| Arc::clone(&r.worker))
-            .ok_or_else(|| Error::BadRequest("this space has no folder on this device".into()))?;
-        Ok(w.accept_held())
+        Ok(self.worker(id)?.accept_held())
     }
 
     /// Stops every worker and the blob server.

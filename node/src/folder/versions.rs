@@ -208,10 +208,11 @@ impl Worker {
             .ok()
             .flatten()
             .is_some_and(|l| l.hash == e.hash);
-        if here && !e.deleted && self.held_locally(e) {
+        let held = self.held_locally(e);
+        if here && !e.deleted && held {
             return Content::Here;
         }
-        if self.held_locally(e) {
+        if held {
             let kept = blobs
                 .kept_of(&self.space, rel)
                 .is_ok_and(|k| k.iter().any(|(_, r)| r.hash == e.hash));

@@ -1236,15 +1236,7 @@ async fn asking_about_many_unknown_documents_keeps_no_state() -> Result<()> {
     connect(b, a).await?;
     let mut adm = admitted(a, Role::Editor, None).await?;
     let before = a.sync_states().await?;
-    let empty = Message {
-        heads: vec![],
-        need: vec![],
-        have: vec![],
-        changes: ChunkList::from(Vec::<Vec<u8>>::new()),
-        flags: None,
-        version: MessageVersion::V1,
-    }
-    .encode();
+    let empty = carrying(Vec::new());
     for i in 0..1000 {
         let doc: DocId = format!("nothing-{i}").parse()?;
         let r = adm
