@@ -726,6 +726,11 @@ impl Actor {
                     st.rtt = Some(rtt);
                 }
             }
+            // A peer that does not speak ping is not a dead one.
+            BehaviourEvent::Ping(ping::Event {
+                result: Err(ping::Failure::Unsupported),
+                ..
+            }) => {}
             BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
