@@ -20,7 +20,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub version: Option<usize>,
     /// As it was at this time: RFC 3339, `YYYY-MM-DD HH:MM[:SS]` (UTC),
-    /// `@UNIX_SECONDS`, or `-30m`, `-2h`, `-1d` ago.
+    /// `@UNIX_SECONDS[.mmm]`, or `-30m`, `-2h`, `-1d` ago.
     #[arg(long, allow_hyphen_values = true)]
     pub at: Option<String>,
     /// As it was at this snapshot (`shoal snapshots`).

@@ -124,11 +124,11 @@ async fn main() -> Result<()> {
     let (mut hist, mut trash, mut rest, mut back, mut mem) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
-        // A whole second after the last write, and before the deletion.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // B is in sync: every change that wrote the files was made by now,
+        // and the deletion's comes after A's scan of it.
         let before = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs();
+            .as_millis();
         for d in 0..dirs_n {
             std::fs::remove_dir_all(roots[0].join(format!("d{d:03}")))?;
         }
@@ -159,7 +159,7 @@ async fn main() -> Result<()> {
             .restore(
                 SPACE,
                 RestoreRequest {
-                    at: Some(format!("@{before}")),
+                    at: Some(format!("@{}.{:03}", before / 1000, before % 1000)),
                     ..Default::default()
                 },
             )

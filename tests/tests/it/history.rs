@@ -3,7 +3,6 @@
 //! member that may write, from wherever its content still is.
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use shoal_node::folder::history::{RestoreRequest, VersionInfo};
@@ -196,16 +195,17 @@ async fn a_subtree_is_restored_as_it_was_after_a_mass_delete() -> Result<()> {
     wait_file(b, &roots[1].join("work/sub/deep.txt"), b"deep").await?;
     wait_file(b, &roots[1].join("work/f29.txt"), b"file 29").await?;
     wait_in_sync(b).await?;
-    // Change times are in ms; leave a clear gap on both sides of "before".
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let before = format!(
-        "@{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-            + 1
-    );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // "Before": the time of the last change that wrote the subtree (the
+    // deletion comes later: A scans it after its debounce).
+    let mut last = 0;
+    for p in (0..30)
+        .map(|i| format!("work/f{i:02}.txt"))
+        .chain(["work/sub/deep.txt".to_string()])
+    {
+        let h = b.history(SPACE, &p).await?;
+        last = last.max(h.iter().map(|v| v.time_ms).max().unwrap_or(0));
+    }
+    let before = format!("@{}.{:03}", last / 1000, last % 1000);
     b.snapshot(SPACE, "before the delete").await?;
     std::fs::remove_dir_all(roots[0].join("work"))?;
     wait_gone(b, &roots[1].join("work/f00.txt")).await?;
