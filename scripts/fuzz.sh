@@ -13,6 +13,8 @@
 #
 # FUZZ_SKIP="sync_receive ..." skips targets (space-separated).
 # FUZZ_JOBS=2 fuzzes two targets at a time (one core each); default 1.
+# FUZZ_RUNS=N runs N executions per target instead of a time (the
+# documented long run: FUZZ_RUNS=10000000 scripts/fuzz.sh).
 # Without a nightly toolchain it says so and exits 0; a missing cargo-fuzz
 # is installed.
 set -euo pipefail
@@ -69,7 +71,9 @@ fuzz_one() {
     return 1
   fi
   if [ -d "fuzz/corpus/$t" ]; then cp -R "fuzz/corpus/$t/." "$work/$t/corpus/"; fi
-  "$bin" -max_total_time="$secs" -timeout=10 -print_final_stats=1 \
+  local budget=(-max_total_time="$secs")
+  if [ -n "${FUZZ_RUNS:-}" ]; then budget=(-runs="$FUZZ_RUNS"); fi
+  "$bin" "${budget[@]}" -timeout=10 -print_final_stats=1 \
     -artifact_prefix="$work/$t/artifacts/" "$work/$t/corpus" >"$work/$t/log" 2>&1 || rc=$?
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/$t/log")
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$work/$t/log")
@@ -95,7 +99,11 @@ for t in $(cd fuzz && cargo +nightly fuzz list); do
   targets+=("$t")
   [[ " ${FUZZ_SKIP:-} " == *" $t "* ]] || n=$((n + 1))
 done
-echo "== fuzzing $n of ${#targets[@]} targets, ${secs} s each, ${jobs} at a time"
+if [ -n "${FUZZ_RUNS:-}" ]; then
+  echo "== fuzzing $n of ${#targets[@]} targets, ${FUZZ_RUNS} executions each, ${jobs} at a time"
+else
+  echo "== fuzzing $n of ${#targets[@]} targets, ${secs} s each, ${jobs} at a time"
+fi
 running=0
 for t in "${targets[@]}"; do
   [[ " ${FUZZ_SKIP:-} " == *" $t "* ]] && continue

@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::{
     device_of_peer, hex_heads, random, verify_change_sig, Applied, Engine, Event, Gap, Origin,
-    MAX_WANTED,
+    MAX_GAPS, MAX_WANTED,
 };
 use crate::net::NetCommand;
 use shoal_protocol::actor::device_of;
@@ -296,7 +296,11 @@ impl Engine {
                 }
                 // Gossip in flight may bring them; pull only if it does not.
                 for (doc, heads) in behind {
-                    let g = self.gaps.entry((space, doc)).or_insert_with(|| Gap {
+                    let key = (space, doc);
+                    if self.gaps.len() >= MAX_GAPS && !self.gaps.contains_key(&key) {
+                        continue;
+                    }
+                    let g = self.gaps.entry(key).or_insert_with(|| Gap {
                         since: Instant::now(),
                         peers: HashSet::new(),
                         wanted: Vec::new(),

@@ -60,6 +60,12 @@ const COMPACT_AFTER: usize = 512;
 const RETRY_TICK: Duration = Duration::from_millis(250);
 /// Most announced heads remembered per document gap.
 const MAX_WANTED: usize = 256;
+/// Sessions about documents this device does not hold (named in a heads
+/// summary), per peer at once.
+const MAX_ASKING_UNKNOWN: usize = 256;
+/// Documents waiting for missing changes, at most: further ids named in
+/// heads summaries wait for a later summary.
+const MAX_GAPS: usize = 16_384;
 /// Longest wait between retries of a failing session.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A sync request without an answer for this long is given up.
@@ -248,6 +254,8 @@ pub struct SyncStates {
     pub responders: usize,
     /// Documents waiting for missing changes.
     pub gaps: usize,
+    /// Documents held, over all spaces.
+    pub docs: usize,
 }
 
 /// Where a file change came from.
@@ -1003,6 +1011,7 @@ impl Engine {
                     sessions: self.sessions.len(),
                     responders: self.responders.len(),
                     gaps: self.gaps.len(),
+                    docs: self.spaces.values().map(|s| s.docs.len()).sum(),
                 });
             }
             Command::Heads(space, doc, reply) => {

@@ -4,6 +4,7 @@
 //! admission (`members` first), on gaps and announced heads, retried with
 //! backoff, and answered as responder with every change checked first.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use automerge::sync::{self, SyncDoc};
@@ -18,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     device_of_peer, random, verify_change_sig, Applied, Engine, Event, Session, SessionKey,
-    MAX_BACKOFF, RETRY_TICK, SESSION_TIMEOUT,
+    MAX_ASKING_UNKNOWN, MAX_BACKOFF, RETRY_TICK, SESSION_TIMEOUT,
 };
 use crate::error::{Error, Result};
 use crate::net::{NetCommand, Proto};
@@ -208,11 +209,14 @@ impl Engine {
     pub(super) fn send_next(&mut self, key: SessionKey, poll: bool, outbox: &mut Vec<NetCommand>) {
         let tag = self.next_tag + 1;
         let (peer, space, doc) = key.clone();
-        let fresh = self.new_doc();
+        let mut fresh = self.new_doc();
         let Some(sp) = self.spaces.get_mut(&space) else {
             return;
         };
-        let d = sp.docs.entry(doc.clone()).or_insert(fresh);
+        // A document we do not hold is asked about from an empty one that
+        // is not kept: it exists here once a change of it arrives.
+        let held = sp.docs.contains_key(&doc);
+        let d = sp.docs.get_mut(&doc).unwrap_or(&mut fresh);
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -235,7 +239,7 @@ impl Engine {
                         self.kick(k, true, outbox);
                     }
                 }
-            } else if d.doc.is_empty() {
+            } else if !held || d.doc.is_empty() {
                 // A document named in a heads summary that the peer did not
                 // have either: forget it rather than keep an empty entry.
                 sp.docs.remove(&doc);
@@ -263,6 +267,16 @@ impl Engine {
     }
 
     pub(super) fn retry_later(&mut self, key: &SessionKey) {
+        let (_, space, doc) = key;
+        self.drop_if_empty(space, doc);
+        if !self.holds(space, doc) {
+            // Asked about a document we do not hold (named in a heads
+            // summary) and got nothing: no retries, or a member naming
+            // made-up ids and never answering would keep sessions without
+            // bound. The next summary naming it asks again.
+            self.sessions.remove(key);
+            return;
+        }
         if let Some(s) = self.sessions.get_mut(key) {
             s.inflight = None;
             s.state = sync::State::new();
@@ -279,17 +293,26 @@ impl Engine {
         self.answer_joins();
         let now = Instant::now();
         let mut due = Vec::new();
+        let mut silent = Vec::new();
         for (k, s) in self.sessions.iter_mut() {
             if let Some((tag, at)) = s.inflight {
                 if now.duration_since(at) > SESSION_TIMEOUT {
                     self.inflight.remove(&tag);
                     s.inflight = None;
                     s.retry_at = Some(now);
+                    silent.push(k.clone());
                 }
             }
             if s.inflight.is_none() && s.retry_at.is_some_and(|t| t <= now) {
                 s.retry_at = None;
                 due.push(k.clone());
+            }
+        }
+        // Unanswered: a session about a document we do not hold ends.
+        for k in silent {
+            if !self.holds(&k.1, &k.2) {
+                self.sessions.remove(&k);
+                due.retain(|d| *d != k);
             }
         }
         for k in due {
@@ -301,7 +324,28 @@ impl Engine {
             .filter(|(_, g)| now.duration_since(g.since) >= RETRY_TICK)
             .map(|(k, _)| k.clone())
             .collect();
+        // Sessions about documents we do not hold, per peer: capped, so a
+        // member naming many made-up ids gets at most this many asked at
+        // once; the other gaps wait for a later tick.
+        let mut asking: HashMap<PeerId, usize> = HashMap::new();
+        if !old.is_empty() {
+            for (p, space, doc) in self.sessions.keys() {
+                if !self.holds(space, doc) {
+                    *asking.entry(*p).or_default() += 1;
+                }
+            }
+        }
         for (space, doc) in old {
+            if !self.holds(&space, &doc) {
+                let room = self.gaps.get(&(space, doc.clone())).is_some_and(|g| {
+                    g.peers
+                        .iter()
+                        .any(|p| asking.get(p).copied().unwrap_or(0) < MAX_ASKING_UNKNOWN)
+                });
+                if !room {
+                    continue;
+                }
+            }
             let Some(gap) = self.gaps.remove(&(space, doc.clone())) else {
                 continue;
             };
@@ -320,8 +364,16 @@ impl Engine {
                 None => true,
             };
             if still {
+                let unknown = !self.holds(&space, &doc);
                 // kick() skips peers that have not proved membership
                 for p in gap.peers {
+                    if unknown {
+                        let n = asking.entry(p).or_default();
+                        if *n >= MAX_ASKING_UNKNOWN {
+                            continue;
+                        }
+                        *n += 1;
+                    }
                     self.kick((p, space, doc.clone()), true, outbox);
                 }
             }
@@ -490,11 +542,7 @@ impl Engine {
         self.drop_if_empty(&space, &doc);
         // A document we do not have (a member may name any id): no state is
         // kept for it, or asking about many ids would grow the engine.
-        if !self
-            .spaces
-            .get(&space)
-            .is_some_and(|s| s.docs.contains_key(&doc))
-        {
+        if !self.holds(&space, &doc) {
             self.responders.remove(&key);
         }
         let sigs = reply.as_ref().map(|m| self.sigs_for(m)).unwrap_or_default();
@@ -502,6 +550,13 @@ impl Engine {
             message: reply.map(|m| m.encode()),
             sigs,
         }
+    }
+
+    /// Whether this device holds a document of `space` named `doc`.
+    pub(super) fn holds(&self, space: &SpaceId, doc: &DocId) -> bool {
+        self.spaces
+            .get(space)
+            .is_some_and(|s| s.docs.contains_key(doc))
     }
 
     /// Forgets a document entry that holds no change (created by a peer's
@@ -562,6 +617,7 @@ impl Engine {
         if let Some(m) = message {
             match self.receive(&key, &m, &sigs, false) {
                 Ok((changed, raw)) => {
+                    self.drop_if_empty(&space, &doc);
                     self.after_remote_change(space, &doc, Some(peer), changed, &raw, outbox)
                 }
                 Err(e) => {

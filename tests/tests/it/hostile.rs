@@ -1253,3 +1253,122 @@ async fn asking_about_many_unknown_documents_keeps_no_state() -> Result<()> {
     let todo: DocId = "todo".parse()?;
     still_syncs(a, b, &todo).await
 }
+
+/// Issue 18, hole 8: a member's heads summary may name any document ids.
+/// The node opened a sync session and created an empty document for each
+/// id it did not hold, and kept both while the member never answered (512
+/// ids per message, without bound). Failed before (2,048 sessions and
+/// 2,048 empty documents after four summaries), passes now: sessions for
+/// documents this device does not hold are capped per peer and dropped
+/// when they fail, and such a document exists only once a change of it
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_summaries_naming_unknown_documents_materialise_nothing() -> Result<()> {
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/legit", json!(1)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    let mut adm = admitted(a, Role::Editor, None).await?;
+    let grant = a.export_grant("notes").await?;
+    let key = grant.keys[0].1.clone();
+    let topic = key.topic(&adm.space, 0);
+    adm.h
+        .swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&IdentTopic::new(topic.clone()))?;
+    // The node's subscription may have arrived while we were admitted.
+    let hash = IdentTopic::new(topic.clone()).hash();
+    let a_peer = adm.a_peer;
+    tokio::time::timeout(TIMEOUT, async {
+        while !adm
+            .h
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .any(|(p, topics)| *p == a_peer && topics.contains(&&hash))
+        {
+            adm.h.swarm.select_next_some().await;
+        }
+    })
+    .await
+    .context("the node never subscribed")?;
+    let before = a.sync_states().await?;
+    const SUMMARIES: usize = 4;
+    for m in 0..SUMMARIES {
+        let docs = (0..wire::MAX_HEADS_DOCS)
+            .map(|i| Ok((format!("ghost-{m}-{i}").parse()?, vec![[m as u8 + 1; 32]])))
+            .collect::<Result<Vec<(DocId, Vec<[u8; 32]>)>>>()?;
+        let body = wire::encode(&GossipBody::Heads { docs });
+        adm.h.publish(
+            &topic,
+            envelope::seal(&adm.space, 0, &key, [m as u8 + 40; 24], &body),
+        )?;
+    }
+    // The node asks us about the ghosts; we never answer (the dropped
+    // channel fails each request, and requests beyond our 100 open streams
+    // fail unread). Until no ghost waits any more and nothing is held for
+    // any of them.
+    let ghosts = SUMMARIES * wire::MAX_HEADS_DOCS;
+    let mut asked = std::collections::HashSet::new();
+    let mut most = before;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut check = tokio::time::interval(Duration::from_millis(200));
+    let settled = loop {
+        tokio::select! {
+            ev = adm.h.swarm.select_next_some() => {
+                if let SwarmEvent::Behaviour(HostileBehaviourEvent::Sync(
+                    request_response::Event::Message {
+                        message: request_response::Message::Request { request, .. },
+                        ..
+                    },
+                )) = ev
+                {
+                    if let Ok(SyncRequest::V1 { doc, .. }) =
+                        wire::decode::<SyncRequest>("sync", &request, wire::MAX_SYNC_BYTES)
+                    {
+                        if doc.as_str().starts_with("ghost-") {
+                            asked.insert(doc);
+                        }
+                    }
+                }
+            }
+            _ = check.tick() => {
+                let now = a.sync_states().await?;
+                most.sessions = most.sessions.max(now.sessions);
+                most.docs = most.docs.max(now.docs);
+                if !asked.is_empty()
+                    && now.gaps == 0
+                    && now.sessions <= before.sessions + 1
+                    && now.docs == before.docs
+                {
+                    break Some(now);
+                }
+                if tokio::time::Instant::now() > deadline {
+                    break None;
+                }
+            }
+        }
+    };
+    assert!(
+        settled.is_some(),
+        "asked about {} of {ghosts} ghosts; at most {} sessions and {} documents (before: {before:?})",
+        asked.len(),
+        most.sessions,
+        most.docs
+    );
+    assert!(
+        most.docs == before.docs,
+        "empty documents were created: {before:?} -> at most {most:?}"
+    );
+    assert!(
+        most.sessions <= before.sessions + 256 + 1,
+        "sessions grew without bound: {before:?} -> at most {most:?}"
+    );
+    still_syncs(a, b, &todo).await
+}
