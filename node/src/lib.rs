@@ -278,6 +278,13 @@ impl Node {
         self.ask(|r| Command::Heads(space, doc, r)).await
     }
 
+    /// Bytes peers' request and gossip frames hold in this node now. Tests
+    /// only.
+    #[doc(hidden)]
+    pub fn frames_held(&self) -> net::budget::Held {
+        self.inner.net.budget().held()
+    }
+
     /// How many sync states the engine holds. Tests only.
     #[doc(hidden)]
     pub async fn sync_states(&self) -> Result<engine::SyncStates> {

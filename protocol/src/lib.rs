@@ -11,6 +11,7 @@ pub mod doc;
 pub mod envelope;
 pub mod error;
 pub mod files;
+pub mod frame;
 pub mod hello;
 pub mod ids;
 pub mod invite;

@@ -1308,7 +1308,14 @@ impl Engine {
                 self.send_hello(peer, false, outbox);
                 self.drive_joins(outbox);
             }
+            NetEvent::Refused { peer, reason } => {
+                self.emit(Event::Rejected {
+                    peer: peer.to_string(),
+                    reason,
+                });
+            }
             NetEvent::Disconnected { peer } => {
+                self.net.budget().set_member(peer, false);
                 // Remembered for members only, so strangers cannot grow it.
                 if self
                     .peers

@@ -835,6 +835,9 @@ impl Engine {
             info!(peer = %p, space = %id.short(), "peer is no longer a member: cut off");
             if let Some(e) = self.peers.get_mut(&p) {
                 e.proven.remove(&id);
+                if e.proven.is_empty() {
+                    self.net.budget().set_member(p, false);
+                }
             }
             self.sessions.retain(|(q, s, _), _| !(*q == p && *s == id));
             self.responders

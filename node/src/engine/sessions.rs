@@ -134,6 +134,8 @@ impl Engine {
         if !entry.proven.insert(space) {
             return;
         }
+        // Its frames may now be as large as the protocols allow.
+        self.net.budget().set_member(peer, true);
         self.remember_peer(peer);
         info!(%peer, space = %space.short(), "member verified");
         self.emit(Event::MemberVerified {

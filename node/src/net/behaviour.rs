@@ -7,7 +7,7 @@ use std::time::Duration;
 use libp2p::gossipsub::{self, MessageAuthenticity, MessageId, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
-use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::request_response;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{autonat, connection_limits, dcutr, identify, mdns, ping, relay, StreamProtocol};
@@ -16,7 +16,8 @@ use shoal_protocol::wire::{
     MAX_INVITE_BYTES, MAX_SYNC_BYTES, SYNC_PROTOCOL,
 };
 
-use super::codec::BytesCodec;
+use super::budget::Budget;
+use super::codec::{BytesCodec, PeerAware};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 
@@ -47,11 +48,11 @@ pub struct Behaviour {
     /// Real-time delivery of sealed document changes.
     pub gossipsub: gossipsub::Behaviour,
     /// Members-only hello.
-    pub hello: request_response::Behaviour<BytesCodec>,
+    pub hello: PeerAware,
     /// Per-document Automerge sync.
-    pub sync: request_response::Behaviour<BytesCodec>,
+    pub sync: PeerAware,
     /// Invite pairing.
-    pub invite: request_response::Behaviour<BytesCodec>,
+    pub invite: PeerAware,
     /// Raw streams for bulk data (blob exchange).
     pub stream: libp2p_stream::Behaviour,
     /// Circuits through relays, and reservations on them.
@@ -64,12 +65,14 @@ pub struct Behaviour {
 
 impl Behaviour {
     /// Builds the behaviour for `key` under `config`, with the relay client
-    /// half that the swarm builder made.
+    /// half that the swarm builder made; peers' request frames are held to
+    /// `budget`.
     pub fn new(
         key: &Keypair,
         relay: relay::client::Behaviour,
         config: &NodeConfig,
         traffic: &crate::metrics::Traffic,
+        budget: &Budget,
     ) -> Result<Self> {
         let peer_id = key.public().to_peer_id();
         let identify = identify::Behaviour::new(
@@ -117,9 +120,9 @@ impl Behaviour {
             gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_cfg)
                 .map_err(|e| Error::Network(format!("gossipsub: {e}")))?;
         let rr = |proto: &'static str, limit: usize, timeout: Duration| {
-            request_response::Behaviour::with_codec(
-                BytesCodec::new(proto, limit, traffic.clone()),
-                [(StreamProtocol::new(proto), ProtocolSupport::Full)],
+            PeerAware::new(
+                BytesCodec::budgeted(proto, limit, traffic.clone(), budget.clone()),
+                StreamProtocol::new(proto),
                 request_response::Config::default().with_request_timeout(timeout),
             )
         };

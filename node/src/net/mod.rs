@@ -7,6 +7,7 @@
 //! every handle is gone.
 
 pub mod behaviour;
+pub mod budget;
 pub mod codec;
 mod reach;
 mod readahead;
@@ -65,6 +66,14 @@ pub enum NetEvent {
         /// The peer.
         peer: PeerId,
     },
+    /// A peer's request was refused unread: over its frame limit or its
+    /// byte budget.
+    Refused {
+        /// The peer.
+        peer: PeerId,
+        /// Why, for the `rejected` event.
+        reason: String,
+    },
     /// Last connection to a peer closed.
     Disconnected {
         /// The peer.
@@ -87,8 +96,9 @@ pub enum NetEvent {
         source: Option<PeerId>,
         /// Its topic.
         topic: TopicHash,
-        /// The sealed payload.
-        data: Vec<u8>,
+        /// The sealed payload, held to the forwarding neighbour's budget
+        /// until dropped.
+        data: budget::Frame,
     },
     /// A request on one of our protocols.
     Request {
@@ -98,8 +108,8 @@ pub enum NetEvent {
         peer: PeerId,
         /// Answer with [`NetCommand::Respond`].
         id: InboundId,
-        /// Request bytes.
-        data: Vec<u8>,
+        /// Request bytes, held to the peer's budget until dropped.
+        data: budget::Frame,
     },
     /// The answer to our request.
     Response {
@@ -212,6 +222,7 @@ pub struct NetHandle {
     tx: mpsc::Sender<NetCommand>,
     peer_id: PeerId,
     streams: libp2p_stream::Control,
+    budget: budget::Budget,
 }
 
 impl std::fmt::Debug for NetHandle {
@@ -232,6 +243,11 @@ impl NetHandle {
     /// actor.
     pub fn streams(&self) -> libp2p_stream::Control {
         self.streams.clone()
+    }
+
+    /// What each peer's request frames may hold; told who is a member.
+    pub fn budget(&self) -> &budget::Budget {
+        &self.budget
     }
 
     /// Sends a command; fails only when the actor has stopped.
@@ -270,7 +286,10 @@ pub(crate) async fn spawn(
     metrics: &crate::metrics::Metrics,
     supervisor: &crate::supervise::Supervisor,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
-    let mut swarm = build_swarm(key, config, metrics)?;
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
+    let budget = budget::Budget::default();
+    budget.report_to(ev_tx.clone());
+    let mut swarm = build_swarm(key, config, metrics, &budget)?;
     listen_all(&mut swarm, &config.listen).await?;
     for addr in &config.peers {
         if let Err(e) = swarm.dial(dial_opts(addr)) {
@@ -280,7 +299,6 @@ pub(crate) async fn spawn(
     let reach = reach::Reach::new(config);
     reach.dial_bootstrap(&mut swarm);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
-    let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
     let peer_id = *swarm.local_peer_id();
     let streams = swarm.behaviour().stream.new_control();
     let actor = Actor {
@@ -297,6 +315,7 @@ pub(crate) async fn spawn(
         metrics: metrics
             .with_registry(|r| libp2p::metrics::Metrics::new(r.sub_registry_with_prefix("libp2p"))),
         counters: std::sync::Arc::clone(&metrics.node),
+        budget: budget.clone(),
     };
     supervisor.spawn("network", actor.run(cmd_rx));
     Ok((
@@ -304,6 +323,7 @@ pub(crate) async fn spawn(
             tx: cmd_tx,
             peer_id,
             streams,
+            budget,
         },
         ev_rx,
     ))
@@ -347,12 +367,14 @@ pub(crate) async fn listen_all<B: libp2p::swarm::NetworkBehaviour>(
 }
 
 /// Builds a shoal swarm (TCP+TLS or Noise+Yamux, QUIC, DNS, relayed circuits) for
-/// `key`, its bytes per transport and per protocol counted into `metrics`.
-/// Public so tests can drive a raw swarm as a hostile peer.
+/// `key`, its bytes per transport and per protocol counted into `metrics`,
+/// its peers' request frames held to `budget`. Public so tests can drive a
+/// raw swarm as a hostile peer.
 pub fn build_swarm(
     key: Keypair,
     config: &NodeConfig,
     metrics: &crate::metrics::Metrics,
+    budget: &budget::Budget,
 ) -> Result<Swarm<Behaviour>> {
     let idle = config.idle_timeout;
     let traffic = &metrics.node.traffic;
@@ -369,7 +391,7 @@ pub fn build_swarm(
         Ok(builder
             .with_bandwidth_metrics(r) // registers as libp2p_bandwidth_bytes
             .with_behaviour(|key, relay| {
-                Behaviour::new(key, relay, config, traffic).map_err(Box::from)
+                Behaviour::new(key, relay, config, traffic, budget).map_err(Box::from)
             })
             .map_err(|e| Error::Network(format!("behaviour: {e}")))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
@@ -425,7 +447,7 @@ async fn sleep_until_some(t: Option<tokio::time::Instant>) {
     }
 }
 
-fn rr(b: &mut Behaviour, proto: Proto) -> &mut request_response::Behaviour<codec::BytesCodec> {
+fn rr(b: &mut Behaviour, proto: Proto) -> &mut codec::PeerAware {
     match proto {
         Proto::Hello => &mut b.hello,
         Proto::Sync => &mut b.sync,
@@ -465,6 +487,8 @@ struct Actor {
     /// libp2p's own metrics.
     metrics: libp2p::metrics::Metrics,
     counters: std::sync::Arc<crate::metrics::NodeCounters>,
+    /// What each peer's frames may hold (requests and gossip alike).
+    budget: budget::Budget,
 }
 
 impl Actor {
@@ -594,7 +618,7 @@ impl Actor {
                 tag,
                 data,
             } => {
-                let id = rr(b, proto).send_request(&peer, data);
+                let id = rr(b, proto).send_request(&peer, data.into());
                 self.outbound.insert((proto, id), tag);
             }
             NetCommand::Respond { proto, id, data } => {
@@ -789,19 +813,31 @@ impl Actor {
                 message,
             }) => {
                 self.counters.traffic.inbound(GOSSIP, message.data.len());
-                let ev = NetEvent::Gossip {
-                    id: message_id,
-                    propagation: propagation_source,
-                    source: message.source,
-                    topic: message.topic,
-                    data: message.data,
+                let held = self.budget.reserve(propagation_source, message.data.len());
+                let sent = match held {
+                    Ok(permit) => self
+                        .emit(NetEvent::Gossip {
+                            id: message_id,
+                            propagation: propagation_source,
+                            source: message.source,
+                            topic: message.topic,
+                            data: budget::Frame::reserved(message.data, permit),
+                        })
+                        .map_err(|ev| match *ev {
+                            NetEvent::Gossip {
+                                id, propagation, ..
+                            } => Some((id, propagation)),
+                            _ => None,
+                        }),
+                    Err(e) => {
+                        debug!(peer = %propagation_source, error = %e, "gossip over budget");
+                        Err(Some((message_id, propagation_source)))
+                    }
                 };
-                if let Err(NetEvent::Gossip {
-                    id, propagation, ..
-                }) = self.emit(ev).map_err(|b| *b)
-                {
-                    // Dropped under load: gossip is best effort, the sync
-                    // protocol and heads summaries recover it.
+                if let Err(Some((id, propagation))) = sent {
+                    // Dropped under load or over the neighbour's budget:
+                    // gossip is best effort, the sync protocol and heads
+                    // summaries recover it.
                     self.swarm
                         .behaviour_mut()
                         .gossipsub
@@ -819,7 +855,7 @@ impl Actor {
         }
     }
 
-    fn on_rr(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>, proto: Proto) {
+    fn on_rr(&mut self, ev: request_response::Event<budget::Frame, Vec<u8>>, proto: Proto) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {

@@ -31,6 +31,62 @@ struct HostileBehaviour {
     hello: request_response::Behaviour<BytesCodec>,
     sync: request_response::Behaviour<BytesCodec>,
     invite: request_response::Behaviour<BytesCodec>,
+    /// Sync requests that never finish arriving.
+    trickle: request_response::Behaviour<Trickle>,
+}
+
+/// Announces a sync frame, sends all of it but its last byte and stalls:
+/// the node holds what arrived until the stream times out.
+#[derive(Debug, Clone, Default)]
+struct Trickle;
+
+impl request_response::Codec for Trickle {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, _: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        Err(std::io::Error::other("trickle only sends"))
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, _: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        std::future::pending().await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        use futures::AsyncWriteExt;
+        let len = u32::try_from(req.len()).map_err(std::io::Error::other)?;
+        io.write_all(&len.to_be_bytes()).await?;
+        io.write_all(&req[..req.len().saturating_sub(1)]).await?;
+        io.flush().await?;
+        std::future::pending().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        _: &mut T,
+        _: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        Err(std::io::Error::other("trickle only sends"))
+    }
 }
 
 enum Pumped<'a> {
@@ -80,6 +136,15 @@ impl Hostile {
                     hello: rr(wire::HELLO_PROTOCOL),
                     sync: rr(wire::SYNC_PROTOCOL),
                     invite: rr(wire::INVITE_PROTOCOL),
+                    trickle: request_response::Behaviour::with_codec(
+                        Trickle,
+                        [(
+                            StreamProtocol::new(wire::SYNC_PROTOCOL),
+                            ProtocolSupport::Outbound,
+                        )],
+                        request_response::Config::default()
+                            .with_request_timeout(Duration::from_secs(120)),
+                    ),
                 })
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -240,9 +305,9 @@ impl Hostile {
     ) -> Result<std::result::Result<Vec<u8>, String>> {
         let b = self.swarm.behaviour_mut();
         let id = match proto {
-            wire::HELLO_PROTOCOL => b.hello.send_request(&target, bytes),
-            wire::SYNC_PROTOCOL => b.sync.send_request(&target, bytes),
-            _ => b.invite.send_request(&target, bytes),
+            wire::HELLO_PROTOCOL => b.hello.send_request(&target, bytes.into()),
+            wire::SYNC_PROTOCOL => b.sync.send_request(&target, bytes.into()),
+            _ => b.invite.send_request(&target, bytes.into()),
         };
         self.pump(|ev| Self::outcome(ev, id)).await
     }
@@ -547,7 +612,7 @@ async fn a_flood_of_wrong_invite_secrets_is_rate_limited_and_slows_nothing() -> 
             h.swarm
                 .behaviour_mut()
                 .invite
-                .send_request(&a_peer, wire::encode(&req)),
+                .send_request(&a_peer, wire::encode(&req).into()),
         );
     }
     let mut wrong = 0;
@@ -1370,5 +1435,105 @@ async fn heads_summaries_naming_unknown_documents_materialise_nothing() -> Resul
         most.sessions <= before.sessions + 256 + 1,
         "sessions grew without bound: {before:?} -> at most {most:?}"
     );
+    still_syncs(a, b, &todo).await
+}
+
+/// Counts `rejected` events whose reason mentions `needle` until there are
+/// `n` of them (the hostile swarm runs meanwhile).
+async fn rejections(
+    h: &mut Hostile,
+    rx: &mut tokio::sync::broadcast::Receiver<Event>,
+    needle: &str,
+    n: usize,
+) -> Result<()> {
+    let mut seen = 0;
+    h.until_node_event(rx, |e| {
+        if matches!(e, Event::Rejected { reason, .. } if reason.contains(needle)) {
+            seen += 1;
+        }
+        seen >= n
+    })
+    .await
+    .with_context(|| format!("fewer than {n} rejections mentioning {needle:?}"))?;
+    Ok(())
+}
+
+/// Issue 18, hole 8: a stranger could send sync frames as large as a
+/// member's (32 MiB), 100 streams per connection, all read before its
+/// membership was checked; and no peer's frames were bounded in bytes.
+/// Failed before (the stranger's 1 MiB request was read and answered),
+/// passes now: a stranger's frames are refused unread above 64 KiB; each
+/// peer's frames hold at most its budget (256 KiB for a stranger, 96 MiB
+/// for a member) while they arrive and wait for the engine, and the next
+/// one is refused unread, with a `rejected` event; the node still syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_gets_small_frames_and_every_peer_a_byte_budget() -> Result<()> {
+    use shoal_node::net::budget::{MEMBER_BYTES, STRANGER_BYTES, STRANGER_FRAME_BYTES};
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    let info = a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/legit", json!(1)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    let space: shoal_protocol::SpaceId = info.id.parse()?;
+    let a_peer = a.peer_id();
+    let addr = a.listen_addrs().await?[0].clone();
+
+    // 1. A stranger's 1 MiB sync request: refused before it is read.
+    let mut s = Hostile::new(Keypair::generate_ed25519(), None)?;
+    let mut ev = a.events();
+    s.swarm.dial(addr.clone())?;
+    let big = sync_req(space, &todo, vec![0; 1 << 20], vec![]);
+    let r = s.request(wire::SYNC_PROTOCOL, a_peer, big).await?;
+    assert!(r.is_err(), "a stranger's 1 MiB frame was read: {r:?}");
+    rejected(&mut s, &mut ev, &format!("(limit {STRANGER_FRAME_BYTES})")).await?;
+
+    // 2. Eight frames the stranger may send, each stalled before its last
+    // byte: four fit its budget and are held, four are refused unread.
+    let each = STRANGER_FRAME_BYTES - 4096;
+    for _ in 0..8 {
+        s.swarm
+            .behaviour_mut()
+            .trickle
+            .send_request(&a_peer, vec![7; each]);
+    }
+    rejections(
+        &mut s,
+        &mut ev,
+        "exceed its budget",
+        8 - STRANGER_BYTES / each,
+    )
+    .await?;
+    let held = a.frames_held();
+    assert!(held.total <= STRANGER_BYTES, "{held:?}");
+
+    // 3. A member doing the same with full-size sync frames: three are
+    // held, the other two refused unread.
+    let mut adm = admitted(a, Role::Editor, None).await?;
+    let each = wire::MAX_SYNC_BYTES - 4096;
+    for _ in 0..5 {
+        adm.h
+            .swarm
+            .behaviour_mut()
+            .trickle
+            .send_request(&a_peer, vec![7; each]);
+    }
+    rejections(
+        &mut adm.h,
+        &mut adm.ev,
+        "exceed its budget",
+        5 - MEMBER_BYTES / each,
+    )
+    .await?;
+    let held = a.frames_held();
+    assert!(held.total <= STRANGER_BYTES + MEMBER_BYTES, "{held:?}");
+    assert!(
+        held.total >= 3 * each,
+        "the member's frames are held: {held:?}"
+    );
+
+    // 4. Meanwhile the node serves its honest member.
     still_syncs(a, b, &todo).await
 }
