@@ -1,9 +1,8 @@
-//! A members document from a peer or from disk: loaded by Automerge (inputs
-//! over 64 KiB are skipped), read as a roster and as JSON, and its changes
-//! applied to a fresh members document under the owner rules.
+//! A members document from a peer or from disk: checked and loaded as the
+//! engine loads a saved snapshot (`sync::check_stored`, then Automerge;
+//! inputs over 64 KiB are skipped), read as a roster and as JSON, and its
+//! changes applied to a fresh members document under the owner rules.
 #![no_main]
-
-mod known;
 
 use automerge::AutoCommit;
 use libfuzzer_sys::fuzz_target;
@@ -12,7 +11,7 @@ use shoal_protocol::members::{self, Roster};
 use shoal_protocol::DeviceId;
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() > 64 * 1024 || known::has_bundle(data) {
+    if data.len() > 64 * 1024 || shoal_protocol::sync::check_stored(data).is_err() {
         return;
     }
     let Ok(mut loaded) = AutoCommit::load(data) else {

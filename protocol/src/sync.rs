@@ -216,6 +216,20 @@ pub fn parse_change(chunk: &[u8], budget: &mut Budget) -> Result<Change> {
     Change::try_from(chunk).map_err(|e| malformed(e.to_string()))
 }
 
+/// Checks saved Automerge bytes (a document, or changes, back to back)
+/// before Automerge parses them: every chunk must be a document or a
+/// change. Automerge 0.12 panics on some other chunks (bundles), and what
+/// is on disk may be corrupt.
+pub fn check_stored(bytes: &[u8]) -> Result<()> {
+    for chunk in split_chunks(bytes)? {
+        match chunk.kind {
+            CHUNK_DOCUMENT | CHUNK_CHANGE | CHUNK_COMPRESSED => {}
+            other => return Err(malformed(format!("chunk type {other} is not accepted"))),
+        }
+    }
+    Ok(())
+}
+
 /// The changes a sync message carries. A V1 message has one change per
 /// chunk; a V2 message puts several change chunks back to back in one, or a
 /// whole saved document. All are parsed and verified by Automerge without

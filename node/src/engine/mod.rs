@@ -687,11 +687,20 @@ impl Engine {
         for id in self.store.doc_ids(&space)? {
             let stored = self.store.load_doc(&space, &id)?;
             let mut doc = match &stored.snapshot {
-                Some(s) => AutoCommit::load(s).map_err(shoal_protocol::Error::from)?,
+                Some(s) => shoal_protocol::sync::check_stored(s)
+                    .and_then(|()| AutoCommit::load(s).map_err(shoal_protocol::Error::from))
+                    .map_err(|e| Error::Corrupt {
+                        key: format!("snapshot of document {id} in space {}", space.short()),
+                        reason: format!("{e} (left as it is on disk)"),
+                    })?,
                 None => AutoCommit::new(),
             };
             for chunk in &stored.log {
-                if let Err(e) = doc.load_incremental(chunk) {
+                let loaded = shoal_protocol::sync::check_stored(chunk).and_then(|()| {
+                    doc.load_incremental(chunk)
+                        .map_err(shoal_protocol::Error::from)
+                });
+                if let Err(e) = loaded {
                     warn!(space = %space.short(), doc = %id, error = %e, "skipping unreadable saved change");
                 }
             }

@@ -1537,3 +1537,52 @@ async fn a_stranger_gets_small_frames_and_every_peer_a_byte_budget() -> Result<(
     // 4. Meanwhile the node serves its honest member.
     still_syncs(a, b, &todo).await
 }
+
+/// Issue 18, bad bytes from disk: automerge 0.12 panics parsing some
+/// bundle chunks (`fuzz/crashers/roster-automerge-bundle-unwrap`), and the
+/// engine handed stored saves to it unchecked, so one corrupt save made
+/// the node panic as it started. Failed before (the start panicked),
+/// passes now: a stored change that is no change is skipped with a
+/// warning, the document keeps the rest; a stored snapshot that is no
+/// document stops the start with an error naming the space and document,
+/// and nothing on disk is changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_save_on_disk_is_an_error_not_a_panic() -> Result<()> {
+    let bundle: &[u8] = include_bytes!("../../../fuzz/crashers/roster-automerge-bundle-unwrap");
+    let mut t = TestNode::spawn("disk").await?;
+    let info = t.node.create_space("notes").await?;
+    let space: shoal_protocol::SpaceId = info.id.parse()?;
+    let todo: DocId = "todo".parse()?;
+    t.node.put("notes", &todo, "/kept", json!(1)).await?;
+    t.stop().await;
+
+    // 1. A corrupt incremental save: skipped, the rest of the document loads.
+    {
+        let store = shoal_node::store::Store::open(&t.home.db_path())?;
+        let next = store.load_doc(&space, &todo)?.next_seq;
+        store.append_doc(&space, &todo, next, bundle)?;
+    }
+    t.start().await?;
+    assert_eq!(t.node.get("notes", &todo).await?["kept"], json!(1));
+    t.stop().await;
+
+    // 2. A corrupt snapshot: the start fails with an error, not a panic.
+    let store = shoal_node::store::Store::open(&t.home.db_path())?;
+    store.compact_doc(&space, &todo, bundle)?;
+    drop(store);
+    let err = match t.start().await {
+        Ok(()) => bail!("a node started on a corrupt snapshot"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("todo") && err.contains("chunk type 3"),
+        "unclear error: {err}"
+    );
+    // Nothing was rewritten: the snapshot is still the bytes we put there.
+    let store = shoal_node::store::Store::open(&t.home.db_path())?;
+    assert_eq!(
+        store.load_doc(&space, &todo)?.snapshot.as_deref(),
+        Some(bundle)
+    );
+    Ok(())
+}
