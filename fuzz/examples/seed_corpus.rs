@@ -15,7 +15,7 @@ use shoal_protocol::invite::{self, InviteCode, InviteSecret};
 use shoal_protocol::keys::SpaceGrant;
 use shoal_protocol::members::{self, Role};
 use shoal_protocol::wire::{self, *};
-use shoal_protocol::{envelope, DeviceId, DocId, SpaceId, SpaceKey};
+use shoal_protocol::{envelope, frame, DeviceId, DocId, SpaceId, SpaceKey};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 fn dev(n: u8) -> DeviceId {
@@ -49,7 +49,7 @@ fn members_doc() -> AutoCommit {
     commit(&mut d);
     members::put_epoch_keys(&mut d, 1, &[(b.clone(), vec![1, 2, 3])]).expect("keys");
     commit(&mut d);
-    members::remove_member(&mut d, &c, false).expect("remove");
+    members::remove_member(&mut d, &c, None).expect("remove");
     commit(&mut d);
     d
 }
@@ -347,4 +347,15 @@ fn main() {
     members::set_member(&mut fork, &dev(2), Role::Owner, "desk", None, None).expect("set");
     commit(&mut fork);
     write("roster", "forged-owner", &fork.save());
+
+    // request-response frames: a limit (2 bytes, times 16), then a stream
+    let mut two = vec![0x10, 0x00];
+    for body in [&b"hello"[..], b""] {
+        two.extend(frame::header(body.len(), 4096).expect("header"));
+        two.extend(body);
+    }
+    write("frame", "two-frames", &two);
+    let mut over = vec![0x00, 0x01];
+    over.extend(frame::header(4096, usize::MAX).expect("header"));
+    write("frame", "over-limit", &over);
 }

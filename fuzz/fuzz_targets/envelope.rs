@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_protocol::envelope;
+use shoal_protocol::{envelope, sync};
 use shoal_protocol::wire::{self, GossipBody};
 use shoal_protocol::{SpaceId, SpaceKey};
 
@@ -35,13 +35,17 @@ fuzz_target!(|data: &[u8]| {
     body(&plain);
 });
 
-/// The node's decoding of an opened envelope.
+/// The node's decoding of an opened envelope: each change through
+/// `sync::parse_change` within the gossip budget, as `engine/gossip.rs`
+/// does (it refuses chunk types other than a change before Automerge
+/// parses one).
 fn body(plain: &[u8]) {
     if let Ok(GossipBody::Changes { changes, .. }) =
         wire::decode::<GossipBody>("gossip body", plain, wire::MAX_GOSSIP_BYTES)
     {
+        let mut budget = sync::Budget::new(sync::MAX_INFLATED_PER_GOSSIP);
         for c in &changes {
-            if let Ok(c) = automerge::Change::try_from(c.as_slice()) {
+            if let Ok(c) = sync::parse_change(c, &mut budget) {
                 let _ = shoal_protocol::actor::device_of(c.actor_id());
             }
         }
