@@ -56,6 +56,8 @@ struct Ledger {
     held: HashMap<PeerId, usize>,
     /// Bytes held in all.
     total: usize,
+    /// Frames refused unread since the start.
+    refused: u64,
 }
 
 /// What the budget holds right now (tests and metrics).
@@ -65,6 +67,9 @@ pub struct Held {
     pub total: usize,
     /// Peers holding any.
     pub peers: usize,
+    /// Frames refused unread since the start (over a frame limit or a
+    /// budget).
+    pub refused: u64,
 }
 
 impl Budget {
@@ -83,6 +88,7 @@ impl Budget {
     /// Reports that a frame of `peer` was refused unread. Best effort: under
     /// a flood that fills the engine's queue, reports are dropped.
     pub fn refused(&self, peer: PeerId, reason: String) {
+        self.ledger().refused += 1;
         if let Some(tx) = self.0.refusals.get() {
             let _ = tx.try_send(NetEvent::Refused { peer, reason });
         }
@@ -143,6 +149,7 @@ impl Budget {
         Held {
             total: l.total,
             peers: l.held.len(),
+            refused: l.refused,
         }
     }
 }
@@ -232,11 +239,19 @@ mod tests {
             b.held(),
             Held {
                 total: MAX_SYNC_BYTES,
-                peers: 1
+                peers: 1,
+                refused: 0
             }
         );
         drop(m);
-        assert_eq!(b.held(), Held { total: 0, peers: 0 });
+        assert_eq!(
+            b.held(),
+            Held {
+                total: 0,
+                peers: 0,
+                refused: 0
+            }
+        );
     }
 
     #[test]

@@ -35,17 +35,18 @@ struct HostileBehaviour {
     trickle: request_response::Behaviour<Trickle>,
 }
 
-/// Announces a sync frame, sends all of it but its last byte and stalls:
-/// the node holds what arrived until the stream times out.
+/// Announces a sync frame of the requested length, sends all of it but its
+/// last byte (zeros, never held here) and stalls: the node holds what
+/// arrived until the stream times out.
 #[derive(Debug, Clone, Default)]
 struct Trickle;
 
 impl request_response::Codec for Trickle {
     type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
+    type Request = usize;
     type Response = Vec<u8>;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, _: &mut T) -> std::io::Result<Vec<u8>>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, _: &mut T) -> std::io::Result<usize>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
@@ -63,15 +64,22 @@ impl request_response::Codec for Trickle {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Vec<u8>,
+        len: usize,
     ) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
         use futures::AsyncWriteExt;
-        let len = u32::try_from(req.len()).map_err(std::io::Error::other)?;
-        io.write_all(&len.to_be_bytes()).await?;
-        io.write_all(&req[..req.len().saturating_sub(1)]).await?;
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let prefix =
+            shoal_protocol::frame::header(len, usize::MAX).map_err(std::io::Error::other)?;
+        io.write_all(&prefix).await?;
+        let mut left = len.saturating_sub(1);
+        while left > 0 {
+            let n = left.min(ZEROS.len());
+            io.write_all(&ZEROS[..n]).await?;
+            left -= n;
+        }
         io.flush().await?;
         std::future::pending().await
     }
@@ -1494,10 +1502,7 @@ async fn a_stranger_gets_small_frames_and_every_peer_a_byte_budget() -> Result<(
     // byte: four fit its budget and are held, four are refused unread.
     let each = STRANGER_FRAME_BYTES - 4096;
     for _ in 0..8 {
-        s.swarm
-            .behaviour_mut()
-            .trickle
-            .send_request(&a_peer, vec![7; each]);
+        s.swarm.behaviour_mut().trickle.send_request(&a_peer, each);
     }
     rejections(
         &mut s,
@@ -1518,7 +1523,7 @@ async fn a_stranger_gets_small_frames_and_every_peer_a_byte_budget() -> Result<(
             .swarm
             .behaviour_mut()
             .trickle
-            .send_request(&a_peer, vec![7; each]);
+            .send_request(&a_peer, each);
     }
     rejections(
         &mut adm.h,
@@ -1584,5 +1589,119 @@ async fn a_corrupt_save_on_disk_is_an_error_not_a_panic() -> Result<()> {
         store.load_doc(&space, &todo)?.snapshot.as_deref(),
         Some(bundle)
     );
+    Ok(())
+}
+
+/// This process's resident memory, in bytes (Linux).
+fn rss_bytes() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/self/status")?;
+    Ok(kb * 1024)
+}
+
+/// Issue 18, hole 8, the figures of the README's hostile-peer section:
+/// sixteen strangers send 100 stalled frames each (just under their 64 KiB
+/// frame limit) and a member sends 20 stalled full-size sync frames, all at
+/// once. Each peer gets its budget's worth held (four frames a stranger,
+/// three the member), every other frame is refused unread, the bytes held
+/// stay within the budgets, and the node still syncs with its honest
+/// member meanwhile. Prints the figures (`--nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_stalled_frames_stays_within_the_budgets() -> Result<()> {
+    use shoal_node::net::budget::{MEMBER_BYTES, STRANGER_BYTES, STRANGER_FRAME_BYTES};
+    const STRANGERS: usize = 16;
+    const PER_STRANGER: usize = 100;
+    const PER_MEMBER: usize = 20;
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/legit", json!(1)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    let a_peer = a.peer_id();
+    let addr = a.listen_addrs().await?[0].clone();
+    let adm = admitted(a, Role::Editor, None).await?;
+    let rss_before = rss_bytes()?;
+    let before = a.frames_held();
+
+    let mut pumps = Vec::new();
+    let stranger_frame = STRANGER_FRAME_BYTES - 4096;
+    for _ in 0..STRANGERS {
+        let mut s = Hostile::new(Keypair::generate_ed25519(), None)?;
+        s.swarm.dial(addr.clone())?;
+        for _ in 0..PER_STRANGER {
+            s.swarm
+                .behaviour_mut()
+                .trickle
+                .send_request(&a_peer, stranger_frame);
+        }
+        pumps.push(tokio::spawn(async move {
+            loop {
+                s.swarm.select_next_some().await;
+            }
+        }));
+    }
+    let member_frame = wire::MAX_SYNC_BYTES - 4096;
+    let mut m = adm.h;
+    for _ in 0..PER_MEMBER {
+        m.swarm
+            .behaviour_mut()
+            .trickle
+            .send_request(&a_peer, member_frame);
+    }
+    pumps.push(tokio::spawn(async move {
+        loop {
+            m.swarm.select_next_some().await;
+        }
+    }));
+
+    let held_each = STRANGER_BYTES / stranger_frame;
+    let expected = (STRANGERS * (PER_STRANGER - held_each)
+        + (PER_MEMBER - MEMBER_BYTES / member_frame)) as u64;
+    let mut peak_rss = rss_before;
+    let mut peak_held = 0;
+    let flood = async {
+        loop {
+            let h = a.frames_held();
+            peak_rss = peak_rss.max(rss_bytes()?);
+            peak_held = peak_held.max(h.total);
+            if h.refused - before.refused >= expected && h.total >= 3 * member_frame {
+                return anyhow::Ok(h);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let held = tokio::time::timeout(TIMEOUT, flood)
+        .await
+        .with_context(|| format!("the flood was not refused: {:?}", a.frames_held()))??;
+    // While every budget is full, an honest change still gets through.
+    let start = std::time::Instant::now();
+    still_syncs(a, b, &todo).await?;
+    let honest = start.elapsed();
+    peak_rss = peak_rss.max(rss_bytes()?);
+    for p in pumps {
+        p.abort();
+    }
+
+    let tried = STRANGERS * PER_STRANGER + PER_MEMBER;
+    let bound = STRANGERS * STRANGER_BYTES + MEMBER_BYTES;
+    println!(
+        "flood: {tried} stalled frames from {STRANGERS} strangers and 1 member; \
+         {} refused unread; held at most {:.1} MiB (budgets allow {:.1} MiB); \
+         process RSS +{:.1} MiB; an honest change reached the other member in {} ms",
+        held.refused - before.refused,
+        peak_held as f64 / 1048576.0,
+        bound as f64 / 1048576.0,
+        peak_rss.saturating_sub(rss_before) as f64 / 1048576.0,
+        honest.as_millis()
+    );
+    assert!(peak_held <= bound, "held {peak_held} > {bound}");
+    assert_eq!(held.refused - before.refused, expected);
     Ok(())
 }
