@@ -413,7 +413,9 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
                     tx.clone(),
                     Arc::clone(&draining),
                 );
-                tokio::task::spawn_blocking(move || drain(&s, &reads, &tx, &d));
+                shared
+                    .serving
+                    .spawn_blocking(move || drain(&s, &reads, &tx, &d));
             }
         }
     };
@@ -455,6 +457,9 @@ fn drain(
                     // A read that panics answers "missing", as a failed
                     // task did before: the queue behind it keeps its order.
                     let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        if !shared.settings.serve_delay.is_zero() {
+                            std::thread::sleep(shared.settings.serve_delay);
+                        }
                         shared.read_blob(&space, kind, &hash, open)
                     }));
                     match read.ok().flatten() {

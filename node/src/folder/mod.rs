@@ -75,6 +75,10 @@ pub struct FolderSettings {
     /// Fault injection for tests: flip a byte of every chunk served.
     #[doc(hidden)]
     pub serve_corrupt_chunks: bool,
+    /// Fault injection for tests: each blob read served to a peer takes at
+    /// least this long (as from a slow disk).
+    #[doc(hidden)]
+    pub serve_delay: Duration,
     /// Fault injection for tests: each folder worker waits for a permit
     /// before its first scan (as behind a slow first scan).
     #[doc(hidden)]
@@ -94,6 +98,7 @@ impl Default for FolderSettings {
             transfers: 128,
             window: 32,
             serve_corrupt_chunks: false,
+            serve_delay: Duration::ZERO,
             hold_start: None,
         }
     }
@@ -363,6 +368,11 @@ pub struct Shared {
     /// Moves on every change to any space's members (the engine bumps
     /// it): cached blob admissions older than its value are asked again.
     pub(crate) members_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// The blocking reads that answer peers' blob streams. They hold the
+    /// store, and a stopped stream cannot cancel one already running:
+    /// shutdown waits for them, so a restart on the same home finds the
+    /// store closed.
+    pub(crate) serving: tokio_util::task::TaskTracker,
 }
 
 impl Shared {
@@ -578,6 +588,7 @@ impl Folders {
             inflight: Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CHUNKS)),
             roots: RwLock::default(),
             members_generation,
+            serving: tokio_util::task::TaskTracker::new(),
         });
         let server = supervisor.spawn("blob-server", links::serve(Arc::clone(&shared), control));
         let existing = shared.blobs.folders()?;
@@ -762,6 +773,15 @@ impl Folders {
         }
         let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(s) = shared {
+            // Reads still answering streams of the stopped server end after
+            // their current blob (their stream is gone).
+            s.serving.close();
+            if tokio::time::timeout(Duration::from_secs(10), s.serving.wait())
+                .await
+                .is_err()
+            {
+                warn!("blob reads for peers did not end in time");
+            }
             let _ = s.blobs.flush().await;
         }
     }

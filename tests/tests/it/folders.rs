@@ -603,3 +603,42 @@ async fn a_file_written_before_members_arrive_is_shared_once_they_do() -> Result
     wait_file(&a.node, &ra.join("early.txt"), b"written before members").await?;
     Ok(())
 }
+
+/// Issue 19: a node stopped while a peer fetched chunks from it kept its
+/// store open a little longer (a blocking read for the peer's stream still
+/// ran after shutdown returned), so starting it again on the same home
+/// could fail with "could not acquire lock"; the model test retried its
+/// starts for that. Now shutdown waits for those reads. Each round stops
+/// the serving node while a transfer runs (its reads slowed to 100 ms, so
+/// one is always under way) and starts it again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_while_serving_starts_again_at_once() -> Result<()> {
+    let (mut nodes, roots, _dirs) = folder_nodes_with(2, "t", |i, c| {
+        if i == 0 {
+            c.folders.serve_delay = std::time::Duration::from_millis(100);
+        }
+    })
+    .await?;
+    for round in 0..3 {
+        let mut data = vec![0u8; 8 << 20];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+        let served = |n: &shoal_node::Node| {
+            n.folder_counters()
+                .chunks_served
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = served(&nodes[0].node);
+        fs::write(roots[0].join("big.bin"), &data)?;
+        // The peer is fetching: stop the server in the middle of it.
+        let a = &nodes[0].node;
+        shoal_tests::wait_for(a, shoal_tests::TIMEOUT, || async { served(a) > before }).await?;
+        nodes[0].stop().await;
+        nodes[0]
+            .start()
+            .await
+            .with_context(|| format!("round {round}: start right after a stop"))?;
+        shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
+        wait_file(&nodes[1].node, &roots[1].join("big.bin"), &data).await?;
+    }
+    Ok(())
+}
