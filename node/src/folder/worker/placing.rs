@@ -1,0 +1,207 @@
+//! Placement: setting aside what is in a winner's way, and transfers that
+//! fetch a version and place it.
+
+use super::*;
+
+impl Worker {
+    /// Whatever is at `rel` makes way for the winner, as the planner said
+    /// ([`plan::set_aside_as`]): a conflict copy or an old version.
+    pub(in crate::folder) fn set_aside(&self, rel: &str, aside: plan::Aside) -> io::Result<()> {
+        let abs = self.root.join(rel);
+        match aside {
+            plan::Aside::Conflict { mtime_ns, device } => {
+                let device = device.short();
+                let want = place::conflict_name(rel, mtime_ns, &device);
+                let copy = place::free_name(&self.root, &want);
+                fs::rename(&abs, self.root.join(&copy))?;
+                let io = |e: Error| io::Error::other(e.to_string());
+                let blobs = &self.shared.blobs;
+                // A folder's contents moved with it: forgetting their
+                // records makes the scan publish them under the copy, and
+                // no deletion at their old paths.
+                for child in blobs.locals_below(&self.space, rel).map_err(io)? {
+                    blobs.remove_local(&self.space, &child, false).map_err(io)?;
+                }
+                blobs.remove_local(&self.space, rel, false).map_err(io)?;
+                self.shared
+                    .counters
+                    .conflicts
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(space = %self.space.short(), path = rel, %copy, "conflict: the other version is kept as a copy");
+                self.shared.emit(Event::Conflict {
+                    space: self.space.to_string(),
+                    path: rel.to_string(),
+                    copy,
+                    device,
+                });
+                Ok(())
+            }
+            plan::Aside::OldVersion => self.keep_old(rel),
+        }
+    }
+
+    /// Fetches version `w` of `rel` and places it.
+    pub(super) async fn transfer(
+        &self,
+        rel: &str,
+        w: &Entry,
+        all: &[Entry],
+        mark: &[u8],
+    ) -> Result<(), TransferError> {
+        place::check_parents(&self.root, rel)
+            .map_err(|e| TransferError::Failed(format!("{rel}: {e}")))?;
+        let started = Instant::now();
+        // A file here that is not yet recorded may already be this version
+        // (two folders that started with the same files).
+        let abs = self.root.join(rel);
+        if let Ok(m) = fs::symlink_metadata(&abs) {
+            let local = self.shared.blobs.local(&self.space, rel).ok().flatten();
+            let known = local.as_ref().is_some_and(|l| l.stat == scan::stat_of(&m));
+            if m.is_file() && !known && m.len() == w.size {
+                let a = abs.clone();
+                if let Ok(Ok(Some(h))) =
+                    tokio::task::spawn_blocking(move || scan::hash_file(&a)).await
+                {
+                    if h.version().0 == w.hash {
+                        let _g = self.fs.lock().await;
+                        let now = fs::symlink_metadata(&abs).map(|m| scan::stat_of(&m)).ok();
+                        if now == Some(h.stat) {
+                            if let Some(m) = h.version().2 {
+                                let _ = self.shared.blobs.put_manifest(&self.space, &m);
+                            }
+                            self.shared
+                                .blobs
+                                .set_local(&self.space, rel, h.stat, w.hash, w.chunked, &h.chunks)
+                                .map_err(|e| TransferError::Failed(e.to_string()))?;
+                            let _ = self.shared.blobs.done_pending(&self.space, rel, mark);
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        let big = w.size >= 1 << 20;
+        if big {
+            self.shared.emit(Event::TransferStarted {
+                space: self.space.to_string(),
+                path: rel.to_string(),
+                bytes: w.size,
+            });
+        }
+        let fetched = self.fetch(rel, w).await?;
+        {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&fetched.temp)
+                .map_err(|e| TransferError::Failed(format!("open {rel}: {e}")))?;
+            let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(w.mtime_ns.max(0) as u64);
+            let _ = f.set_modified(mtime);
+            use std::os::unix::fs::PermissionsExt;
+            let _ = f.set_permissions(fs::Permissions::from_mode(w.mode & 0o777));
+        }
+        let guard = self.fs.lock().await;
+        let blobs = &self.shared.blobs;
+        // The index may have moved on while we fetched. Asked every time,
+        // under the lock: a stale version placed here would be found by
+        // the scanner as content that is not the winner, and published
+        // as a local edit over the newer one.
+        let current = self
+            .index_get(vec![rel.to_string()])
+            .await
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        let now_values = entries(current.first().map(|v| v.as_slice()).unwrap_or_default());
+        if files::winner(&now_values).is_some_and(|n| n.hash != w.hash || n.deleted) {
+            return Err(TransferError::Failed(
+                "superseded while fetched; again".into(),
+            ));
+        }
+        let fail = |e: io::Error| TransferError::Failed(format!("place {rel}: {e}"));
+        let local = blobs
+            .local(&self.space, rel)
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        if let Ok(m) = fs::symlink_metadata(&abs) {
+            let st = scan::stat_of(&m);
+            let known = local.as_ref().is_some_and(|l| l.stat == st);
+            if m.is_dir() {
+                return Err(TransferError::Failed(format!("{rel} is a folder here")));
+            }
+            let all: Vec<Entry> = if now_values.is_empty() {
+                all.to_vec()
+            } else {
+                now_values
+            };
+            let recorded = local.as_ref().map(|l| plan::Recorded {
+                hash: l.hash,
+                chunked: l.chunked,
+            });
+            let aside = plan::set_aside_as(known, st.mtime_ns, recorded, &all, w, &self.shared.me);
+            self.set_aside(rel, aside).map_err(fail)?;
+        }
+        let dest = place::safe_parent(&self.root, rel).map_err(fail)?;
+        let placed = self.placing(rel);
+        fs::rename(&fetched.temp, &dest).map_err(fail)?;
+        let st = scan::stat_of(&fs::symlink_metadata(&dest).map_err(fail)?);
+        // The rename is made durable outside the lock, so placements in
+        // parallel share the folder syncs; the path is recorded after it.
+        // (A scan in between finds the winner's content and only adopts it.)
+        drop(guard);
+        if w.size >= crate::folder::OWN_SYNC_BYTES {
+            if let Some(parent) = dest.parent().map(Path::to_path_buf) {
+                tokio::task::spawn_blocking(move || place::sync_dir(&parent))
+                    .await
+                    .map_err(|e| TransferError::Failed(e.to_string()))?
+                    .map_err(fail)?;
+            }
+        } else {
+            self.sync.durable(&self.root).await.map_err(fail)?;
+        }
+        blobs
+            .set_local(&self.space, rel, st, w.hash, w.chunked, &fetched.chunks)
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        drop(placed);
+        let _ = blobs.remove_part(&self.space, &fetched.part);
+        let _ = blobs.done_pending(&self.space, rel, mark);
+        self.shared
+            .counters
+            .files_placed
+            .fetch_add(1, Ordering::Relaxed);
+        self.activity.fetch_add(1, Ordering::Relaxed);
+        self.remote_changed(rel, w);
+        if big {
+            let ms = started.elapsed().as_millis() as u64;
+            info!(space = %self.space.short(), path = rel, bytes = w.size, ms, "transfer finished");
+            self.shared.emit(Event::TransferFinished {
+                space: self.space.to_string(),
+                path: rel.to_string(),
+                bytes: w.size,
+                millis: started.elapsed().as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Takes a path out of [`Worker::placing`] when dropped, whatever way the
+/// placement ends.
+pub(in crate::folder) struct Placing<'a>(&'a Worker, &'a str);
+
+impl Worker {
+    /// Marks `rel` as being placed until the guard drops.
+    pub(in crate::folder) fn placing<'a>(&'a self, rel: &'a str) -> Placing<'a> {
+        self.placing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rel.to_string());
+        Placing(self, rel)
+    }
+}
+
+impl Drop for Placing<'_> {
+    fn drop(&mut self) {
+        self.0
+            .placing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.1);
+    }
+}
