@@ -26,8 +26,9 @@ use utoipa_axum::routes;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 
-use crate::engine::{Event, InviteInfo, MemberInfo, Revoked, SpaceInfo};
+use crate::engine::{InviteInfo, MemberInfo, Revoked, SpaceInfo};
 use crate::error::Error;
+use crate::events::Event;
 use crate::folder::history::{RestoreReport, RestoreRequest, SnapshotInfo, TrashInfo, VersionInfo};
 use crate::folder::{ConflictInfo, FileInfo, FolderStatus};
 use crate::home::MIN_API_TOKEN_LEN;

@@ -86,8 +86,8 @@ impl Default for ConfigFile {
             redial_secs: 30,
             debounce_ms: 30,
             rescan_secs: 300,
-            versions_max_days: crate::folder::DEFAULT_VERSIONS_DAYS,
-            versions_max_mib: crate::folder::DEFAULT_VERSIONS_MIB,
+            versions_max_days: DEFAULT_VERSIONS_DAYS,
+            versions_max_mib: DEFAULT_VERSIONS_MIB,
             versions_keep: None,
             guard_share: 0.5,
             guard_min_files: 100,
@@ -167,10 +167,10 @@ impl ConfigFile {
             redial: Duration::from_secs(self.redial_secs.max(1)),
             idle_timeout: Duration::from_secs(3600),
             gossip_heartbeat: Duration::from_millis(1000),
-            folders: crate::folder::FolderSettings {
+            folders: FolderSettings {
                 debounce: Duration::from_millis(self.debounce_ms),
                 rescan: Duration::from_secs(self.rescan_secs.max(1)),
-                guard: crate::folder::guard::GuardSettings {
+                guard: GuardSettings {
                     share: self.guard_share.clamp(0.0, 1.0),
                     min_files: self.guard_min_files,
                     window: Duration::from_secs(self.guard_window_secs.max(1)),
@@ -250,7 +250,7 @@ pub struct NodeConfig {
     /// Gossipsub heartbeat.
     pub gossip_heartbeat: Duration,
     /// Folder sync.
-    pub folders: crate::folder::FolderSettings,
+    pub folders: FolderSettings,
     /// Fault injection for tests: publish nothing on gossip (changes and
     /// heads summaries are lost, as over a link that drops them).
     #[doc(hidden)]
@@ -280,7 +280,7 @@ impl NodeConfig {
             redial: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(3600),
             gossip_heartbeat: Duration::from_millis(200),
-            folders: crate::folder::FolderSettings {
+            folders: FolderSettings {
                 rescan: Duration::from_secs(2),
                 ..Default::default()
             },
@@ -323,5 +323,81 @@ mod tests {
             .to_string()
             .contains("/p2p/"));
         assert!(toml::from_str::<ConfigFile>("nope = 1").is_err());
+    }
+}
+
+/// Days an old version is kept by default.
+pub const DEFAULT_VERSIONS_DAYS: u64 = 365;
+/// Default byte budget of a folder's old versions, in MiB.
+pub const DEFAULT_VERSIONS_MIB: u64 = 10 * 1024;
+
+/// Folder-sync settings.
+#[derive(Debug, Clone)]
+pub struct FolderSettings {
+    /// Quiet time after a filesystem event before the path is scanned.
+    pub debounce: Duration,
+    /// Interval of full rescans (catches what the watcher missed).
+    pub rescan: Duration,
+    /// When one device's deletions and overwrites are held.
+    pub guard: GuardSettings,
+    /// How old versions under `.shoal/versions/` are kept: by age and a
+    /// byte budget per folder, thinned over time (never by count).
+    pub retention: shoal_protocol::retain::Policy,
+    /// Files transferred at once.
+    pub transfers: usize,
+    /// Chunk requests in flight per file.
+    pub window: usize,
+    /// Fault injection for tests: flip a byte of every chunk served.
+    #[doc(hidden)]
+    pub serve_corrupt_chunks: bool,
+    /// Fault injection for tests: each blob read served to a peer takes at
+    /// least this long (as from a slow disk).
+    #[doc(hidden)]
+    pub serve_delay: Duration,
+    /// Fault injection for tests: each folder worker waits for a permit
+    /// before its first scan (as behind a slow first scan).
+    #[doc(hidden)]
+    pub hold_start: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+}
+
+impl Default for FolderSettings {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(30),
+            rescan: Duration::from_secs(300),
+            guard: GuardSettings::default(),
+            retention: shoal_protocol::retain::Policy::staggered(
+                Some(DEFAULT_VERSIONS_DAYS),
+                Some(DEFAULT_VERSIONS_MIB << 20),
+            ),
+            transfers: 128,
+            window: 32,
+            serve_corrupt_chunks: false,
+            serve_delay: Duration::ZERO,
+            hold_start: None,
+        }
+    }
+}
+
+/// When the guard trips.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardSettings {
+    /// Share of the folder's files one device may delete or overwrite in
+    /// `window` (0.5: half).
+    pub share: f64,
+    /// ...and at least this many (so small folders sync freely). 0 turns
+    /// the guard off.
+    pub min_files: usize,
+    /// The window.
+    pub window: Duration,
+}
+
+impl Default for GuardSettings {
+    fn default() -> Self {
+        Self {
+            share: 0.5,
+            min_files: 100,
+            window: Duration::from_secs(600),
+        }
     }
 }

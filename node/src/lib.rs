@@ -17,6 +17,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod folder;
 pub mod home;
 pub mod memory;
@@ -35,8 +36,9 @@ use shoal_protocol::{DeviceId, DocId, Role};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub use config::{ConfigFile, NodeConfig};
-pub use engine::{Event, InviteInfo, MemberInfo, Origin, SpaceInfo};
+pub use engine::{InviteInfo, MemberInfo, SpaceInfo};
 pub use error::{Error, Result};
+pub use events::{Event, Origin};
 pub use home::Home;
 pub use net::{NetInfo, PeerInfo};
 pub use supervise::Failure;
@@ -75,7 +77,7 @@ impl Node {
             .await
             .map_err(|e| Error::Network(format!("store open task: {e}")))??;
         let peer_id = key.public().to_peer_id();
-        let folder_counters = std::sync::Arc::new(folder::Counters::default());
+        let folder_counters = std::sync::Arc::new(metrics::FolderCounters::default());
         let metrics = Arc::new(metrics::Metrics::new(Arc::clone(&folder_counters)));
         let (events, _) = broadcast::channel(engine::EVENT_CAPACITY);
         let supervisor = Supervisor::new(events.clone());
@@ -396,7 +398,7 @@ impl Node {
     }
 
     /// Folder-sync counters (chunks served, fetched, copied locally...).
-    pub fn folder_counters(&self) -> std::sync::Arc<folder::Counters> {
+    pub fn folder_counters(&self) -> std::sync::Arc<metrics::FolderCounters> {
         self.inner.folders.counters()
     }
 

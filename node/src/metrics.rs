@@ -241,7 +241,7 @@ impl prometheus_client::collector::Collector for NodeCollector {
 }
 
 #[derive(Debug)]
-struct FolderCollector(Arc<crate::folder::Counters>);
+struct FolderCollector(Arc<FolderCounters>);
 
 impl prometheus_client::collector::Collector for FolderCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -258,7 +258,7 @@ impl Metrics {
     /// network actor through [`Metrics::with_registry`].
     /// Blob streams count their bytes into the folder counters' traffic,
     /// which is shared here.
-    pub fn new(folders: Arc<crate::folder::Counters>) -> Self {
+    pub fn new(folders: Arc<FolderCounters>) -> Self {
         let mut registry = Registry::default();
         let node = Arc::new(NodeCounters {
             traffic: folders.traffic.clone(),
@@ -298,5 +298,53 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
+    }
+}
+
+/// The folders' counters, for status and metrics.
+#[derive(Debug, Default)]
+pub struct FolderCounters {
+    /// Chunks served to peers.
+    pub chunks_served: AtomicU64,
+    /// Bytes served to peers.
+    pub bytes_served: AtomicU64,
+    /// Chunks fetched from peers.
+    pub chunks_fetched: AtomicU64,
+    /// Bytes fetched from peers.
+    pub bytes_fetched: AtomicU64,
+    /// Chunks copied from local files instead of fetched.
+    pub chunks_local: AtomicU64,
+    /// Chunks found already written in a resumed transfer.
+    pub chunks_resumed: AtomicU64,
+    /// Chunks a peer served that failed verification.
+    pub chunks_corrupt: AtomicU64,
+    /// Files placed from remote changes.
+    pub files_placed: AtomicU64,
+    /// Conflicts resolved.
+    pub conflicts: AtomicU64,
+    /// Bytes per protocol; blob streams count theirs here.
+    pub traffic: Traffic,
+}
+
+impl FolderCounters {
+    pub(crate) fn add_served(&self, n: usize) {
+        self.chunks_served.fetch_add(1, Ordering::Relaxed);
+        self.bytes_served.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// A snapshot of every counter, by name.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("chunks_served", g(&self.chunks_served)),
+            ("bytes_served", g(&self.bytes_served)),
+            ("chunks_fetched", g(&self.chunks_fetched)),
+            ("bytes_fetched", g(&self.bytes_fetched)),
+            ("chunks_local", g(&self.chunks_local)),
+            ("chunks_resumed", g(&self.chunks_resumed)),
+            ("chunks_corrupt", g(&self.chunks_corrupt)),
+            ("files_placed", g(&self.files_placed)),
+            ("conflicts", g(&self.conflicts)),
+        ]
     }
 }

@@ -33,7 +33,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::error;
 
-use crate::engine::Event;
+use crate::events::Event;
 
 /// Why a node failed: which task panicked, and the panic's message.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 use x25519_dalek::StaticSecret;
 
 use crate::error::{Error, Result};
+pub use crate::events::{Event, FileOrigin, Origin};
 use crate::net::{NetCommand, NetEvent, NetHandle, Proto};
 use crate::store::Store;
 
@@ -71,179 +72,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A sync request without an answer for this long is given up.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// How a document change reached this node.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    /// Written through this node's API.
-    Local,
-    /// Arrived as gossip.
-    Gossip,
-    /// Arrived through the sync protocol.
-    Sync,
-}
-
-impl Origin {
-    /// As in events and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Local => "local",
-            Origin::Gossip => "gossip",
-            Origin::Sync => "sync",
-        }
-    }
-}
-
-/// What the node tells its watchers.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Event {
-    /// A peer connected.
-    PeerConnected {
-        /// Its device id.
-        peer: String,
-    },
-    /// A peer's last connection closed.
-    PeerDisconnected {
-        /// Its device id.
-        peer: String,
-    },
-    /// A peer proved membership of a space we are in.
-    MemberVerified {
-        /// Its device id.
-        peer: String,
-        /// The space id.
-        space: String,
-    },
-    /// A document changed.
-    DocChanged {
-        /// The space id.
-        space: String,
-        /// The document.
-        doc: String,
-        /// How the change arrived.
-        origin: Origin,
-        /// Heads after the change, hex.
-        heads: Vec<String>,
-        /// Devices that wrote the change(s).
-        authors: Vec<String>,
-    },
-    /// Input from the network was refused.
-    Rejected {
-        /// The peer that sent or forwarded it.
-        peer: String,
-        /// Why, for humans.
-        reason: String,
-    },
-    /// A file in a synced folder changed: found by the scanner (local) or
-    /// placed from a peer's version (remote).
-    FileChanged {
-        /// The space id.
-        space: String,
-        /// Normalised path in the folder.
-        path: String,
-        /// `local` or `remote`.
-        origin: FileOrigin,
-        /// The device that wrote this version.
-        device: String,
-        /// Size in bytes.
-        size: u64,
-        /// The path was deleted.
-        deleted: bool,
-    },
-    /// Two versions of a file conflicted; the loser was kept as `copy`.
-    Conflict {
-        /// The space id.
-        space: String,
-        /// The path both versions were written to.
-        path: String,
-        /// Where the losing version now is.
-        copy: String,
-        /// The device that wrote the losing version.
-        device: String,
-    },
-    /// A version of a file was restored on this device (and published as
-    /// its new version).
-    Restored {
-        /// The space id.
-        space: String,
-        /// Where it was placed.
-        path: String,
-        /// The restored content's hash (hex).
-        hash: String,
-        /// Its size.
-        size: u64,
-        /// A file created after the restored time was removed.
-        deleted: bool,
-    },
-    /// Remote deletions and overwrites from one device were held back: they
-    /// would change more of the folder at once than the guard allows.
-    ChangesHeld {
-        /// The space id.
-        space: String,
-        /// The device whose changes are held.
-        device: String,
-        /// Paths held so far.
-        paths: u64,
-    },
-    /// A file transfer started.
-    TransferStarted {
-        /// The space id.
-        space: String,
-        /// The file.
-        path: String,
-        /// Its size.
-        bytes: u64,
-    },
-    /// A file transfer finished and the file was placed.
-    TransferFinished {
-        /// The space id.
-        space: String,
-        /// The file.
-        path: String,
-        /// Its size.
-        bytes: u64,
-        /// How long it took.
-        millis: u64,
-    },
-    /// A folder's sync progress: every half second while it is not in
-    /// sync, and once when it gets there.
-    SyncProgress {
-        /// The space id.
-        space: String,
-        /// What the folder is doing.
-        state: crate::folder::FolderState,
-        /// Percent of files in place.
-        progress: f64,
-        /// Files waiting.
-        files_left: u64,
-        /// Bytes still to fetch or copy for transfers under way.
-        bytes_left: u64,
-        /// Bytes per second over the last 10 s.
-        rate: u64,
-        /// Seconds to go at that rate.
-        eta_secs: Option<u64>,
-    },
-    /// A task of the node panicked: the node has failed and must be
-    /// restarted (`shoal up` exits). See `crate::supervise`.
-    NodeFailed {
-        /// The task: `engine`, `network`, `blob-server`,
-        /// `folder-worker <space>` or `api`.
-        actor: String,
-        /// The panic message.
-        error: String,
-    },
-    /// Something in a folder could not be synced (and is retried).
-    FolderError {
-        /// The space id.
-        space: String,
-        /// The path, when one is concerned.
-        path: String,
-        /// What went wrong.
-        error: String,
-    },
-}
-
 /// How many sync states the engine holds (tests watch these for growth).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,16 +84,6 @@ pub struct SyncStates {
     pub gaps: usize,
     /// Documents held, over all spaces.
     pub docs: usize,
-}
-
-/// Where a file change came from.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum FileOrigin {
-    /// This device's folder.
-    Local,
-    /// A peer's version, placed here.
-    Remote,
 }
 
 /// A space as the API shows it.

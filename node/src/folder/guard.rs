@@ -4,32 +4,11 @@
 //! they are) until the user accepts them or restores.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use shoal_protocol::DeviceId;
 
-/// When the guard trips.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GuardSettings {
-    /// Share of the folder's files one device may delete or overwrite in
-    /// `window` (0.5: half).
-    pub share: f64,
-    /// ...and at least this many (so small folders sync freely). 0 turns
-    /// the guard off.
-    pub min_files: usize,
-    /// The window.
-    pub window: Duration,
-}
-
-impl Default for GuardSettings {
-    fn default() -> Self {
-        Self {
-            share: 0.5,
-            min_files: 100,
-            window: Duration::from_secs(600),
-        }
-    }
-}
+pub use crate::config::GuardSettings;
 
 /// What the guard knows: recent destructive changes per device, what it
 /// holds, and what the user accepted.
@@ -121,6 +100,7 @@ impl MassGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn dev(b: u8) -> DeviceId {
         DeviceId::from_bytes(vec![b; 38]).unwrap()

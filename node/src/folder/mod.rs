@@ -29,8 +29,11 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+pub use crate::config::{FolderSettings, DEFAULT_VERSIONS_DAYS, DEFAULT_VERSIONS_MIB};
 use crate::engine::{self, IndexCommand};
 use crate::error::{Error, Result};
+pub use crate::events::FolderState;
+pub use crate::metrics::FolderCounters;
 use crate::store::Blobs;
 use crate::Event;
 
@@ -50,107 +53,6 @@ pub(crate) const OWN_SYNC_BYTES: u64 = 4 << 20;
 /// Chunk requests in flight across all transfers of the node (at most
 /// 512 KiB each): bounds transfer memory.
 pub(crate) const MAX_INFLIGHT_CHUNKS: usize = 64;
-
-/// Days an old version is kept by default.
-pub const DEFAULT_VERSIONS_DAYS: u64 = 365;
-/// Default byte budget of a folder's old versions, in MiB.
-pub const DEFAULT_VERSIONS_MIB: u64 = 10 * 1024;
-
-/// Folder-sync settings.
-#[derive(Debug, Clone)]
-pub struct FolderSettings {
-    /// Quiet time after a filesystem event before the path is scanned.
-    pub debounce: Duration,
-    /// Interval of full rescans (catches what the watcher missed).
-    pub rescan: Duration,
-    /// When one device's deletions and overwrites are held.
-    pub guard: guard::GuardSettings,
-    /// How old versions under `.shoal/versions/` are kept: by age and a
-    /// byte budget per folder, thinned over time (never by count).
-    pub retention: shoal_protocol::retain::Policy,
-    /// Files transferred at once.
-    pub transfers: usize,
-    /// Chunk requests in flight per file.
-    pub window: usize,
-    /// Fault injection for tests: flip a byte of every chunk served.
-    #[doc(hidden)]
-    pub serve_corrupt_chunks: bool,
-    /// Fault injection for tests: each blob read served to a peer takes at
-    /// least this long (as from a slow disk).
-    #[doc(hidden)]
-    pub serve_delay: Duration,
-    /// Fault injection for tests: each folder worker waits for a permit
-    /// before its first scan (as behind a slow first scan).
-    #[doc(hidden)]
-    pub hold_start: Option<Arc<tokio::sync::Semaphore>>,
-}
-
-impl Default for FolderSettings {
-    fn default() -> Self {
-        Self {
-            debounce: Duration::from_millis(30),
-            rescan: Duration::from_secs(300),
-            guard: guard::GuardSettings::default(),
-            retention: shoal_protocol::retain::Policy::staggered(
-                Some(DEFAULT_VERSIONS_DAYS),
-                Some(DEFAULT_VERSIONS_MIB << 20),
-            ),
-            transfers: 128,
-            window: 32,
-            serve_corrupt_chunks: false,
-            serve_delay: Duration::ZERO,
-            hold_start: None,
-        }
-    }
-}
-
-/// Counters for status and metrics.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Chunks served to peers.
-    pub chunks_served: AtomicU64,
-    /// Bytes served to peers.
-    pub bytes_served: AtomicU64,
-    /// Chunks fetched from peers.
-    pub chunks_fetched: AtomicU64,
-    /// Bytes fetched from peers.
-    pub bytes_fetched: AtomicU64,
-    /// Chunks copied from local files instead of fetched.
-    pub chunks_local: AtomicU64,
-    /// Chunks found already written in a resumed transfer.
-    pub chunks_resumed: AtomicU64,
-    /// Chunks a peer served that failed verification.
-    pub chunks_corrupt: AtomicU64,
-    /// Files placed from remote changes.
-    pub files_placed: AtomicU64,
-    /// Conflicts resolved.
-    pub conflicts: AtomicU64,
-    /// Bytes per protocol; blob streams count theirs here.
-    pub traffic: crate::metrics::Traffic,
-}
-
-impl Counters {
-    fn add_served(&self, n: usize) {
-        self.chunks_served.fetch_add(1, Ordering::Relaxed);
-        self.bytes_served.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// A snapshot of every counter, by name.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        vec![
-            ("chunks_served", g(&self.chunks_served)),
-            ("bytes_served", g(&self.bytes_served)),
-            ("chunks_fetched", g(&self.chunks_fetched)),
-            ("bytes_fetched", g(&self.bytes_fetched)),
-            ("chunks_local", g(&self.chunks_local)),
-            ("chunks_resumed", g(&self.chunks_resumed)),
-            ("chunks_corrupt", g(&self.chunks_corrupt)),
-            ("files_placed", g(&self.files_placed)),
-            ("conflicts", g(&self.conflicts)),
-        ]
-    }
-}
 
 /// What one folder is doing, for `shoal status`.
 #[derive(Debug, Clone, Serialize, Default, utoipa::ToSchema)]
@@ -186,48 +88,6 @@ pub struct FolderStatus {
     /// Remote deletions and overwrites held by the mass-delete guard (in
     /// `files_left`); `shoal folder accept` applies them.
     pub held: u64,
-}
-
-/// What a folder is doing (shown as `scanning`, `syncing`, `in sync`,
-/// `paused` or `waiting for peers`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, utoipa::ToSchema)]
-pub enum FolderState {
-    /// Reading the folder (at start, or a full rescan).
-    #[default]
-    #[serde(rename = "scanning")]
-    Scanning,
-    /// Files wait to be fetched or placed.
-    #[serde(rename = "syncing")]
-    Syncing,
-    /// Files wait, and no member that could serve them is connected.
-    #[serde(rename = "waiting for peers")]
-    WaitingForPeers,
-    /// Nothing waits.
-    #[serde(rename = "in sync")]
-    InSync,
-    /// Stopped until something changes: the disk is full, or the
-    /// mass-delete guard holds changes (`detail` says which).
-    #[serde(rename = "paused")]
-    Paused,
-}
-
-impl FolderState {
-    /// The word the API and CLI show.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FolderState::Scanning => "scanning",
-            FolderState::Syncing => "syncing",
-            FolderState::WaitingForPeers => "waiting for peers",
-            FolderState::InSync => "in sync",
-            FolderState::Paused => "paused",
-        }
-    }
-}
-
-impl std::fmt::Display for FolderState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// One path of a synced tree.
@@ -359,7 +219,7 @@ pub struct Shared {
     pub(crate) engine: engine::Client,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) settings: FolderSettings,
-    pub(crate) counters: Arc<Counters>,
+    pub(crate) counters: Arc<FolderCounters>,
     pub(crate) links: Arc<links::Links>,
     pub(crate) me: DeviceId,
     /// Chunk requests in flight, node-wide.
@@ -557,7 +417,7 @@ pub(crate) struct Parts {
     pub(crate) settings: FolderSettings,
     pub(crate) control: libp2p_stream::Control,
     pub(crate) me: DeviceId,
-    pub(crate) counters: Arc<Counters>,
+    pub(crate) counters: Arc<FolderCounters>,
     /// The engine's counter of members changes.
     pub(crate) members_generation: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) supervisor: crate::supervise::Supervisor,
@@ -711,7 +571,7 @@ impl Folders {
     }
 
     /// Folder counters (zero once stopped).
-    pub fn counters(&self) -> Arc<Counters> {
+    pub fn counters(&self) -> Arc<FolderCounters> {
         self.shared()
             .map(|s| Arc::clone(&s.counters))
             .unwrap_or_default()

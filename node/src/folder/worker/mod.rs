@@ -49,8 +49,9 @@ use super::fetch::TransferError;
 use super::place::{self, TMP_DIR, VERSIONS_DIR};
 use super::scan::{self, Hashed, Rules};
 use super::{FolderState, FolderStatus, Shared};
-use crate::engine::{FileOrigin, IndexCommand};
+use crate::engine::IndexCommand;
 use crate::error::Error;
+use crate::events::FileOrigin;
 use crate::store::blobs::{LocalFile, Stat};
 use crate::Event;
 
