@@ -320,7 +320,7 @@ pub struct EventQuery {
 /// A compiled [`EventQuery`].
 pub struct EventFilter {
     types: Option<Vec<String>>,
-    space: Option<String>,
+    space: Option<shoal_protocol::SpaceId>,
     doc: Option<globset::GlobMatcher>,
     path: Option<globset::GlobMatcher>,
     author: Option<String>,
@@ -336,7 +336,7 @@ impl EventFilter {
                     .await?
                     .into_iter()
                     .find(|i| i.name == s || i.id == s)
-                    .map(|i| i.id)
+                    .and_then(|i| i.id.parse().ok())
                     .ok_or(Error::UnknownSpace(s))?,
             ),
         };
@@ -371,76 +371,71 @@ impl EventFilter {
 
     /// Whether `ev` passes.
     pub fn matches(&self, ev: &Event) -> bool {
+        let one = |d: &dyn std::fmt::Display| vec![d.to_string()];
         let (kind, group, space, name, authors): (
             &str,
             &str,
+            Option<&shoal_protocol::SpaceId>,
             Option<&str>,
-            Option<&str>,
-            &[String],
+            Vec<String>,
         ) = match ev {
             Event::DocChanged {
                 space,
                 doc,
                 authors,
                 ..
-            } => ("doc_changed", "doc", Some(space), Some(doc), authors),
-            Event::PeerConnected { .. } => ("peer_connected", "peer", None, None, &[]),
-            Event::PeerDisconnected { .. } => ("peer_disconnected", "peer", None, None, &[]),
+            } => (
+                "doc_changed",
+                "doc",
+                Some(space),
+                Some(doc.as_str()),
+                authors.clone(),
+            ),
+            Event::PeerConnected { .. } => ("peer_connected", "peer", None, None, vec![]),
+            Event::PeerDisconnected { .. } => ("peer_disconnected", "peer", None, None, vec![]),
             Event::MemberVerified { space, .. } => {
-                ("member_verified", "member", Some(space), None, &[])
+                ("member_verified", "member", Some(space), None, vec![])
             }
-            Event::Rejected { .. } => ("rejected", "rejected", None, None, &[]),
+            Event::Rejected { .. } => ("rejected", "rejected", None, None, vec![]),
             Event::FileChanged {
                 space,
                 path,
                 device,
                 ..
-            } => (
-                "file_changed",
-                "file",
-                Some(space),
-                Some(path),
-                std::slice::from_ref(device),
-            ),
+            } => ("file_changed", "file", Some(space), Some(path), one(device)),
             Event::Conflict {
                 space,
                 path,
                 device,
                 ..
-            } => (
-                "conflict",
-                "file",
+            } => ("conflict", "file", Some(space), Some(path), one(device)),
+            Event::Restored { space, path, .. } => {
+                ("restored", "file", Some(space), Some(path), vec![])
+            }
+            Event::ChangesHeld { space, device, .. } => {
+                ("changes_held", "folder", Some(space), None, one(device))
+            }
+            Event::TransferStarted { space, path, .. } => (
+                "transfer_started",
+                "transfer",
                 Some(space),
                 Some(path),
-                std::slice::from_ref(device),
+                vec![],
             ),
-            Event::Restored { space, path, .. } => {
-                ("restored", "file", Some(space), Some(path), &[])
-            }
-            Event::ChangesHeld { space, device, .. } => (
-                "changes_held",
-                "folder",
-                Some(space),
-                None,
-                std::slice::from_ref(device),
-            ),
-            Event::TransferStarted { space, path, .. } => {
-                ("transfer_started", "transfer", Some(space), Some(path), &[])
-            }
             Event::TransferFinished { space, path, .. } => (
                 "transfer_finished",
                 "transfer",
                 Some(space),
                 Some(path),
-                &[],
+                vec![],
             ),
             Event::SyncProgress { space, .. } => {
-                ("sync_progress", "progress", Some(space), None, &[])
+                ("sync_progress", "progress", Some(space), None, vec![])
             }
             Event::FolderError { space, path, .. } => {
-                ("folder_error", "error", Some(space), Some(path), &[])
+                ("folder_error", "error", Some(space), Some(path), vec![])
             }
-            Event::NodeFailed { .. } => ("node_failed", "error", None, None, &[]),
+            Event::NodeFailed { .. } => ("node_failed", "error", None, None, vec![]),
         };
         if let Some(t) = &self.types {
             if !t.iter().any(|t| t == kind || t == group) {
@@ -448,7 +443,7 @@ impl EventFilter {
             }
         }
         if let Some(s) = &self.space {
-            if space != Some(s.as_str()) {
+            if space != Some(s) {
                 return false;
             }
         }

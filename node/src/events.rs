@@ -3,7 +3,16 @@
 //! the small enums it names. Below every actor (engine, folders, network,
 //! supervisor) so each can emit events without importing another.
 
+use libp2p::PeerId;
 use serde::Serialize;
+use shoal_protocol::{DeviceId, DocId, SpaceId};
+
+/// Serialises an id by its `Display` form (a space as hex, a device or
+/// peer in base58, a document by its name): events keep ids typed until
+/// they are rendered.
+fn shown<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
 
 /// How a document change reached this node.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -35,26 +44,38 @@ pub enum Event {
     /// A peer connected.
     PeerConnected {
         /// Its device id.
-        peer: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        peer: PeerId,
     },
     /// A peer's last connection closed.
     PeerDisconnected {
         /// Its device id.
-        peer: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        peer: PeerId,
     },
     /// A peer proved membership of a space we are in.
     MemberVerified {
         /// Its device id.
-        peer: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        peer: PeerId,
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
     },
     /// A document changed.
     DocChanged {
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
         /// The document.
-        doc: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        doc: DocId,
         /// How the change arrived.
         origin: Origin,
         /// Heads after the change, hex.
@@ -65,7 +86,9 @@ pub enum Event {
     /// Input from the network was refused.
     Rejected {
         /// The peer that sent or forwarded it.
-        peer: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        peer: PeerId,
         /// Why, for humans.
         reason: String,
     },
@@ -73,13 +96,17 @@ pub enum Event {
     /// placed from a peer's version (remote).
     FileChanged {
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
         /// Normalised path in the folder.
         path: String,
         /// `local` or `remote`.
         origin: FileOrigin,
         /// The device that wrote this version.
-        device: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        device: DeviceId,
         /// Size in bytes.
         size: u64,
         /// The path was deleted.
@@ -88,7 +115,9 @@ pub enum Event {
     /// Two versions of a file conflicted; the loser was kept as `copy`.
     Conflict {
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
         /// The path both versions were written to.
         path: String,
         /// Where the losing version now is.
@@ -100,7 +129,9 @@ pub enum Event {
     /// its new version).
     Restored {
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
         /// Where it was placed.
         path: String,
         /// The restored content's hash (hex).
@@ -114,16 +145,22 @@ pub enum Event {
     /// would change more of the folder at once than the guard allows.
     ChangesHeld {
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
         /// The device whose changes are held.
-        device: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        device: DeviceId,
         /// Paths held so far.
         paths: u64,
     },
     /// A file transfer started.
     TransferStarted {
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
         /// The file.
         path: String,
         /// Its size.
@@ -132,7 +169,9 @@ pub enum Event {
     /// A file transfer finished and the file was placed.
     TransferFinished {
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
         /// The file.
         path: String,
         /// Its size.
@@ -144,7 +183,9 @@ pub enum Event {
     /// sync, and once when it gets there.
     SyncProgress {
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
         /// What the folder is doing.
         state: FolderState,
         /// Percent of files in place.
@@ -170,7 +211,9 @@ pub enum Event {
     /// Something in a folder could not be synced (and is retried).
     FolderError {
         /// The space id.
-        space: String,
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
         /// The path, when one is concerned.
         path: String,
         /// What went wrong.

@@ -406,8 +406,8 @@ impl Engine {
             .map(|d| d.doc.get_heads())
             .unwrap_or_default();
         self.emit(Event::DocChanged {
-            space: space.to_string(),
-            doc: doc.to_string(),
+            space: space.to_owned(),
+            doc: doc.to_owned(),
             origin,
             heads: hex_heads(&heads),
             authors: applied.authors.clone(),

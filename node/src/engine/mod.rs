@@ -1075,8 +1075,8 @@ impl Engine {
             slot.1 = heads.clone();
         }
         self.emit(Event::DocChanged {
-            space: id.to_string(),
-            doc: doc.to_string(),
+            space: id.to_owned(),
+            doc: doc.to_owned(),
             origin: Origin::Local,
             heads: hex_heads(&heads),
             authors: vec![self.me.to_string()],
@@ -1130,14 +1130,14 @@ impl Engine {
             NetEvent::Connected { peer } => {
                 self.peers.entry(peer).or_default();
                 self.emit(Event::PeerConnected {
-                    peer: peer.to_string(),
+                    peer: peer.to_owned(),
                 });
                 self.send_hello(peer, false, outbox);
                 self.drive_joins(outbox);
             }
             NetEvent::Refused { peer, reason } => {
                 self.emit(Event::Rejected {
-                    peer: peer.to_string(),
+                    peer: peer.to_owned(),
                     reason,
                 });
             }
@@ -1155,7 +1155,7 @@ impl Engine {
                 self.sessions.retain(|(p, _, _), _| *p != peer);
                 self.responders.retain(|(p, _, _), _| *p != peer);
                 self.emit(Event::PeerDisconnected {
-                    peer: peer.to_string(),
+                    peer: peer.to_owned(),
                 });
             }
             NetEvent::Identified { peer, listen_addrs } => {
@@ -1179,7 +1179,7 @@ impl Engine {
                     Err((acc, reason)) => {
                         debug!(peer = %propagation, %reason, "gossip refused");
                         self.emit(Event::Rejected {
-                            peer: propagation.to_string(),
+                            peer: propagation.to_owned(),
                             reason,
                         });
                         acc
@@ -1209,7 +1209,7 @@ impl Engine {
                         }
                         Err(e) => {
                             self.emit(Event::Rejected {
-                                peer: peer.to_string(),
+                                peer: peer.to_owned(),
                                 reason: e.to_string(),
                             });
                             Vec::new()

@@ -81,7 +81,7 @@ impl Engine {
             Ok(HelloResponse::V1 { proofs }) => proofs,
             Err(e) => {
                 self.emit(Event::Rejected {
-                    peer: peer.to_string(),
+                    peer: peer.to_owned(),
                     reason: e.to_string(),
                 });
                 return;
@@ -139,8 +139,8 @@ impl Engine {
         self.remember_peer(peer);
         info!(%peer, space = %space.short(), "member verified");
         self.emit(Event::MemberVerified {
-            peer: peer.to_string(),
-            space: space.to_string(),
+            peer: peer.to_owned(),
+            space: space.to_owned(),
         });
         // Members first: roles decide what the other documents accept.
         self.kick((peer, space, DocId::members()), true, outbox);
@@ -508,7 +508,7 @@ impl Engine {
                 }
                 Err(e) => {
                     self.emit(Event::Rejected {
-                        peer: peer.to_string(),
+                        peer: peer.to_owned(),
                         reason: e.to_string(),
                     });
                     return refuse(RefuseReason::BadMessage);
@@ -527,7 +527,7 @@ impl Engine {
                     self.responders.remove(&key);
                     self.drop_if_empty(&space, &doc);
                     self.emit(Event::Rejected {
-                        peer: peer.to_string(),
+                        peer: peer.to_owned(),
                         reason: e.to_string(),
                     });
                     return refuse(RefuseReason::BadMessage);
@@ -605,7 +605,7 @@ impl Engine {
                 }
                 Err(e) => {
                     self.emit(Event::Rejected {
-                        peer: peer.to_string(),
+                        peer: peer.to_owned(),
                         reason: e.to_string(),
                     });
                     self.retry_later(&key);
@@ -624,7 +624,7 @@ impl Engine {
                 }
                 Err(e) => {
                     self.emit(Event::Rejected {
-                        peer: peer.to_string(),
+                        peer: peer.to_owned(),
                         reason: e.to_string(),
                     });
                     self.drop_if_empty(&space, &doc);

@@ -268,7 +268,7 @@ impl Worker {
     fn note_bad_peer(&self, peer: PeerId, why: &str) {
         tracing::warn!(%peer, space = %self.space.short(), why, "peer served bad data");
         self.shared.emit(Event::Rejected {
-            peer: peer.to_string(),
+            peer: peer.to_owned(),
             reason: why.to_string(),
         });
     }

@@ -364,7 +364,7 @@ impl Worker {
         for (path, e) in entries {
             info!(space = %self.space.short(), path, hash = %hex::encode(&e.hash[..8]), deleted = e.deleted, "restored");
             self.shared.emit(Event::Restored {
-                space: self.space.to_string(),
+                space: self.space.to_owned(),
                 path,
                 hash: hex::encode(e.hash),
                 size: e.size,

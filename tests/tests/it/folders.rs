@@ -406,7 +406,7 @@ async fn a_peer_serving_corrupt_chunks_is_noted_and_avoided() -> Result<()> {
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     );
-    let c_id = c.node.peer_id().to_string();
+    let c_id = c.node.peer_id();
     shoal_tests::wait_event(
         &mut ev,
         shoal_tests::TIMEOUT,

@@ -434,7 +434,7 @@ async fn the_mass_delete_guard_holds_a_devices_deletions_until_accepted() -> Res
     let shoal_node::Event::ChangesHeld { device, .. } = ev else {
         unreachable!()
     };
-    ensure!(device == a.device_id().to_string());
+    ensure!(&device == a.device_id());
     // A's changes keep arriving, one or a few at a time, as A's scanner
     // sees them. At most the limit is applied (21 at first, less as
     // deletions are applied); wait until B holds the rest.

@@ -802,7 +802,7 @@ async fn admitted(a: &shoal_node::Node, role: Role, answer: Option<Vec<u8>>) -> 
     h.sync_answer = answer;
     let mut ev = a.events();
     h.swarm.dial(a.listen_addrs().await?[0].clone())?;
-    let me = peer.to_string();
+    let me = peer;
     h.until_node_event(
         &mut ev,
         |e| matches!(e, Event::MemberVerified { peer, .. } if *peer == me),
@@ -1169,7 +1169,7 @@ async fn a_removed_creator_is_no_owner() -> Result<()> {
     let mut h = Hostile::new(key.clone(), Some(grant))?;
     let mut ev = b.events();
     h.swarm.dial(b.listen_addrs().await?[0].clone())?;
-    let me = peer.to_string();
+    let me = peer;
     h.until_node_event(
         &mut ev,
         |e| matches!(e, Event::MemberVerified { peer, .. } if *peer == me),

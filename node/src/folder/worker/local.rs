@@ -195,7 +195,7 @@ impl Worker {
                     .conflicts
                     .fetch_add(1, Ordering::Relaxed);
                 self.shared.emit(Event::Conflict {
-                    space: self.space.to_string(),
+                    space: self.space.to_owned(),
                     path: rel.clone(),
                     copy: copy.clone(),
                     device,
@@ -261,10 +261,10 @@ impl Worker {
         for (rel, e) in &puts {
             debug!(me = %self.shared.me.short(), path = %rel, deleted = e.deleted, size = e.size, "local change");
             self.shared.emit(Event::FileChanged {
-                space: self.space.to_string(),
+                space: self.space.to_owned(),
                 path: rel.clone(),
                 origin: FileOrigin::Local,
-                device: me.to_string(),
+                device: me.to_owned(),
                 size: e.size,
                 deleted: e.deleted,
             });

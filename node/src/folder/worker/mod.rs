@@ -320,16 +320,14 @@ impl Worker {
             tokio::select! {
                 _ = self.stop.notified() => break,
                 ev = events.recv() => match ev {
-                    Ok(Event::DocChanged { space, doc, .. }) if space == self.space.to_string() => {
-                        if let Ok(d) = doc.parse::<DocId>() {
-                            if files::is_index(&d) {
-                                dirty_shards.insert(d);
-                            } else if d.is_members() && self.unshared.swap(false, Ordering::SeqCst) {
-                                full_scan = true;
-                            }
+                    Ok(Event::DocChanged { space, doc, .. }) if space == self.space => {
+                        if files::is_index(&doc) {
+                            dirty_shards.insert(doc);
+                        } else if doc.is_members() && self.unshared.swap(false, Ordering::SeqCst) {
+                            full_scan = true;
                         }
                     }
-                    Ok(Event::MemberVerified { space, .. }) if space == self.space.to_string() => {
+                    Ok(Event::MemberVerified { space, .. }) if space == self.space => {
                         // A peer that may have what we wait for is here.
                         retry.clear();
                         reconcile = true;

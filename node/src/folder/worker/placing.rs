@@ -29,7 +29,7 @@ impl Worker {
                     .fetch_add(1, Ordering::Relaxed);
                 info!(space = %self.space.short(), path = rel, %copy, "conflict: the other version is kept as a copy");
                 self.shared.emit(Event::Conflict {
-                    space: self.space.to_string(),
+                    space: self.space.to_owned(),
                     path: rel.to_string(),
                     copy,
                     device,
@@ -83,7 +83,7 @@ impl Worker {
         let big = w.size >= 1 << 20;
         if big {
             self.shared.emit(Event::TransferStarted {
-                space: self.space.to_string(),
+                space: self.space.to_owned(),
                 path: rel.to_string(),
                 bytes: w.size,
             });
@@ -171,7 +171,7 @@ impl Worker {
             let ms = started.elapsed().as_millis() as u64;
             info!(space = %self.space.short(), path = rel, bytes = w.size, ms, "transfer finished");
             self.shared.emit(Event::TransferFinished {
-                space: self.space.to_string(),
+                space: self.space.to_owned(),
                 path: rel.to_string(),
                 bytes: w.size,
                 millis: started.elapsed().as_millis() as u64,

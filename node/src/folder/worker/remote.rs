@@ -199,8 +199,8 @@ impl Worker {
                 ),
             );
             self.shared.emit(Event::ChangesHeld {
-                space: self.space.to_string(),
-                device: device.to_string(),
+                space: self.space.to_owned(),
+                device: device.to_owned(),
                 paths: n,
             });
         }
@@ -377,10 +377,10 @@ impl Worker {
 
     pub(super) fn remote_changed(&self, rel: &str, w: &Entry) {
         self.shared.emit(Event::FileChanged {
-            space: self.space.to_string(),
+            space: self.space.to_owned(),
             path: rel.to_string(),
             origin: FileOrigin::Remote,
-            device: w.device.to_string(),
+            device: w.device.to_owned(),
             size: w.size,
             deleted: w.deleted,
         });

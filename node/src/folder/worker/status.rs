@@ -36,7 +36,7 @@ impl Worker {
             }
         }
         self.shared.emit(Event::FolderError {
-            space: self.space.to_string(),
+            space: self.space.to_owned(),
             path: path.to_string(),
             error,
         });
@@ -151,7 +151,7 @@ impl Worker {
         let in_sync = st.state == FolderState::InSync;
         if !(in_sync && was_in_sync) {
             self.shared.emit(Event::SyncProgress {
-                space: st.space,
+                space: self.space,
                 state: st.state,
                 progress: st.progress,
                 files_left: st.files_left,
