@@ -20,7 +20,7 @@ use libp2p::PeerId;
 use shoal_protocol::files::{BlobKind, Entry, Manifest, CHUNK_MAX};
 
 use super::links::FetchError;
-use super::place::TMP_DIR;
+use super::place;
 use super::worker::Worker;
 use crate::Event;
 
@@ -281,7 +281,7 @@ impl Worker {
             hex::encode(&e.hash[..12]),
             hex::encode(&blake3::hash(rel.as_bytes()).as_bytes()[..6])
         );
-        let temp = self.root.join(TMP_DIR).join(format!("{part}.part"));
+        let temp = place::part_file(&self.root, &part);
         let size = e.size;
         let n = chunks.len();
         let t0 = std::time::Instant::now();

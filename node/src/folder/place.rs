@@ -13,6 +13,19 @@ use chrono::{DateTime, Utc};
 pub const SHOAL_DIR: &str = ".shoal";
 /// Where transfers are assembled.
 pub const TMP_DIR: &str = ".shoal/tmp";
+
+/// The temp file a transfer named `part` writes into: the one place that
+/// names temp files.
+pub fn part_file(root: &Path, part: &str) -> PathBuf {
+    root.join(TMP_DIR).join(format!("{part}{PART_SUFFIX}"))
+}
+
+/// The part name of a file in [`TMP_DIR`], if it is a transfer's temp file.
+pub fn part_of(file_name: &str) -> Option<&str> {
+    file_name.strip_suffix(PART_SUFFIX)
+}
+
+const PART_SUFFIX: &str = ".part";
 /// Where replaced and deleted files are kept.
 pub const VERSIONS_DIR: &str = ".shoal/versions";
 

@@ -16,6 +16,24 @@
 //!   whose file is not yet reconciled with it
 //! - `f.kept`, `f.kept_paths`: old versions kept under `.shoal/versions/`,
 //!   and `f.snapshots`: named states of the index (see [`super::kept`])
+//!
+//! Who writes what (each tree has one owner; the exceptions are
+//! content-addressed and idempotent):
+//! - a space's folder worker (`folder/worker/`), and the transfers it runs,
+//!   which take its `fs` lock around each placement: `f.files` and the
+//!   chunk locations of its files (`set_local`, `remove_local`, after a
+//!   scan or a placement, re-checking the stat under the lock),
+//!   `f.pending` and `f.cursors` (`mark_pending` records the paths and the
+//!   cursor in one batch; `done_pending`), `f.parts` (a transfer its own
+//!   part), and `f.kept*` through `folder/versions.rs`;
+//! - `Folders` (attach, detach): `f.folders`, and forgetting a space;
+//! - the API's snapshot command: `f.snapshots`;
+//! - anyone who hashed or fetched a manifest: `f.manifests` (keyed by the
+//!   manifest's own hash, so the same bytes whoever writes);
+//! - a reader that finds a chunk location no longer holding its bytes (the
+//!   blob server, a transfer copying a local chunk): `drop_location`, which
+//!   only removes that one stale location; the worker's next scan of the
+//!   file adds its locations back.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shoal_protocol::files::Manifest;

@@ -339,7 +339,7 @@ impl Worker {
         };
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(part) = name.strip_suffix(".part") else {
+            let Some(part) = place::part_of(&name) else {
                 continue;
             };
             if let Some((_, tag)) = part.rsplit_once('-') {
@@ -369,7 +369,7 @@ impl Worker {
             if keep.as_ref().is_some_and(|k| part.starts_with(k.as_str())) {
                 return true;
             }
-            let _ = fs::remove_file(self.root.join(TMP_DIR).join(format!("{part}.part")));
+            let _ = fs::remove_file(place::part_file(&self.root, part));
             let _ = self.shared.blobs.remove_part(&self.space, part);
             false
         });
