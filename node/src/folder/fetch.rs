@@ -295,77 +295,80 @@ impl Worker {
                 part.clone(),
                 chunks.clone(),
             );
-            tokio::task::spawn_blocking(move || -> Result<_, TransferError> {
-                if let Some(dir) = temp.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| io_err("create temp folder", e))?;
-                }
-                let resumed = temp.exists();
-                // Only what is not yet allocated in the temp file is new.
-                let allocated = std::fs::metadata(&temp).map_or(0, |m| {
-                    use std::os::unix::fs::MetadataExt;
-                    m.blocks() * 512
-                });
-                room_for(&temp, size.saturating_sub(allocated))?;
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&temp)
-                    .map_err(|e| io_err("open temp file", e))?;
-                let len = f.metadata().map_err(|e| io_err("stat temp file", e))?.len();
-                if len != size {
-                    f.set_len(size).map_err(|e| io_err("size temp file", e))?;
-                }
-                // One-chunk files have nothing to resume: no record.
-                let track = n > 1;
-                let mut bits = if track {
-                    sh.blobs.part(&space, &part).unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
-                bits.resize(n.div_ceil(8), 0);
-                let mut need = Vec::new();
-                let mut open = super::OpenFiles::default();
-                for (i, (h, off, l)) in chunks.iter().enumerate() {
-                    if bits[i / 8] & (1 << (i % 8)) != 0 {
-                        sh.counters.chunks_resumed.fetch_add(1, Ordering::Relaxed);
-                        continue;
+            self.shared
+                .blocking
+                .spawn_blocking(move || -> Result<_, TransferError> {
+                    if let Some(dir) = temp.parent() {
+                        std::fs::create_dir_all(dir)
+                            .map_err(|e| io_err("create temp folder", e))?;
                     }
-                    if resumed {
-                        let mut buf = vec![0u8; *l as usize];
-                        if f.read_exact_at(&mut buf, *off).is_ok()
-                            && blake3::hash(&buf).as_bytes() == h
-                        {
-                            bits[i / 8] |= 1 << (i % 8);
+                    let resumed = temp.exists();
+                    // Only what is not yet allocated in the temp file is new.
+                    let allocated = std::fs::metadata(&temp).map_or(0, |m| {
+                        use std::os::unix::fs::MetadataExt;
+                        m.blocks() * 512
+                    });
+                    room_for(&temp, size.saturating_sub(allocated))?;
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&temp)
+                        .map_err(|e| io_err("open temp file", e))?;
+                    let len = f.metadata().map_err(|e| io_err("stat temp file", e))?.len();
+                    if len != size {
+                        f.set_len(size).map_err(|e| io_err("size temp file", e))?;
+                    }
+                    // One-chunk files have nothing to resume: no record.
+                    let track = n > 1;
+                    let mut bits = if track {
+                        sh.blobs.part(&space, &part).unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    bits.resize(n.div_ceil(8), 0);
+                    let mut need = Vec::new();
+                    let mut open = super::OpenFiles::default();
+                    for (i, (h, off, l)) in chunks.iter().enumerate() {
+                        if bits[i / 8] & (1 << (i % 8)) != 0 {
                             sh.counters.chunks_resumed.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
+                        if resumed {
+                            let mut buf = vec![0u8; *l as usize];
+                            if f.read_exact_at(&mut buf, *off).is_ok()
+                                && blake3::hash(&buf).as_bytes() == h
+                            {
+                                bits[i / 8] |= 1 << (i % 8);
+                                sh.counters.chunks_resumed.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        }
+                        // A fresh transfer copies local chunks in the kernel and
+                        // relies on the whole-file check; a retry (after that
+                        // check failed) reads and verifies each one.
+                        if !resumed && sh.copy_chunk(h, *l, &f, *off, &mut open) {
+                            bits[i / 8] |= 1 << (i % 8);
+                            sh.counters.chunks_local.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if let Some(data) = sh.read_chunk_with(None, h, &mut open) {
+                            f.write_all_at(&data, *off)
+                                .map_err(|e| io_err("write temp file", e))?;
+                            bits[i / 8] |= 1 << (i % 8);
+                            sh.counters.chunks_local.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        need.push(i);
                     }
-                    // A fresh transfer copies local chunks in the kernel and
-                    // relies on the whole-file check; a retry (after that
-                    // check failed) reads and verifies each one.
-                    if !resumed && sh.copy_chunk(h, *l, &f, *off, &mut open) {
-                        bits[i / 8] |= 1 << (i % 8);
-                        sh.counters.chunks_local.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                    if track {
+                        let _ = sh.blobs.set_part(&space, &part, &bits);
                     }
-                    if let Some(data) = sh.read_chunk_with(None, h, &mut open) {
-                        f.write_all_at(&data, *off)
-                            .map_err(|e| io_err("write temp file", e))?;
-                        bits[i / 8] |= 1 << (i % 8);
-                        sh.counters.chunks_local.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    need.push(i);
-                }
-                if track {
-                    let _ = sh.blobs.set_part(&space, &part, &bits);
-                }
-                Ok((f, bits, need))
-            })
-            .await
-            .map_err(|e| TransferError::Failed(e.to_string()))??
+                    Ok((f, bits, need))
+                })
+                .await
+                .map_err(|e| TransferError::Failed(e.to_string()))??
         };
 
         tracing::debug!(
@@ -404,50 +407,52 @@ impl Worker {
             temp.clone(),
             part.clone(),
         );
-        tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
-            if chunk_list.len() > 1 {
-                let _ = sh.blobs.set_part(&space, &p, &bits);
-            }
-            // Streamed, so memory stays bounded whatever the size.
-            let (whole, synced) = std::thread::scope(|s| {
-                let Assembly { file, verifier } = asm;
-                let sync = own_sync.then(|| s.spawn(move || file.sync_data()));
-                let whole = match verifier {
-                    Some(v) => v.finish(size),
-                    None => super::scan::hash_path(&t),
-                };
-                let synced = sync.map(|j| {
-                    j.join()
-                        .unwrap_or_else(|_| Err(std::io::Error::other("sync panicked")))
-                });
-                (whole, synced)
-            });
-            let whole = whole.map_err(|e| io_err("read temp file", e))?;
-            if whole != file_hash {
-                // Find the chunks that are wrong (a stale local source) and
-                // forget only those; the retry reads and verifies them.
-                let f = File::open(&t).map_err(|e| io_err("read temp file", e))?;
-                let mut bits = bits;
-                for (i, (ch, off, l)) in chunk_list.iter().enumerate() {
-                    let mut b = vec![0u8; *l as usize];
-                    let good =
-                        f.read_exact_at(&mut b, *off).is_ok() && blake3::hash(&b).as_bytes() == ch;
-                    if !good {
-                        bits[i / 8] &= !(1 << (i % 8));
-                    }
+        self.shared
+            .blocking
+            .spawn_blocking(move || -> Result<(), TransferError> {
+                if chunk_list.len() > 1 {
+                    let _ = sh.blobs.set_part(&space, &p, &bits);
                 }
-                let _ = sh.blobs.set_part(&space, &p, &bits);
-                return Err(TransferError::Failed(
-                    "whole-file hash mismatch; retrying the chunks that differ".into(),
-                ));
-            }
-            if let Some(r) = synced {
-                r.map_err(|e| io_err("sync temp file", e))?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| TransferError::Failed(e.to_string()))??;
+                // Streamed, so memory stays bounded whatever the size.
+                let (whole, synced) = std::thread::scope(|s| {
+                    let Assembly { file, verifier } = asm;
+                    let sync = own_sync.then(|| s.spawn(move || file.sync_data()));
+                    let whole = match verifier {
+                        Some(v) => v.finish(size),
+                        None => super::scan::hash_path(&t),
+                    };
+                    let synced = sync.map(|j| {
+                        j.join()
+                            .unwrap_or_else(|_| Err(std::io::Error::other("sync panicked")))
+                    });
+                    (whole, synced)
+                });
+                let whole = whole.map_err(|e| io_err("read temp file", e))?;
+                if whole != file_hash {
+                    // Find the chunks that are wrong (a stale local source) and
+                    // forget only those; the retry reads and verifies them.
+                    let f = File::open(&t).map_err(|e| io_err("read temp file", e))?;
+                    let mut bits = bits;
+                    for (i, (ch, off, l)) in chunk_list.iter().enumerate() {
+                        let mut b = vec![0u8; *l as usize];
+                        let good = f.read_exact_at(&mut b, *off).is_ok()
+                            && blake3::hash(&b).as_bytes() == ch;
+                        if !good {
+                            bits[i / 8] &= !(1 << (i % 8));
+                        }
+                    }
+                    let _ = sh.blobs.set_part(&space, &p, &bits);
+                    return Err(TransferError::Failed(
+                        "whole-file hash mismatch; retrying the chunks that differ".into(),
+                    ));
+                }
+                if let Some(r) = synced {
+                    r.map_err(|e| io_err("sync temp file", e))?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| TransferError::Failed(e.to_string()))??;
         tracing::debug!(
             path = rel,
             ms = t0.elapsed().as_millis() as u64,

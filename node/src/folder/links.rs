@@ -273,13 +273,16 @@ pub async fn serve(shared: Arc<Shared>, mut control: libp2p_stream::Control) {
                     drop(stream);
                     continue;
                 };
-                let shared = Arc::clone(&shared);
-                tasks.spawn(async move {
+                let sh = Arc::clone(&shared);
+                // Tracked until dropped: aborting the server drops these
+                // tasks a little later, on the runtime's threads, and
+                // shutdown waits for that (they hold the store).
+                tasks.spawn(shared.blocking.track_future(async move {
                     let _slot = slot;
-                    if let Err(e) = serve_stream(shared, peer, stream).await {
+                    if let Err(e) = serve_stream(sh, peer, stream).await {
                         debug!(%peer, error = %e, "blob stream ended");
                     }
-                });
+                }));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
@@ -414,7 +417,7 @@ async fn serve_stream(shared: Arc<Shared>, peer: PeerId, stream: Stream) -> std:
                     Arc::clone(&draining),
                 );
                 shared
-                    .serving
+                    .blocking
                     .spawn_blocking(move || drain(&s, &reads, &tx, &d));
             }
         }

@@ -228,11 +228,13 @@ pub struct Shared {
     /// Moves on every change to any space's members (the engine bumps
     /// it): cached blob admissions older than its value are asked again.
     pub(crate) members_generation: Arc<std::sync::atomic::AtomicU64>,
-    /// The blocking reads that answer peers' blob streams. They hold the
-    /// store, and a stopped stream cannot cancel one already running:
-    /// shutdown waits for them, so a restart on the same home finds the
-    /// store closed.
-    pub(crate) serving: tokio_util::task::TaskTracker,
+    /// Jobs that hold the store and may outlive the task that started
+    /// them: blocking jobs (scans, transfers' resumes and local copies,
+    /// retention, the reads answering peers' blob streams), which a stopped
+    /// task cannot cancel, and the blob server's stream tasks, which an
+    /// abort drops only a little later. Shutdown waits for them, so a
+    /// restart on the same home finds the store closed.
+    pub(crate) blocking: tokio_util::task::TaskTracker,
 }
 
 impl Shared {
@@ -448,7 +450,7 @@ impl Folders {
             inflight: Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_CHUNKS)),
             roots: RwLock::default(),
             members_generation,
-            serving: tokio_util::task::TaskTracker::new(),
+            blocking: tokio_util::task::TaskTracker::new(),
         });
         let server = supervisor.spawn("blob-server", links::serve(Arc::clone(&shared), control));
         let existing = shared.blobs.folders()?;
@@ -633,14 +635,15 @@ impl Folders {
         }
         let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(s) = shared {
-            // Reads still answering streams of the stopped server end after
-            // their current blob (their stream is gone).
-            s.serving.close();
-            if tokio::time::timeout(Duration::from_secs(10), s.serving.wait())
+            // Blocking jobs of stopped tasks end on their own (reads for
+            // the stopped server after their current blob, their stream
+            // being gone).
+            s.blocking.close();
+            if tokio::time::timeout(Duration::from_secs(10), s.blocking.wait())
                 .await
                 .is_err()
             {
-                warn!("blob reads for peers did not end in time");
+                warn!("blocking folder jobs did not end in time");
             }
             let _ = s.blobs.flush().await;
         }

@@ -105,10 +105,11 @@ impl Worker {
             self.shared.settings.retention.clone(),
         );
         let now = crate::metrics::unix_millis();
-        let r = tokio::task::spawn_blocking(move || {
-            retain_blocking(&blobs, &space, &root, &policy, now)
-        })
-        .await;
+        let r = self
+            .shared
+            .blocking
+            .spawn_blocking(move || retain_blocking(&blobs, &space, &root, &policy, now))
+            .await;
         match r {
             Ok(Ok((dropped, left))) => {
                 self.kept_bytes.store(left, Ordering::SeqCst);

@@ -642,3 +642,93 @@ async fn a_node_stopped_while_serving_starts_again_at_once() -> Result<()> {
     }
     Ok(())
 }
+
+/// Issue 19, chaos finding 1: when this device's edit beat a version it
+/// never held, it published that version as a conflict copy at once, to be
+/// "fetched like any file". If the version's only holder was gone (or lost
+/// it), the index named a copy whose content existed nowhere, for good.
+/// Failed before (b's index named the copy while a, the only holder, was
+/// down), passes now: the copy is fetched first and published only once it
+/// is on b's disk, which happens when a is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_copy_is_published_only_once_its_content_is_here() -> Result<()> {
+    let (mut nodes, roots, _dirs) = folder_nodes(2, "t").await?;
+    let note = |i: usize| roots[i].join("note.txt");
+    fs::write(note(0), b"first")?;
+    wait_file(&nodes[1].node, &note(1), b"first").await?;
+    let copies = |files: &[shoal_node::folder::FileInfo]| {
+        files
+            .iter()
+            .filter(|f| f.path.contains(".sync-conflict-"))
+            .count()
+    };
+    let hash_of = |b: &[u8]| blake3::hash(b).to_hex().to_string();
+
+    // b is down while a writes version V; b comes back and learns of V
+    // from the index, but its folder worker waits.
+    nodes[1].stop().await;
+    fs::write(note(0), b"version V, only on a")?;
+    let v = hash_of(b"version V, only on a");
+    let a = &nodes[0].node;
+    shoal_tests::wait_for(a, shoal_tests::TIMEOUT, || async {
+        a.files("t", "")
+            .await
+            .is_ok_and(|f| f.iter().any(|f| f.hash.as_deref() == Some(v.as_str())))
+    })
+    .await?;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    nodes[1].config.folders.hold_start = Some(gate.clone());
+    nodes[1].start().await?;
+    nodes[1].config.folders.hold_start = None;
+    shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
+    let b = &nodes[1].node;
+    shoal_tests::wait_for(b, shoal_tests::TIMEOUT, || async {
+        b.files("t", "")
+            .await
+            .is_ok_and(|f| f.iter().any(|f| f.hash.as_deref() == Some(v.as_str())))
+    })
+    .await?;
+
+    // a, V's only holder, goes away; b's user edits the file (later than V,
+    // so b's edit wins), and b's worker starts.
+    nodes[0].stop().await;
+    fs::write(note(1), b"b's edit")?;
+    let ours = hash_of(b"b's edit");
+    gate.add_permits(1);
+    let b = &nodes[1].node;
+    shoal_tests::wait_for(b, shoal_tests::TIMEOUT, || async {
+        b.files("t", "")
+            .await
+            .is_ok_and(|f| f.iter().any(|f| f.hash.as_deref() == Some(ours.as_str())))
+    })
+    .await?;
+    // b's edit is published; no copy of V is, while nobody can serve V.
+    let listed = b.files("t", "").await?;
+    anyhow::ensure!(
+        copies(&listed) == 0,
+        "a copy of a version no one can serve is in the index: {listed:?}"
+    );
+
+    // a is back: b fetches V, places the copy, then publishes it; both end
+    // with b's edit and the copy of V.
+    nodes[0].start().await?;
+    shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
+    for i in [1, 0] {
+        let n = &nodes[i].node;
+        let dir = roots[i].clone();
+        shoal_tests::wait_for(n, shoal_tests::TIMEOUT, || async {
+            fs::read_dir(&dir).is_ok_and(|d| {
+                d.flatten().any(|e| {
+                    e.file_name().to_string_lossy().contains(".sync-conflict-")
+                        && fs::read(e.path()).is_ok_and(|c| c == b"version V, only on a")
+                })
+            })
+        })
+        .await
+        .with_context(|| format!("node {i} has no copy of V"))?;
+    }
+    wait_file(&nodes[0].node, &note(0), b"b's edit").await?;
+    wait_in_sync(&nodes[0].node).await?;
+    wait_in_sync(&nodes[1].node).await?;
+    Ok(())
+}

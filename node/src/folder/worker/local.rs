@@ -24,11 +24,12 @@ impl Worker {
             self.rules()
         };
         let (root, blobs, space) = (self.root.clone(), self.shared.blobs.clone(), self.space);
-        let mut result = tokio::task::spawn_blocking(move || {
-            scan_blocking(&root, &rules, &blobs, &space, paths)
-        })
-        .await
-        .unwrap_or_default();
+        let mut result = self
+            .shared
+            .blocking
+            .spawn_blocking(move || scan_blocking(&root, &rules, &blobs, &space, paths))
+            .await
+            .unwrap_or_default();
         for (p, e) in &result.problems {
             self.problem(p, e.clone());
         }
@@ -222,9 +223,15 @@ impl Worker {
                         puts.push((copy, entry));
                         continue;
                     }
-                    // Ours wins; theirs is kept as a copy in the index, and
-                    // fetched like any file.
-                    plan::Local::OursWin { theirs, .. } => puts.push((copy, theirs.clone())),
+                    // Ours wins; theirs is kept as a copy: fetched, placed,
+                    // and only then published (`make_copy`), so a copy of a
+                    // version nobody can serve never enters the index.
+                    plan::Local::OursWin { theirs, .. } => {
+                        self.copies
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(copy, theirs.clone());
+                    }
                     plan::Local::Adopt | plan::Local::Publish => {}
                 }
             }
@@ -269,6 +276,13 @@ impl Worker {
                 deleted: e.deleted,
             });
         }
+        self.put_entries(&puts).await
+    }
+
+    /// Writes this device's versions to the index, in batches. A batch the
+    /// engine refuses is forgotten here too, so the next scan finds those
+    /// files changed again.
+    pub(super) async fn put_entries(&self, puts: &[(String, Entry)]) -> Result<(), Error> {
         for batch in puts.chunks(PUBLISH_BATCH) {
             let entries: Vec<(String, Vec<u8>)> =
                 batch.iter().map(|(p, e)| (p.clone(), e.encode())).collect();

@@ -120,6 +120,12 @@ pub struct Worker {
     guard: Mutex<super::guard::MassGuard>,
     /// The user accepted what the guard held: decide those paths again.
     released: AtomicBool,
+    /// Conflict copies to make of versions this device did not hold when
+    /// its own edit won (copy path -> that version). A copy is fetched,
+    /// placed, and only then published: a copy whose content no device has
+    /// never enters the index. Not kept across restarts (the version stays
+    /// in the path's history and with its writer).
+    pub(super) copies: Mutex<HashMap<String, Entry>>,
 }
 
 /// A path the scanner found changed.
@@ -206,6 +212,7 @@ impl Worker {
             retain_due: AtomicBool::new(true),
             guard: Mutex::new(Default::default()),
             released: AtomicBool::new(false),
+            copies: Mutex::new(HashMap::new()),
         }
     }
 
@@ -381,6 +388,7 @@ impl Worker {
                     if !queue.is_empty()
                         || retry.values().any(|(at, _)| *at <= now)
                         || self.shared.blobs.pending_count(&self.space) > active.len()
+                        || self.copies_waiting(&active, &retry)
                     {
                         reconcile = true;
                     }

@@ -89,16 +89,7 @@ impl Worker {
             });
         }
         let fetched = self.fetch(rel, w).await?;
-        {
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(&fetched.temp)
-                .map_err(|e| TransferError::Failed(format!("open {rel}: {e}")))?;
-            let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(w.mtime_ns.max(0) as u64);
-            let _ = f.set_modified(mtime);
-            use std::os::unix::fs::PermissionsExt;
-            let _ = f.set_permissions(fs::Permissions::from_mode(w.mode & 0o777));
-        }
+        stamp(&fetched.temp, w).map_err(|e| TransferError::Failed(format!("open {rel}: {e}")))?;
         let guard = self.fs.lock().await;
         let blobs = &self.shared.blobs;
         // The index may have moved on while we fetched. Asked every time,
@@ -179,6 +170,69 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+impl Worker {
+    /// Makes the conflict copy `copy` of version `theirs`, which lost to
+    /// this device's edit: fetches it (from local chunks or members),
+    /// places it under that name (or the next free one, if something took
+    /// it meanwhile), records it, and only then publishes it as a file of
+    /// its own. Until then the index does not name it, so no device looks
+    /// for a copy whose content may exist nowhere.
+    pub(super) async fn make_copy(&self, copy: &str, theirs: &Entry) -> Result<(), TransferError> {
+        let fail = |e: io::Error| TransferError::Failed(format!("conflict copy {copy}: {e}"));
+        place::check_parents(&self.root, copy).map_err(fail)?;
+        let fetched = self.fetch(copy, theirs).await?;
+        stamp(&fetched.temp, theirs).map_err(fail)?;
+        let guard = self.fs.lock().await;
+        let name = place::free_name(&self.root, copy);
+        let dest = place::safe_parent(&self.root, &name).map_err(fail)?;
+        let placed = self.placing(&name);
+        fs::rename(&fetched.temp, &dest).map_err(fail)?;
+        let st = scan::stat_of(&fs::symlink_metadata(&dest).map_err(fail)?);
+        drop(guard);
+        self.sync.durable(&self.root).await.map_err(fail)?;
+        let blobs = &self.shared.blobs;
+        blobs
+            .set_local(
+                &self.space,
+                &name,
+                st,
+                theirs.hash,
+                theirs.chunked,
+                &fetched.chunks,
+            )
+            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        drop(placed);
+        let _ = blobs.remove_part(&self.space, &fetched.part);
+        self.put_entries(&[(name.clone(), theirs.clone())])
+            .await
+            .map_err(|e| TransferError::Failed(format!("publish {name}: {e}")))?;
+        self.copies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(copy);
+        self.activity.fetch_add(1, Ordering::Relaxed);
+        self.shared.emit(Event::FileChanged {
+            space: self.space,
+            path: name,
+            origin: FileOrigin::Local,
+            device: theirs.device.clone(),
+            size: theirs.size,
+            deleted: false,
+        });
+        Ok(())
+    }
+}
+
+/// Gives a fetched temp file its version's modification time and mode.
+fn stamp(temp: &Path, w: &Entry) -> io::Result<()> {
+    let f = fs::OpenOptions::new().write(true).open(temp)?;
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(w.mtime_ns.max(0) as u64);
+    let _ = f.set_modified(mtime);
+    use std::os::unix::fs::PermissionsExt;
+    let _ = f.set_permissions(fs::Permissions::from_mode(w.mode & 0o777));
+    Ok(())
 }
 
 /// Takes a path out of [`Worker::placing`] when dropped, whatever way the

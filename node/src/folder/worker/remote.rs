@@ -73,6 +73,44 @@ impl Worker {
                 (rel, r)
             });
         }
+        // Conflict copies to make, in the same slots (and the same retry
+        // and problem handling) as transfers.
+        let now = Instant::now();
+        let copies: Vec<(String, Entry)> = self
+            .copies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(c, _)| !active.contains(*c))
+            .filter(|(c, _)| retry.get(*c).is_none_or(|(at, _)| *at <= now))
+            .map(|(c, e)| (c.clone(), e.clone()))
+            .collect();
+        for (copy, theirs) in copies {
+            if transfers.len() >= self.shared.settings.transfers {
+                break;
+            }
+            active.insert(copy.clone());
+            let me = Arc::clone(self);
+            transfers.spawn(async move {
+                let r = me.make_copy(&copy, &theirs).await;
+                (copy, r)
+            });
+        }
+    }
+
+    /// Whether a conflict copy waits to be made (not running, not backing
+    /// off).
+    pub(super) fn copies_waiting(
+        &self,
+        active: &HashSet<String>,
+        retry: &HashMap<String, (Instant, u32)>,
+    ) -> bool {
+        let now = Instant::now();
+        self.copies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .any(|c| !active.contains(c) && retry.get(c).is_none_or(|(at, _)| *at <= now))
     }
 
     pub(super) async fn decide_batch(
