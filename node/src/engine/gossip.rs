@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::{
     device_of_peer, hex_heads, random, verify_change_sig, Applied, Engine, Event, Gap, Origin,
-    MAX_GAPS, MAX_WANTED,
+    MAX_UNKNOWN_GAPS_PER_PEER, MAX_WANTED,
 };
 use crate::net::NetCommand;
 use shoal_protocol::actor::device_of;
@@ -296,14 +296,25 @@ impl Engine {
                 }
                 // Gossip in flight may bring them; pull only if it does not.
                 for (doc, heads) in behind {
+                    let held = self.holds(&space, &doc);
                     let key = (space, doc);
-                    if self.gaps.len() >= MAX_GAPS && !self.gaps.contains_key(&key) {
-                        continue;
+                    let mut opened_by = None;
+                    if !held && !self.gaps.contains_key(&key) {
+                        // A document we do not hold: counted against the
+                        // member that named it, so made-up ids from one
+                        // member cannot crowd out anyone else's.
+                        let n = self.unknown_gaps.entry(from).or_default();
+                        if *n >= MAX_UNKNOWN_GAPS_PER_PEER {
+                            continue;
+                        }
+                        *n += 1;
+                        opened_by = Some(from);
                     }
                     let g = self.gaps.entry(key).or_insert_with(|| Gap {
                         since: Instant::now(),
                         peers: HashSet::new(),
                         wanted: Vec::new(),
+                        opened_by,
                     });
                     g.peers.insert(from);
                     if g.wanted.len() < MAX_WANTED {
@@ -362,6 +373,7 @@ impl Engine {
                         since: Instant::now(),
                         peers: HashSet::new(),
                         wanted: Vec::new(),
+                        opened_by: None,
                     });
                 g.peers.extend(from);
             }

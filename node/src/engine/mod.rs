@@ -64,9 +64,11 @@ const MAX_WANTED: usize = 256;
 /// Sessions about documents this device does not hold (named in a heads
 /// summary), per peer at once.
 const MAX_ASKING_UNKNOWN: usize = 256;
-/// Documents waiting for missing changes, at most: further ids named in
-/// heads summaries wait for a later summary.
-const MAX_GAPS: usize = 16_384;
+/// Gaps about documents this device does not hold, per peer whose heads
+/// summary named them: further ids from that peer wait for its later
+/// summaries; other peers' gaps, and gaps of held documents, are not
+/// affected.
+const MAX_UNKNOWN_GAPS_PER_PEER: usize = 4096;
 /// Longest wait between retries of a failing session.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A sync request without an answer for this long is given up.
@@ -288,6 +290,9 @@ struct Gap {
     peers: HashSet<PeerId>,
     /// Announced heads we did not have.
     wanted: Vec<ChangeHash>,
+    /// The peer whose heads summary named a document this device did not
+    /// hold: such gaps count against that peer's share.
+    opened_by: Option<PeerId>,
 }
 
 /// Changes just taken from a peer: their bytes, to store, and their
@@ -363,6 +368,8 @@ pub(crate) struct Engine {
     awaiting_members: HashMap<SpaceId, (Reply<SpaceInfo>, Instant)>,
     /// Peers that proved a space's key but are not (yet) in its members.
     unadmitted: HashSet<(PeerId, SpaceId)>,
+    /// Open gaps about unknown documents, by the peer that named them.
+    unknown_gaps: HashMap<PeerId, usize>,
     /// When each member device was last connected (unix seconds).
     last_seen: HashMap<PeerId, u64>,
     /// Local changes of this turn, published together per document.
@@ -454,6 +461,7 @@ impl Engine {
             join_tags: HashMap::new(),
             join_failures: pairing::Failures::default(),
             unadmitted: HashSet::new(),
+            unknown_gaps: HashMap::new(),
             awaiting_members: HashMap::new(),
             last_seen: HashMap::new(),
             gaps: HashMap::new(),

@@ -394,7 +394,7 @@ impl Engine {
         &mut self,
         peer: PeerId,
         tag: u64,
-        result: std::result::Result<Vec<u8>, String>,
+        result: std::result::Result<crate::net::budget::Frame, String>,
         outbox: &mut Vec<NetCommand>,
     ) {
         let Some(jid) = self.join_tags.remove(&tag) else {

@@ -64,7 +64,7 @@ impl Engine {
         &mut self,
         peer: PeerId,
         tag: u64,
-        result: std::result::Result<Vec<u8>, String>,
+        result: std::result::Result<crate::net::budget::Frame, String>,
         outbox: &mut Vec<NetCommand>,
     ) {
         let Some((_, challenge)) = self.hellos.remove(&tag) else {
@@ -351,6 +351,14 @@ impl Engine {
             let Some(gap) = self.gaps.remove(&(space, doc.clone())) else {
                 continue;
             };
+            if let Some(p) = gap.opened_by {
+                if let Some(n) = self.unknown_gaps.get_mut(&p) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.unknown_gaps.remove(&p);
+                    }
+                }
+            }
             let still = match self
                 .spaces
                 .get_mut(&space)
@@ -575,7 +583,7 @@ impl Engine {
         &mut self,
         peer: PeerId,
         tag: u64,
-        result: std::result::Result<Vec<u8>, String>,
+        result: std::result::Result<crate::net::budget::Frame, String>,
         outbox: &mut Vec<NetCommand>,
     ) {
         let Some(key) = self.inflight.remove(&tag) else {

@@ -617,12 +617,15 @@ impl Folders {
     /// Stops every worker and the blob server.
     pub(crate) async fn shutdown(&self) {
         let running: Vec<Running> = self.lock().drain().map(|(_, r)| r).collect();
-        for r in running {
+        for mut r in running {
             r.worker.stop();
-            if tokio::time::timeout(Duration::from_secs(5), r.task)
+            if tokio::time::timeout(Duration::from_secs(5), &mut r.task)
                 .await
                 .is_err()
             {
+                // Aborted, so it starts no job after the wait below began.
+                r.task.abort();
+                let _ = (&mut r.task).await;
                 warn!("folder worker did not stop in time");
             }
         }

@@ -44,9 +44,17 @@ struct Shared {
     ledger: Mutex<Ledger>,
     /// Where refusals go, as [`NetEvent::Refused`] (the engine turns them
     /// into `rejected` events): libp2p does not report a request its
-    /// codec refused to read.
-    refusals: OnceLock<mpsc::Sender<NetEvent>>,
+    /// codec refused to read. Weak, so the engine still sees the channel
+    /// close when the network actor ends.
+    refusals: OnceLock<mpsc::WeakSender<NetEvent>>,
+    /// Refusals reported in the current second: at most
+    /// [`REPORTS_PER_SECOND`], so a peer sending nothing but oversized
+    /// headers cannot fill the engine's queue with reports.
+    reports: Mutex<(Option<std::time::Instant>, u32)>,
 }
+
+/// Refusals reported to the engine per second, at most (all are counted).
+pub const REPORTS_PER_SECOND: u32 = 16;
 
 #[derive(Debug, Default)]
 struct Ledger {
@@ -81,15 +89,30 @@ impl Budget {
     }
 
     /// Sends refusals to `events` from now on.
-    pub fn report_to(&self, events: mpsc::Sender<NetEvent>) {
-        let _ = self.0.refusals.set(events);
+    pub fn report_to(&self, events: &mpsc::Sender<NetEvent>) {
+        let _ = self.0.refusals.set(events.downgrade());
     }
 
-    /// Reports that a frame of `peer` was refused unread. Best effort: under
-    /// a flood that fills the engine's queue, reports are dropped.
+    /// Reports that a frame of `peer` was refused unread. Every refusal is
+    /// counted ([`Held::refused`]); at most [`REPORTS_PER_SECOND`] are
+    /// reported, and under a flood that fills the engine's queue reports
+    /// are dropped.
     pub fn refused(&self, peer: PeerId, reason: String) {
         self.ledger().refused += 1;
-        if let Some(tx) = self.0.refusals.get() {
+        {
+            let mut r = self.0.reports.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            if r.0
+                .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+            {
+                *r = (Some(now), 0);
+            }
+            if r.1 >= REPORTS_PER_SECOND {
+                return;
+            }
+            r.1 += 1;
+        }
+        if let Some(tx) = self.0.refusals.get().and_then(|w| w.upgrade()) {
             let _ = tx.try_send(NetEvent::Refused { peer, reason });
         }
     }

@@ -88,6 +88,37 @@ impl BytesCodec {
         }
     }
 
+    /// Reads one frame of this connection's peer (`what`: request or
+    /// response): refused unread, and reported, above the peer's frame
+    /// limit or beyond its byte budget; held to the budget until dropped.
+    async fn read_budgeted<T: AsyncRead + Unpin + Send>(
+        &self,
+        io: &mut T,
+        what: &str,
+    ) -> io::Result<Frame> {
+        let limit = self.frame_limit();
+        let mut io = self.traffic.meter(self.protocol, io);
+        let (Some(budget), Some(peer)) = (&self.budget, self.peer) else {
+            if self.budget.is_some() {
+                return Err(io::Error::other("a frame from an unknown peer"));
+            }
+            return Ok(Frame::from(read_frame(&mut io, limit).await?));
+        };
+        let refuse = |e: String| {
+            let reason = format!("{} {what} refused unread: {e}", self.protocol);
+            budget.refused(peer, reason.clone());
+            io::Error::new(io::ErrorKind::InvalidData, reason)
+        };
+        let len = match read_len(&mut io, limit).await {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(refuse(e.to_string())),
+            Err(e) => return Err(e),
+        };
+        let permit = budget.reserve(peer, len).map_err(refuse)?;
+        let bytes = read_body(&mut io, len).await?;
+        Ok(Frame::reserved(bytes, permit))
+    }
+
     /// The largest frame this connection's peer may send.
     fn frame_limit(&self) -> usize {
         match &self.budget {
@@ -131,42 +162,22 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
 impl request_response::Codec for BytesCodec {
     type Protocol = StreamProtocol;
     type Request = Frame;
-    type Response = Vec<u8>;
+    type Response = Frame;
 
     async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Frame>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let limit = self.frame_limit();
-        let mut io = self.traffic.meter(self.protocol, io);
-        let (Some(budget), Some(peer)) = (&self.budget, self.peer) else {
-            if self.budget.is_some() {
-                return Err(io::Error::other("a request from an unknown peer"));
-            }
-            return Ok(Frame::from(read_frame(&mut io, limit).await?));
-        };
-        let refuse = |e: String| {
-            let reason = format!("{} request refused unread: {e}", self.protocol);
-            budget.refused(peer, reason.clone());
-            io::Error::new(io::ErrorKind::InvalidData, reason)
-        };
-        let len = match read_len(&mut io, limit).await {
-            Ok(len) => len,
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(refuse(e.to_string())),
-            Err(e) => return Err(e),
-        };
-        let permit = budget.reserve(peer, len).map_err(refuse)?;
-        let bytes = read_body(&mut io, len).await?;
-        Ok(Frame::reserved(bytes, permit))
+        self.read_budgeted(io, "request").await
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Frame>
     where
         T: AsyncRead + Unpin + Send,
     {
-        // Answers come only to what this node asked, one per request.
-        let limit = self.frame_limit();
-        read_frame(&mut self.traffic.meter(self.protocol, io), limit).await
+        // Answers come only to what this node asked, but a hostile member
+        // could answer every request at full size: held to its budget too.
+        self.read_budgeted(io, "response").await
     }
 
     async fn write_request<T>(
@@ -185,7 +196,7 @@ impl request_response::Codec for BytesCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        res: Vec<u8>,
+        res: Frame,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,

@@ -120,7 +120,7 @@ pub enum NetEvent {
         /// Our tag from [`NetCommand::Send`].
         tag: u64,
         /// Response bytes, or why there are none.
-        result: std::result::Result<Vec<u8>, String>,
+        result: std::result::Result<budget::Frame, String>,
     },
 }
 
@@ -288,7 +288,7 @@ pub(crate) async fn spawn(
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>)> {
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
     let budget = budget::Budget::default();
-    budget.report_to(ev_tx.clone());
+    budget.report_to(&ev_tx);
     let mut swarm = build_swarm(key, config, metrics, &budget)?;
     listen_all(&mut swarm, &config.listen).await?;
     for addr in &config.peers {
@@ -471,7 +471,7 @@ impl PeerState {
 struct Actor {
     swarm: Swarm<Behaviour>,
     events: mpsc::Sender<NetEvent>,
-    inbound: HashMap<InboundId, (Proto, ResponseChannel<Vec<u8>>)>,
+    inbound: HashMap<InboundId, (Proto, ResponseChannel<budget::Frame>)>,
     /// Keyed by protocol too: each request-response behaviour numbers its
     /// requests on its own, so ids of different protocols collide.
     outbound: HashMap<(Proto, OutboundRequestId), u64>,
@@ -624,7 +624,7 @@ impl Actor {
             NetCommand::Respond { proto, id, data } => {
                 if let Some((p, ch)) = self.inbound.remove(&id) {
                     debug_assert_eq!(p, proto);
-                    let _ = rr(b, p).send_response(ch, data);
+                    let _ = rr(b, p).send_response(ch, data.into());
                 }
             }
             NetCommand::Find(peer) => {
@@ -855,7 +855,7 @@ impl Actor {
         }
     }
 
-    fn on_rr(&mut self, ev: request_response::Event<budget::Frame, Vec<u8>>, proto: Proto) {
+    fn on_rr(&mut self, ev: request_response::Event<budget::Frame, budget::Frame>, proto: Proto) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -877,7 +877,11 @@ impl Actor {
                                 reason: shoal_protocol::wire::RefuseReason::Busy,
                             },
                         );
-                        let _ = self.swarm.behaviour_mut().sync.send_response(channel, busy);
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_response(channel, busy.into());
                     }
                     // Otherwise the dropped channel tells the peer to retry.
                 }
@@ -903,7 +907,7 @@ impl Actor {
         &mut self,
         peer: PeerId,
         id: (Proto, OutboundRequestId),
-        result: std::result::Result<Vec<u8>, String>,
+        result: std::result::Result<budget::Frame, String>,
     ) {
         let Some(tag) = self.outbound.remove(&id) else {
             return;

@@ -249,7 +249,7 @@ impl Hostile {
                         .swarm
                         .behaviour_mut()
                         .hello
-                        .send_response(channel, wire::encode(&HelloResponse::V1 { proofs }));
+                        .send_response(channel, wire::encode(&HelloResponse::V1 { proofs }).into());
                     continue;
                 }
                 if let Some(answer) = self.sync_answer.clone() {
@@ -264,7 +264,7 @@ impl Hostile {
                             .swarm
                             .behaviour_mut()
                             .sync
-                            .send_response(channel, answer);
+                            .send_response(channel, answer.into());
                         continue;
                     }
                 }
@@ -296,7 +296,7 @@ impl Hostile {
                         response,
                     },
                 ..
-            } if *request_id == id => Some(Ok(std::mem::take(response))),
+            } if *request_id == id => Some(Ok(response.to_vec())),
             request_response::Event::OutboundFailure {
                 request_id, error, ..
             } if *request_id == id => Some(Err(error.to_string())),

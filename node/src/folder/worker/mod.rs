@@ -74,6 +74,9 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 const HELD_RECHECK: Duration = Duration::from_secs(60);
 /// How often old versions are thinned (also whenever over the byte budget).
 const RETAIN_EVERY: Duration = Duration::from_secs(3600);
+/// Tries after which a conflict copy of a version no connected member can
+/// serve is given up (about 4 minutes of backoff).
+const GIVE_UP_COPY: u32 = 10;
 
 #[derive(Default)]
 struct Progress {
@@ -214,6 +217,15 @@ impl Worker {
             released: AtomicBool::new(false),
             copies: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Forgets the conflict copy to make at `copy`; whether there was one.
+    fn drop_copy(&self, copy: &str) -> bool {
+        self.copies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(copy)
+            .is_some()
     }
 
     pub(super) fn stop(&self) {
@@ -414,6 +426,12 @@ impl Worker {
                                         self.problem(&path, e.to_string());
                                     }
                                     TransferError::NoPeers => {}
+                                    TransferError::Unavailable(_) if retry.get(&path).is_some_and(|(_, n)| *n >= GIVE_UP_COPY) && self.drop_copy(&path) => {
+                                        // A conflict copy of a version no
+                                        // member holds any more: not made.
+                                        retry.remove(&path);
+                                        self.problem(&path, format!("conflict copy not made: {e}"));
+                                    }
                                     TransferError::Unavailable(_) => {
                                         if self.prog().unavailable.insert(path.clone()) {
                                             self.problem(&path, e.to_string());

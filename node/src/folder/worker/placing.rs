@@ -185,13 +185,53 @@ impl Worker {
         let fetched = self.fetch(copy, theirs).await?;
         stamp(&fetched.temp, theirs).map_err(fail)?;
         let guard = self.fs.lock().await;
-        let name = place::free_name(&self.root, copy);
-        let dest = place::safe_parent(&self.root, &name).map_err(fail)?;
+        // Placed under the planned name, or the next free one: never over
+        // a file that appeared meanwhile (the rename refuses to replace).
+        let mut placed_as = None;
+        for _ in 0..8 {
+            let name = place::free_name(&self.root, copy);
+            let dest = place::safe_parent(&self.root, &name).map_err(fail)?;
+            match rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &fetched.temp,
+                rustix::fs::CWD,
+                &dest,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => {
+                    placed_as = Some((name, dest));
+                    break;
+                }
+                Err(rustix::io::Errno::EXIST) => continue,
+                // A file system without RENAME_NOREPLACE: the name was free
+                // a moment ago, under the lock.
+                Err(rustix::io::Errno::INVAL) => {
+                    fs::rename(&fetched.temp, &dest).map_err(fail)?;
+                    placed_as = Some((name, dest));
+                    break;
+                }
+                Err(e) => return Err(fail(e.into())),
+            }
+        }
+        let Some((name, dest)) = placed_as else {
+            return Err(fail(io::Error::other("no free name")));
+        };
         let placed = self.placing(&name);
-        fs::rename(&fetched.temp, &dest).map_err(fail)?;
+        // The copy is on disk: whatever happens next, this intent is done
+        // (a retry would make a second copy). If the steps below do not
+        // finish, the scanner finds the file and publishes it.
+        self.copies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(copy);
         let st = scan::stat_of(&fs::symlink_metadata(&dest).map_err(fail)?);
         drop(guard);
         self.sync.durable(&self.root).await.map_err(fail)?;
+        // Published before it is recorded: a stop in between leaves a file
+        // whose content the index names, which the next scan adopts.
+        self.put_entries(&[(name.clone(), theirs.clone())])
+            .await
+            .map_err(|e| TransferError::Failed(format!("publish {name}: {e}")))?;
         let blobs = &self.shared.blobs;
         blobs
             .set_local(
@@ -205,13 +245,6 @@ impl Worker {
             .map_err(|e| TransferError::Failed(e.to_string()))?;
         drop(placed);
         let _ = blobs.remove_part(&self.space, &fetched.part);
-        self.put_entries(&[(name.clone(), theirs.clone())])
-            .await
-            .map_err(|e| TransferError::Failed(format!("publish {name}: {e}")))?;
-        self.copies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(copy);
         self.activity.fetch_add(1, Ordering::Relaxed);
         self.shared.emit(Event::FileChanged {
             space: self.space,
