@@ -354,6 +354,11 @@ pub struct FolderSettings {
     /// least this long (as from a slow disk).
     #[doc(hidden)]
     pub serve_delay: Duration,
+    /// Fault injection for tests: a transfer waits this long between
+    /// renaming a file into place and recording it (as behind a slow
+    /// folder sync).
+    #[doc(hidden)]
+    pub record_delay: Duration,
     /// Fault injection for tests: each folder worker waits for a permit
     /// before its first scan (as behind a slow first scan).
     #[doc(hidden)]
@@ -374,6 +379,7 @@ impl Default for FolderSettings {
             window: 32,
             serve_corrupt_chunks: false,
             serve_delay: Duration::ZERO,
+            record_delay: Duration::ZERO,
             hold_start: None,
         }
     }

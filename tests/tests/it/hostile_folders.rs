@@ -205,3 +205,84 @@ async fn a_version_no_member_holds_does_not_keep_the_folder_syncing() -> Result<
     wait_file(&an, &a.join("later.txt"), b"later").await?;
     Ok(())
 }
+
+/// Issue 18, hole 7, a race the test above met about once in 70 runs: a
+/// transfer records the file it placed after the folder lock is released
+/// (the rename is made durable first). A link published over the folder
+/// in between moved the folder aside before the child was recorded; the
+/// transfer then recorded the child at its old path, and the next scan
+/// found it gone (its parent is a link now) and published its deletion
+/// to every device. Here the record waits 500 ms, so the link always
+/// comes in between. Failed before (two.jpg deleted in the index), passes
+/// now: a placement records only what is still where it put it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_moved_aside_while_a_file_in_it_is_recorded_publishes_no_deletion() -> Result<()> {
+    let (mut nodes, roots, _dirs) = shoal_tests::folder_nodes_with(2, "h", |i, c| {
+        if i == 1 {
+            c.folders.record_delay = std::time::Duration::from_millis(500);
+        }
+    })
+    .await?;
+    let (a, b) = (roots[0].clone(), roots[1].clone());
+    fs::create_dir_all(a.join("photos"))?;
+    fs::write(a.join("photos/one.jpg"), b"one")?;
+    wait_file(&nodes[1].node, &b.join("photos/one.jpg"), b"one").await?;
+    fs::write(a.join("photos/two.jpg"), b"two")?;
+    // On B's disk, not yet recorded: B publishes a link over the folder.
+    wait_file(&nodes[1].node, &b.join("photos/two.jpg"), b"two").await?;
+    let link = Entry {
+        kind: Kind::Symlink,
+        hash: [0; 32],
+        chunked: false,
+        size: 0,
+        mode: 0o777,
+        mtime_ns: i64::MAX / 2,
+        deleted: false,
+        device: nodes[1].node.device_id().clone(),
+        target: Some("elsewhere".into()),
+    };
+    nodes[1]
+        .node
+        .put_index_entries("h", vec![("photos".into(), link)])
+        .await?;
+    wait_for(&nodes[1].node, TIMEOUT, || async {
+        fs::symlink_metadata(b.join("photos")).is_ok_and(|m| m.file_type().is_symlink())
+    })
+    .await
+    .context("B never placed the link")?;
+    // The transfer has recorded two.jpg (after the link was placed); then
+    // a full scan (B restarts: one runs at start), then a marker: once A's
+    // index has the marker, whatever that scan published is there too.
+    let bn = nodes[1].node.clone();
+    let placed = || {
+        bn.folder_counters()
+            .files_placed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    wait_for(&bn, TIMEOUT, || async { placed() >= 2 })
+        .await
+        .context("B never recorded two.jpg")?;
+    nodes[1].restart().await?;
+    shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
+    fs::write(b.join("marker.txt"), b"m")?;
+    let an = nodes[0].node.clone();
+    wait_for(&an, TIMEOUT, || async {
+        an.files("h", "marker.txt")
+            .await
+            .is_ok_and(|f| !f.is_empty())
+    })
+    .await
+    .context("A never got the marker")?;
+    let left: Vec<String> = an
+        .files("h", "photos/")
+        .await?
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(
+        left,
+        vec!["photos/one.jpg".to_string(), "photos/two.jpg".to_string()],
+        "B published deletions of the folder's contents"
+    );
+    Ok(())
+}

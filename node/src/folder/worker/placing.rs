@@ -146,9 +146,19 @@ impl Worker {
         } else {
             self.sync.durable(&self.root).await.map_err(fail)?;
         }
-        blobs
-            .set_local(&self.space, rel, st, w.hash, w.chunked, &fetched.chunks)
-            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        if !self.shared.settings.record_delay.is_zero() {
+            tokio::time::sleep(self.shared.settings.record_delay).await;
+        }
+        // Recorded only if still where it was put: a decision taken while
+        // the lock was free (a link over its folder) may have moved it
+        // aside, and a record of it here would read as its deletion.
+        let g = self.fs.lock().await;
+        if still_there(&dest, st) {
+            blobs
+                .set_local(&self.space, rel, st, w.hash, w.chunked, &fetched.chunks)
+                .map_err(|e| TransferError::Failed(e.to_string()))?;
+        }
+        drop(g);
         drop(placed);
         let _ = blobs.remove_part(&self.space, &fetched.part);
         let _ = blobs.done_pending(&self.space, rel, mark);
@@ -233,16 +243,20 @@ impl Worker {
             .await
             .map_err(|e| TransferError::Failed(format!("publish {name}: {e}")))?;
         let blobs = &self.shared.blobs;
-        blobs
-            .set_local(
-                &self.space,
-                &name,
-                st,
-                theirs.hash,
-                theirs.chunked,
-                &fetched.chunks,
-            )
-            .map_err(|e| TransferError::Failed(e.to_string()))?;
+        let g = self.fs.lock().await;
+        if still_there(&dest, st) {
+            blobs
+                .set_local(
+                    &self.space,
+                    &name,
+                    st,
+                    theirs.hash,
+                    theirs.chunked,
+                    &fetched.chunks,
+                )
+                .map_err(|e| TransferError::Failed(e.to_string()))?;
+        }
+        drop(g);
         drop(placed);
         let _ = blobs.remove_part(&self.space, &fetched.part);
         self.activity.fetch_add(1, Ordering::Relaxed);
@@ -256,6 +270,13 @@ impl Worker {
         });
         Ok(())
     }
+}
+
+/// Whether the file placed at `dest` with stat `st` is still there. Asked
+/// under the folder lock, with its record written before the lock goes:
+/// no decision can move it in between.
+fn still_there(dest: &Path, st: Stat) -> bool {
+    fs::symlink_metadata(dest).is_ok_and(|m| scan::stat_of(&m) == st)
 }
 
 /// Gives a fetched temp file its version's modification time and mode.
