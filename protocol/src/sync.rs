@@ -213,7 +213,35 @@ pub fn parse_change(chunk: &[u8], budget: &mut Budget) -> Result<Change> {
         CHUNK_COMPRESSED => budget.inflate(one.body)?,
         other => return Err(malformed(format!("chunk type {other} is not a change"))),
     }
-    Change::try_from(chunk).map_err(|e| malformed(e.to_string()))
+    guarded("a change", || {
+        Change::try_from(chunk).map_err(|e| malformed(e.to_string()))
+    })
+}
+
+/// Runs an Automerge parser on bytes from a peer or the disk. automerge
+/// 0.12 (its column decoder, hexane) still panics on some crafted input
+/// that passes shoal's own checks (the fuzzers keep finding them, see
+/// `fuzz/crashers/`): such a panic is caught and becomes a refusal. Only
+/// for parsers that build a new value, so nothing half-changed is kept.
+fn guarded<T>(what: &str, parse: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|_| {
+        Err(malformed(format!(
+            "Automerge could not parse {what} (it panicked)"
+        )))
+    })
+}
+
+/// Loads saved Automerge bytes (a snapshot, or changes, back to back) into
+/// a new document: [`check_stored`] first, then Automerge, with a panic of
+/// Automerge's parser refused like any malformed input.
+pub fn load_stored(bytes: &[u8]) -> Result<automerge::AutoCommit> {
+    check_stored(bytes)?;
+    guarded("a saved document", || {
+        let mut doc = automerge::AutoCommit::new();
+        doc.load_incremental(bytes)
+            .map_err(|e| malformed(e.to_string()))?;
+        Ok(doc)
+    })
 }
 
 /// Checks saved Automerge bytes (a document, or changes, back to back)
@@ -228,6 +256,24 @@ pub fn check_stored(bytes: &[u8]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The changes in saved Automerge bytes (an incremental save: change
+/// chunks back to back, whose dependencies may be in earlier saves; or a
+/// saved document), each parsed on its own with a panic of Automerge's
+/// parser refused like malformed input.
+pub fn stored_changes(bytes: &[u8]) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    for chunk in split_chunks(bytes)? {
+        match chunk.kind {
+            CHUNK_DOCUMENT => out.extend(load_stored(chunk.whole)?.get_changes(&[])),
+            CHUNK_CHANGE | CHUNK_COMPRESSED => out.push(guarded("a saved change", || {
+                Change::try_from(chunk.whole).map_err(|e| malformed(e.to_string()))
+            })?),
+            other => return Err(malformed(format!("chunk type {other} is not accepted"))),
+        }
+    }
+    Ok(out)
 }
 
 /// The changes a sync message carries. A V1 message has one change per
@@ -246,7 +292,9 @@ fn changes_within(msg: &Message, budget: &mut Budget) -> Result<Vec<Change>> {
             match chunk.kind {
                 CHUNK_DOCUMENT => {
                     check_document(chunk.body, budget)?;
-                    let doc = Automerge::load(chunk.whole).map_err(|e| malformed(e.to_string()))?;
+                    let doc = guarded("a document chunk", || {
+                        Automerge::load(chunk.whole).map_err(|e| malformed(e.to_string()))
+                    })?;
                     out.extend(doc.get_changes(&[]));
                 }
                 CHUNK_CHANGE | CHUNK_COMPRESSED => out.push(parse_change(chunk.whole, budget)?),
@@ -393,6 +441,36 @@ fn uleb128(b: &[u8]) -> Option<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
+    /// A document chunk that passes shoal's checks but panics Automerge
+    /// 0.12's column decoder (hexane's `RawColumnIter::take` assert), found
+    /// by the `roster` fuzz target in CI on 2026-12-06. As a saved snapshot
+    /// it stopped the node's start with a panic; inside a sync message
+    /// (`changes_in` loads document chunks) any member could send it.
+    const HEXANE_ASSERT: &[u8] = include_bytes!("../../fuzz/crashers/roster-hexane-slab-assert");
+
+    #[test]
+    fn a_document_chunk_that_panics_automerge_is_refused() {
+        assert!(
+            check_stored(HEXANE_ASSERT).is_ok(),
+            "passes the chunk check"
+        );
+        let loaded = load_stored(HEXANE_ASSERT);
+        assert!(
+            matches!(&loaded, Err(Error::Malformed { reason, .. }) if reason.contains("panicked")),
+            "{:?}",
+            loaded.map(|_| ())
+        );
+        let msg = Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![],
+            changes: automerge::sync::ChunkList::from(vec![HEXANE_ASSERT.to_vec()]),
+            flags: None,
+            version: automerge::sync::MessageVersion::V2,
+        };
+        assert!(changes_in(&msg).is_err());
+    }
+
     use super::*;
     use automerge::transaction::Transactable;
     use automerge::{AutoCommit, ROOT};

@@ -513,17 +513,17 @@ impl Engine {
         for id in self.store.doc_ids(&space)? {
             let stored = self.store.load_doc(&space, &id)?;
             let mut doc = match &stored.snapshot {
-                Some(s) => shoal_protocol::sync::check_stored(s)
-                    .and_then(|()| AutoCommit::load(s).map_err(shoal_protocol::Error::from))
-                    .map_err(|e| Error::Corrupt {
-                        key: format!("snapshot of document {id} in space {}", space.short()),
-                        reason: format!("{e} (left as it is on disk)"),
-                    })?,
+                Some(s) => shoal_protocol::sync::load_stored(s).map_err(|e| Error::Corrupt {
+                    key: format!("snapshot of document {id} in space {}", space.short()),
+                    reason: format!("{e} (left as it is on disk)"),
+                })?,
                 None => AutoCommit::new(),
             };
             for chunk in &stored.log {
-                let loaded = shoal_protocol::sync::check_stored(chunk).and_then(|()| {
-                    doc.load_incremental(chunk)
+                // Parsed on its own first (a panic of Automerge's parser is
+                // caught there), then applied to the document.
+                let loaded = shoal_protocol::sync::stored_changes(chunk).and_then(|changes| {
+                    doc.apply_changes(changes)
                         .map_err(shoal_protocol::Error::from)
                 });
                 if let Err(e) = loaded {
