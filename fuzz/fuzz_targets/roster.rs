@@ -1,6 +1,7 @@
 //! A members document from a peer or from disk: loaded as the engine loads
-//! a saved snapshot (`sync::load_stored`; inputs over 64 KiB are skipped), read as a roster and as JSON, and its
-//! changes applied to a fresh members document under the owner rules.
+//! a saved snapshot (`sync::load_stored`; inputs over 64 KiB are skipped),
+//! read as a roster and as JSON, and its changes applied to a fresh members
+//! document under the owner rules.
 #![no_main]
 
 use automerge::AutoCommit;
