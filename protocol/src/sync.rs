@@ -448,6 +448,36 @@ mod tests {
     /// (`changes_in` loads document chunks) any member could send it.
     const HEXANE_ASSERT: &[u8] = include_bytes!("../../fuzz/crashers/roster-hexane-slab-assert");
 
+    /// A change chunk that panics Automerge 0.12 while it verifies the
+    /// change's ops (`types.rs:464`, an unwrap of an integer conversion),
+    /// found by the long run of `sync_decode` on 2026-12-06 after 726,929
+    /// executions: any member could send it in a sync message.
+    const CHANGE_OVERFLOW: &[u8] =
+        include_bytes!("../../fuzz/crashers/sync_decode-change-int-overflow");
+
+    #[test]
+    fn a_change_that_panics_automerge_is_refused() {
+        // As the sync_decode target feeds it: a message, and as the change
+        // blob of one (with and without a chunk magic in front).
+        if let Ok(msg) = decode_message(CHANGE_OVERFLOW) {
+            let _ = changes_in(&msg);
+        }
+        for blob in [
+            CHANGE_OVERFLOW.to_vec(),
+            [&[0x85, 0x6f, 0x4a, 0x83][..], CHANGE_OVERFLOW].concat(),
+        ] {
+            let msg = Message {
+                heads: vec![],
+                need: vec![],
+                have: vec![],
+                changes: automerge::sync::ChunkList::from(vec![blob]),
+                flags: None,
+                version: automerge::sync::MessageVersion::V2,
+            };
+            let _ = changes_in(&msg);
+        }
+    }
+
     #[test]
     fn a_document_chunk_that_panics_automerge_is_refused() {
         assert!(
