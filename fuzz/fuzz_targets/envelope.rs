@@ -4,6 +4,8 @@
 //! what it opened.
 #![no_main]
 
+mod caught;
+
 use libfuzzer_sys::fuzz_target;
 use shoal_protocol::{envelope, sync};
 use shoal_protocol::wire::{self, GossipBody};
@@ -11,7 +13,7 @@ use shoal_protocol::{SpaceId, SpaceKey};
 
 const SPACE: SpaceId = SpaceId([9; 32]);
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: caught::allow_caught_panics(), |data: &[u8]| {
     let key = SpaceKey::from_bytes([1; 32]);
     let epoch = envelope::peek_epoch(data);
     let opened = envelope::open(&SPACE, &key, data);

@@ -4,13 +4,15 @@
 //! document under the owner rules.
 #![no_main]
 
+mod caught;
+
 use automerge::AutoCommit;
 use libfuzzer_sys::fuzz_target;
 use shoal_protocol::doc;
 use shoal_protocol::members::{self, Roster};
 use shoal_protocol::DeviceId;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: caught::allow_caught_panics(), |data: &[u8]| {
     if data.len() > 64 * 1024 {
         return;
     }

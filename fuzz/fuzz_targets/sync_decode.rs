@@ -4,11 +4,13 @@
 //! change blob of a well-formed message.
 #![no_main]
 
+mod caught;
+
 use automerge::sync::Message;
 use libfuzzer_sys::fuzz_target;
 use shoal_protocol::sync;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: caught::allow_caught_panics(), |data: &[u8]| {
     if let Ok(msg) = sync::decode_message(data) {
         if let Ok(changes) = sync::changes_in(&msg) {
             let signed = changes.iter().take(1).map(|c| c.hash()).collect();

@@ -6,6 +6,8 @@
 //! as a responder's has: a crash reproduces from its input alone.
 #![no_main]
 
+mod caught;
+
 use std::sync::OnceLock;
 
 use automerge::sync::{self as am_sync, SyncDoc};
@@ -60,6 +62,6 @@ fn receive(data: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: caught::allow_caught_panics(), |data: &[u8]| {
     let _ = receive(data);
 });

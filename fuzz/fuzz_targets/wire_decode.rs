@@ -4,6 +4,8 @@
 //! gossiped changes it carries are decoded on as the node does.
 #![no_main]
 
+mod caught;
+
 use libfuzzer_sys::fuzz_target;
 use shoal_protocol::files::{BlobRequest, BlobResponse, MAX_BLOB_REQUEST};
 use shoal_protocol::wire::{
@@ -30,7 +32,7 @@ fn sync_message(m: &[u8]) {
     }
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: caught::allow_caught_panics(), |data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
