@@ -663,6 +663,15 @@ async fn a_conflict_copy_is_published_only_once_its_content_is_here() -> Result<
             .count()
     };
     let hash_of = |b: &[u8]| blake3::hash(b).to_hex().to_string();
+    // Until `node`'s index names content `hash` at some path.
+    async fn index_has(node: &shoal_node::Node, hash: &str) -> Result<()> {
+        shoal_tests::wait_for(node, shoal_tests::TIMEOUT, || async {
+            node.files("t", "")
+                .await
+                .is_ok_and(|f| f.iter().any(|f| f.hash.as_deref() == Some(hash)))
+        })
+        .await
+    }
 
     // b is down while a writes version V; b comes back and learns of V
     // from the index, but its folder worker waits.
@@ -670,24 +679,14 @@ async fn a_conflict_copy_is_published_only_once_its_content_is_here() -> Result<
     fs::write(note(0), b"version V, only on a")?;
     let v = hash_of(b"version V, only on a");
     let a = &nodes[0].node;
-    shoal_tests::wait_for(a, shoal_tests::TIMEOUT, || async {
-        a.files("t", "")
-            .await
-            .is_ok_and(|f| f.iter().any(|f| f.hash.as_deref() == Some(v.as_str())))
-    })
-    .await?;
+    index_has(a, &v).await?;
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     nodes[1].config.folders.hold_start = Some(gate.clone());
     nodes[1].start().await?;
     nodes[1].config.folders.hold_start = None;
     shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
     let b = &nodes[1].node;
-    shoal_tests::wait_for(b, shoal_tests::TIMEOUT, || async {
-        b.files("t", "")
-            .await
-            .is_ok_and(|f| f.iter().any(|f| f.hash.as_deref() == Some(v.as_str())))
-    })
-    .await?;
+    index_has(b, &v).await?;
 
     // a, V's only holder, goes away; b's user edits the file (later than V,
     // so b's edit wins), and b's worker starts.
@@ -696,12 +695,7 @@ async fn a_conflict_copy_is_published_only_once_its_content_is_here() -> Result<
     let ours = hash_of(b"b's edit");
     gate.add_permits(1);
     let b = &nodes[1].node;
-    shoal_tests::wait_for(b, shoal_tests::TIMEOUT, || async {
-        b.files("t", "")
-            .await
-            .is_ok_and(|f| f.iter().any(|f| f.hash.as_deref() == Some(ours.as_str())))
-    })
-    .await?;
+    index_has(b, &ours).await?;
     // b's edit is published; no copy of V is, while nobody can serve V.
     let listed = b.files("t", "").await?;
     anyhow::ensure!(

@@ -362,6 +362,21 @@ async fn rejected(
     }
 }
 
+/// The node under attack (`n[0]`) and an honest member (`n[1]`) of
+/// "notes", both holding `todo` with `/legit: 1`: what each test checks the
+/// node still syncs with afterwards.
+async fn two_members() -> Result<(Vec<TestNode>, shoal_node::SpaceInfo, DocId)> {
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    let info = a.create_space("notes").await?;
+    share_space(a, "notes", &[b]).await?;
+    connect(b, a).await?;
+    let todo: DocId = "todo".parse()?;
+    a.put("notes", &todo, "/legit", json!(1)).await?;
+    wait_converged(&[a, b], "notes", "todo").await?;
+    Ok((n, info, todo))
+}
+
 /// `key`'s signature of a raw change, as shoal's wire carries it.
 fn sign(
     key: &Keypair,
@@ -388,14 +403,8 @@ fn a_change_by(device: &DeviceId) -> Result<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_is_rejected_and_the_node_keeps_serving() -> Result<()> {
-    let n = spawn_nodes(2).await?;
+    let (n, info, todo) = two_members().await?;
     let (a, b) = (&n[0].node, &n[1].node);
-    let info = a.create_space("notes").await?;
-    share_space(a, "notes", &[b]).await?;
-    connect(b, a).await?;
-    let todo: DocId = "todo".parse()?;
-    a.put("notes", &todo, "/legit", json!(1)).await?;
-    wait_converged(&[a, b], "notes", "todo").await?;
     let before = a.get("notes", &todo).await?;
 
     // A viewer: a real member who may not write.
@@ -856,14 +865,8 @@ fn refused(r: &std::result::Result<SyncResponse, String>, why: wire::RefuseReaso
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bloom_filter_that_would_crash_automerge_is_refused() -> Result<()> {
     use automerge::sync::{BloomFilter, Have};
-    let n = spawn_nodes(2).await?;
+    let (n, _, todo) = two_members().await?;
     let (a, b) = (&n[0].node, &n[1].node);
-    a.create_space("notes").await?;
-    share_space(a, "notes", &[b]).await?;
-    connect(b, a).await?;
-    let todo: DocId = "todo".parse()?;
-    a.put("notes", &todo, "/legit", json!(1)).await?;
-    wait_converged(&[a, b], "notes", "todo").await?;
     let bomb = Message {
         heads: vec![],
         need: vec![],
@@ -905,14 +908,8 @@ async fn a_bloom_filter_that_would_crash_automerge_is_refused() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_bomb_is_refused_before_it_inflates() -> Result<()> {
     use std::io::Write;
-    let n = spawn_nodes(2).await?;
+    let (n, _, todo) = two_members().await?;
     let (a, b) = (&n[0].node, &n[1].node);
-    a.create_space("notes").await?;
-    share_space(a, "notes", &[b]).await?;
-    connect(b, a).await?;
-    let todo: DocId = "todo".parse()?;
-    a.put("notes", &todo, "/legit", json!(1)).await?;
-    wait_converged(&[a, b], "notes", "todo").await?;
     let mut m = admitted(a, Role::Editor, None).await?;
     // magic, checksum, type 2 (compressed change), uLEB128 length, body
     let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
@@ -1337,14 +1334,8 @@ async fn asking_about_many_unknown_documents_keeps_no_state() -> Result<()> {
 /// arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_summaries_naming_unknown_documents_materialise_nothing() -> Result<()> {
-    let n = spawn_nodes(2).await?;
+    let (n, _, todo) = two_members().await?;
     let (a, b) = (&n[0].node, &n[1].node);
-    a.create_space("notes").await?;
-    share_space(a, "notes", &[b]).await?;
-    connect(b, a).await?;
-    let todo: DocId = "todo".parse()?;
-    a.put("notes", &todo, "/legit", json!(1)).await?;
-    wait_converged(&[a, b], "notes", "todo").await?;
     let mut adm = admitted(a, Role::Editor, None).await?;
     let grant = a.export_grant("notes").await?;
     let key = grant.keys[0].1.clone();
@@ -1477,14 +1468,8 @@ async fn rejections(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_gets_small_frames_and_every_peer_a_byte_budget() -> Result<()> {
     use shoal_node::net::budget::{MEMBER_BYTES, STRANGER_BYTES, STRANGER_FRAME_BYTES};
-    let n = spawn_nodes(2).await?;
+    let (n, info, todo) = two_members().await?;
     let (a, b) = (&n[0].node, &n[1].node);
-    let info = a.create_space("notes").await?;
-    share_space(a, "notes", &[b]).await?;
-    connect(b, a).await?;
-    let todo: DocId = "todo".parse()?;
-    a.put("notes", &todo, "/legit", json!(1)).await?;
-    wait_converged(&[a, b], "notes", "todo").await?;
     let space: shoal_protocol::SpaceId = info.id.parse()?;
     let a_peer = a.peer_id();
     let addr = a.listen_addrs().await?[0].clone();
@@ -1616,14 +1601,8 @@ async fn a_flood_of_stalled_frames_stays_within_the_budgets() -> Result<()> {
     const STRANGERS: usize = 16;
     const PER_STRANGER: usize = 100;
     const PER_MEMBER: usize = 20;
-    let n = spawn_nodes(2).await?;
+    let (n, _, todo) = two_members().await?;
     let (a, b) = (&n[0].node, &n[1].node);
-    a.create_space("notes").await?;
-    share_space(a, "notes", &[b]).await?;
-    connect(b, a).await?;
-    let todo: DocId = "todo".parse()?;
-    a.put("notes", &todo, "/legit", json!(1)).await?;
-    wait_converged(&[a, b], "notes", "todo").await?;
     let a_peer = a.peer_id();
     let addr = a.listen_addrs().await?[0].clone();
     let adm = admitted(a, Role::Editor, None).await?;
@@ -1666,20 +1645,20 @@ async fn a_flood_of_stalled_frames_stays_within_the_budgets() -> Result<()> {
         + (PER_MEMBER - MEMBER_BYTES / member_frame)) as u64;
     let mut peak_rss = rss_before;
     let mut peak_held = 0;
-    let flood = async {
-        loop {
-            let h = a.frames_held();
-            peak_rss = peak_rss.max(rss_bytes()?);
-            peak_held = peak_held.max(h.total);
-            if h.refused - before.refused >= expected && h.total >= 3 * member_frame {
-                return anyhow::Ok(h);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    // Looked at on each of the node's events (its rejections, its
+    // summaries) until every frame over a budget was refused.
+    let mut held = a.frames_held();
+    wait_for(a, TIMEOUT, || {
+        held = a.frames_held();
+        if let Ok(r) = rss_bytes() {
+            peak_rss = peak_rss.max(r);
         }
-    };
-    let held = tokio::time::timeout(TIMEOUT, flood)
-        .await
-        .with_context(|| format!("the flood was not refused: {:?}", a.frames_held()))??;
+        peak_held = peak_held.max(held.total);
+        let done = held.refused - before.refused >= expected && held.total >= 3 * member_frame;
+        async move { done }
+    })
+    .await
+    .with_context(|| format!("the flood was not refused: {:?}", a.frames_held()))?;
     // While every budget is full, an honest change still gets through.
     let start = std::time::Instant::now();
     still_syncs(a, b, &todo).await?;

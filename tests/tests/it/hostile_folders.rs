@@ -25,47 +25,15 @@ async fn a_link_published_over_a_folder_makes_no_one_publish_deletions() -> Resu
 
     // B, a hostile editor, publishes a link where the folder is, and
     // nothing about its contents.
-    let hostile = Entry {
-        kind: Kind::Symlink,
-        hash: [0; 32],
-        chunked: false,
-        size: 0,
-        mode: 0o777,
-        mtime_ns: i64::MAX / 2,
-        deleted: false,
-        device: nodes[1].node.device_id().clone(),
-        target: Some("elsewhere".into()),
-    };
-    nodes[1]
-        .node
-        .put_index_entries("h", vec![("photos".into(), hostile)])
-        .await?;
-    wait_for(&nodes[0].node, TIMEOUT, || async {
-        fs::symlink_metadata(a.join("photos")).is_ok_and(|m| m.file_type().is_symlink())
-    })
-    .await
-    .context("A never placed the link")?;
+    link_over_photos(&nodes[1].node, &nodes[0].node, &a).await?;
 
     wait_in_sync(&nodes[0].node).await?;
     // A full scan (one runs at start), then a marker: once A's index holds
     // the marker, whatever that scan published is in A's index too.
     nodes[0].restart().await?;
     shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
-    fs::write(a.join("marker.txt"), b"m")?;
     let an = nodes[0].node.clone();
-    wait_for(&an, TIMEOUT, || async {
-        an.files("h", "marker.txt")
-            .await
-            .is_ok_and(|f| !f.is_empty())
-    })
-    .await
-    .context("A never recorded the marker")?;
-    let left: Vec<String> = an
-        .files("h", "photos/")
-        .await?
-        .into_iter()
-        .map(|f| f.path)
-        .collect();
+    let left = photos_after_marker(&a, &an).await?;
     assert_eq!(
         left,
         vec!["photos/one.jpg".to_string(), "photos/two.jpg".to_string()],
@@ -230,26 +198,7 @@ async fn a_folder_moved_aside_while_a_file_in_it_is_recorded_publishes_no_deleti
     fs::write(a.join("photos/two.jpg"), b"two")?;
     // On B's disk, not yet recorded: B publishes a link over the folder.
     wait_file(&nodes[1].node, &b.join("photos/two.jpg"), b"two").await?;
-    let link = Entry {
-        kind: Kind::Symlink,
-        hash: [0; 32],
-        chunked: false,
-        size: 0,
-        mode: 0o777,
-        mtime_ns: i64::MAX / 2,
-        deleted: false,
-        device: nodes[1].node.device_id().clone(),
-        target: Some("elsewhere".into()),
-    };
-    nodes[1]
-        .node
-        .put_index_entries("h", vec![("photos".into(), link)])
-        .await?;
-    wait_for(&nodes[1].node, TIMEOUT, || async {
-        fs::symlink_metadata(b.join("photos")).is_ok_and(|m| m.file_type().is_symlink())
-    })
-    .await
-    .context("B never placed the link")?;
+    link_over_photos(&nodes[1].node, &nodes[1].node, &b).await?;
     // The transfer has recorded two.jpg (after the link was placed); then
     // a full scan (B restarts: one runs at start), then a marker: once A's
     // index has the marker, whatever that scan published is there too.
@@ -264,25 +213,63 @@ async fn a_folder_moved_aside_while_a_file_in_it_is_recorded_publishes_no_deleti
         .context("B never recorded two.jpg")?;
     nodes[1].restart().await?;
     shoal_tests::connect(&nodes[1].node, &nodes[0].node).await?;
-    fs::write(b.join("marker.txt"), b"m")?;
-    let an = nodes[0].node.clone();
-    wait_for(&an, TIMEOUT, || async {
-        an.files("h", "marker.txt")
-            .await
-            .is_ok_and(|f| !f.is_empty())
-    })
-    .await
-    .context("A never got the marker")?;
-    let left: Vec<String> = an
-        .files("h", "photos/")
-        .await?
-        .into_iter()
-        .map(|f| f.path)
-        .collect();
+    let left = photos_after_marker(&b, &nodes[0].node).await?;
     assert_eq!(
         left,
         vec!["photos/one.jpg".to_string(), "photos/two.jpg".to_string()],
         "B published deletions of the folder's contents"
     );
     Ok(())
+}
+
+/// `by`, a hostile editor, publishes a symbolic link where the folder
+/// `photos` is (and nothing about its contents); returns once `at` has
+/// placed it in its folder `root`.
+async fn link_over_photos(
+    by: &shoal_node::Node,
+    at: &shoal_node::Node,
+    root: &std::path::Path,
+) -> Result<()> {
+    let link = Entry {
+        kind: Kind::Symlink,
+        hash: [0; 32],
+        chunked: false,
+        size: 0,
+        mode: 0o777,
+        mtime_ns: i64::MAX / 2,
+        deleted: false,
+        device: by.device_id().clone(),
+        target: Some("elsewhere".into()),
+    };
+    by.put_index_entries("h", vec![("photos".into(), link)])
+        .await?;
+    wait_for(at, TIMEOUT, || async {
+        fs::symlink_metadata(root.join("photos")).is_ok_and(|m| m.file_type().is_symlink())
+    })
+    .await
+    .context("the link was never placed")
+}
+
+/// Writes a marker into the folder `root`, waits until `reader`'s index
+/// has it (so whatever that folder's device published before is there
+/// too), and lists what `reader`'s index has under `photos/`.
+async fn photos_after_marker(
+    root: &std::path::Path,
+    reader: &shoal_node::Node,
+) -> Result<Vec<String>> {
+    fs::write(root.join("marker.txt"), b"m")?;
+    wait_for(reader, TIMEOUT, || async {
+        reader
+            .files("h", "marker.txt")
+            .await
+            .is_ok_and(|f| !f.is_empty())
+    })
+    .await
+    .context("the marker never arrived")?;
+    Ok(reader
+        .files("h", "photos/")
+        .await?
+        .into_iter()
+        .map(|f| f.path)
+        .collect())
 }
