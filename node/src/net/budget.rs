@@ -200,7 +200,7 @@ impl Drop for Permit {
 
 /// A frame's bytes, with the reservation that let them in (none for
 /// frames this node made itself).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Frame {
     bytes: Vec<u8>,
     _permit: Option<Permit>,

@@ -175,6 +175,11 @@ fn backoff(retry: &mut HashMap<String, (Instant, u32)>, rel: &str) {
     retry.insert(rel.to_string(), (Instant::now() + wait, n));
 }
 
+/// Whether `rel` may be tried now: it is not backing off after a failure.
+fn due(retry: &HashMap<String, (Instant, u32)>, rel: &str, now: Instant) -> bool {
+    retry.get(rel).is_none_or(|(at, _)| *at <= now)
+}
+
 fn entries(values: &[Vec<u8>]) -> Vec<Entry> {
     values
         .iter()

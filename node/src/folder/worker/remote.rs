@@ -81,8 +81,7 @@ impl Worker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(c, _)| !active.contains(*c))
-            .filter(|(c, _)| retry.get(*c).is_none_or(|(at, _)| *at <= now))
+            .filter(|(c, _)| !active.contains(*c) && due(retry, c, now))
             .map(|(c, e)| (c.clone(), e.clone()))
             .collect();
         for (copy, theirs) in copies {
@@ -110,7 +109,7 @@ impl Worker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
-            .any(|c| !active.contains(c) && retry.get(c).is_none_or(|(at, _)| *at <= now))
+            .any(|c| !active.contains(c) && due(retry, c, now))
     }
 
     pub(super) async fn decide_batch(
@@ -132,7 +131,7 @@ impl Worker {
         let (paths, marks): (Vec<String>, Vec<Vec<u8>>) = pending
             .into_iter()
             .filter(|(p, _)| !active.contains(p))
-            .filter(|(p, _)| retry.get(p).is_none_or(|(at, _)| *at <= now))
+            .filter(|(p, _)| due(retry, p, now))
             .take(RECONCILE_BATCH)
             .unzip();
         if paths.is_empty() {
