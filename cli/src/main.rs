@@ -303,6 +303,15 @@ enum DocCmd {
         /// Space name or id.
         space: String,
     },
+    /// Print a document's `automerge:` URL (for an automerge-repo client's
+    /// find), or with no document the space's `ws://` address for
+    /// automerge-repo clients, its key included.
+    Url {
+        /// Space name or id.
+        space: String,
+        /// Document id.
+        doc: Option<String>,
+    },
 }
 
 fn default_home() -> Result<PathBuf> {
@@ -835,6 +844,16 @@ syncing {f}"
             let v = c.get(&doc_url(&space, &doc)).await?;
             print(json_out, v.clone(), || {
                 serde_json::to_string_pretty(&v).unwrap_or_default()
+            });
+        }
+        Cmd::Doc(DocCmd::Url { space, doc }) => {
+            let path = match &doc {
+                Some(d) => format!("{}/url", doc_url(&space, d)),
+                None => format!("/v1/spaces/{}/apps", enc(&space)),
+            };
+            let v = c.get(&path).await?;
+            print(json_out, v.clone(), || {
+                v["url"].as_str().unwrap_or_default().to_string()
             });
         }
         Cmd::Doc(DocCmd::List { space }) => {

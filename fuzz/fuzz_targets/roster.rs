@@ -34,7 +34,11 @@ fuzz_target!(init: caught::allow_caught_panics(), |data: &[u8]| {
 
     let changes = loaded.get_changes(&[]);
     let mut fresh = AutoCommit::new();
-    let _ = roster.check_changes(&shoal_protocol::DocId::members(), &changes);
+    let _ = roster.check_changes(
+        &shoal_protocol::DocId::members(),
+        &changes,
+        &Default::default(),
+    );
     if members::apply_members_changes(&mut fresh, &creator, changes).is_ok() {
         let _ = Roster::read(creator, &fresh);
         let _ = members::epoch_keys_for(&fresh, &DeviceId::from_bytes(vec![2; 38]).unwrap());

@@ -13,10 +13,17 @@ use shoal_protocol::sync;
 fuzz_target!(init: caught::allow_caught_panics(), |data: &[u8]| {
     if let Ok(msg) = sync::decode_message(data) {
         if let Ok(changes) = sync::changes_in(&msg) {
-            let signed = changes.iter().take(1).map(|c| c.hash()).collect();
-            let _ = sync::unvouched(&changes, &signed);
+            let signer = shoal_protocol::DeviceId::from_bytes(vec![1; 38]).expect("device id");
+            let signed = changes
+                .iter()
+                .take(1)
+                .map(|c| (c.hash(), signer.clone()))
+                .collect();
+            let _ = sync::vouchers(&changes, &signed);
         }
     }
+    // The input as a change's signature entry (an app change's vouch).
+    let _ = shoal_protocol::wire::split_vouch(data);
     // The input as the change blob of a message: the splitter reached
     // through `changes_in` (it is private), with and without a chunk
     // magic in front.

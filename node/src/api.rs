@@ -142,6 +142,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(members, add_member))
         .routes(routes!(docs))
         .routes(routes!(get_doc, put_doc, delete_doc))
+        .routes(routes!(doc_url))
+        .routes(routes!(app_endpoint))
         .routes(routes!(status))
         .routes(routes!(metrics))
         .routes(routes!(attach_folder))
@@ -186,11 +188,14 @@ pub fn router(node: Node, token: String) -> crate::Result<Router> {
     // kept it would hold most of a megabyte for the node's whole life.
     // The Host check wraps everything, the public description and the
     // fallback included, and runs before auth.
+    // Apps' WebSockets carry their own credential (browsers cannot set an
+    // Authorization header on a WebSocket): the space's app key.
     Ok(api
         .route(
             "/v1/openapi.json",
             axum::routing::get(|| async { Json(openapi()) }),
         )
+        .route("/v1/spaces/{space}/repo", axum::routing::get(app_socket))
         .with_state(state)
         .layer(middleware::from_fn(loopback_host)))
 }
@@ -1177,6 +1182,103 @@ async fn get_doc(
     Path((space, doc)): Path<(String, String)>,
 ) -> ApiResult<Value> {
     Ok(Json(st.node.get(&space, &doc_id(&doc)?).await?))
+}
+
+/// A document's automerge-repo URL.
+#[derive(Serialize, ToSchema)]
+struct DocUrl {
+    /// `automerge:...`, for an automerge-repo client's `find`.
+    url: String,
+}
+
+#[utoipa::path(get, path = "/v1/spaces/{space}/docs/{doc}/url", tag = "apps",
+    params(
+        ("space" = String, Path, description = "Space name or id"),
+        ("doc" = String, Path, description = "Document id"),
+    ),
+    responses(
+        (status = 200, body = DocUrl, description = "The document's automerge-repo URL \
+            (the same on every device)"),
+        (status = 400, body = ErrorBody, description = "Bad document id"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn doc_url(
+    State(st): State<AppState>,
+    Path((space, doc)): Path<(String, String)>,
+) -> ApiResult<DocUrl> {
+    let id = st.node.space_id(&space).await?;
+    Ok(Json(DocUrl {
+        url: crate::apps::url(&id, &doc_id(&doc)?)?,
+    }))
+}
+
+/// Where a space's apps connect.
+#[derive(Serialize, ToSchema)]
+struct AppEndpoint {
+    /// `ws://.../v1/spaces/SPACE/repo?key=KEY`: hand it to an
+    /// automerge-repo WebSocket client as it is.
+    url: String,
+}
+
+#[utoipa::path(get, path = "/v1/spaces/{space}/apps", tag = "apps",
+    params(("space" = String, Path, description = "Space name or id")),
+    responses(
+        (status = 200, body = AppEndpoint, description = "The space's automerge-repo \
+            WebSocket address, its app key included; the key opens this space's \
+            endpoint and nothing else"),
+        (status = 404, body = ErrorBody, description = "Unknown space"),
+    ))]
+async fn app_endpoint(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<AppEndpoint> {
+    let id = st.node.space_id(&space).await?;
+    // The Host the caller reached us by (checked to be loopback).
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    Ok(Json(AppEndpoint {
+        url: format!(
+            "ws://{host}/v1/spaces/{id}/repo?key={}",
+            crate::apps::app_key(&st.token, &id)
+        ),
+    }))
+}
+
+#[derive(Deserialize)]
+struct AppKey {
+    key: Option<String>,
+}
+
+/// An app's automerge-repo WebSocket (see [`crate::apps`]): the space's
+/// app key in the query, since a browser cannot send a header with it.
+async fn app_socket(
+    State(st): State<AppState>,
+    Path(space): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<AppKey>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Response {
+    let id = match st.node.space_id(&space).await {
+        Ok(id) => id,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let want = crate::apps::app_key(&st.token, &id);
+    let given = q.key.unwrap_or_default();
+    if !bool::from(given.as_bytes().ct_eq(want.as_bytes())) {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong app key (`shoal doc url SPACE` prints the address with it)".into(),
+        )
+        .into_response();
+    }
+    let node = st.node.clone();
+    ws.on_upgrade(move |socket| async move {
+        if let Err(e) = node.serve_app(&id.to_string(), socket).await {
+            tracing::warn!(error = %e, "cannot serve an app");
+        }
+    })
 }
 
 #[derive(Deserialize, ToSchema)]

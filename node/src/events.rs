@@ -24,6 +24,9 @@ pub enum Origin {
     Gossip,
     /// Arrived through the sync protocol.
     Sync,
+    /// Written by an app on this device, through the automerge-repo
+    /// endpoint.
+    App,
 }
 
 impl Origin {
@@ -31,6 +34,7 @@ impl Origin {
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::Local => "local",
+            Origin::App => "app",
             Origin::Gossip => "gossip",
             Origin::Sync => "sync",
         }

@@ -14,6 +14,7 @@
 //! [`Event::NodeFailed`]) instead of leaving it half alive.
 
 pub mod api;
+pub mod apps;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -62,6 +63,7 @@ struct Inner {
     name: String,
     lock: std::sync::Mutex<Option<home::HomeLock>>,
     folders: folder::Folders,
+    apps: apps::Apps,
     metrics: Arc<metrics::Metrics>,
     supervisor: Supervisor,
 }
@@ -106,6 +108,7 @@ impl Node {
             members_generation,
             supervisor: supervisor.clone(),
         })?;
+        let apps = apps::Apps::new(engine::Client(tx.clone()), events.clone());
         supervisor.spawn("engine", engine.run(rx, net_events));
         Ok(Node {
             inner: Arc::new(Inner {
@@ -116,6 +119,7 @@ impl Node {
                 name: config.name,
                 lock: std::sync::Mutex::new(Some(lock)),
                 folders,
+                apps,
                 metrics,
                 supervisor,
             }),
@@ -536,7 +540,39 @@ impl Node {
         engine::Client(self.inner.commands.clone())
     }
 
+    /// Serves a local app's automerge-repo WebSocket for `space` (see
+    /// [`apps`]) until it closes.
+    pub async fn serve_app(&self, space: &str, socket: axum::extract::ws::WebSocket) -> Result<()> {
+        let (id, _) = self.resolve(space).await?;
+        self.inner.apps.serve(id, socket).await;
+        Ok(())
+    }
+
+    /// A document's saved Automerge bytes (what an automerge-repo client
+    /// loads).
+    pub async fn doc_bytes(&self, space: &str, doc: &DocId) -> Result<Vec<u8>> {
+        let (id, _) = self.resolve(space).await?;
+        let d = doc.clone();
+        self.ask(|reply| Command::DocBytes {
+            space: id,
+            doc: d,
+            since: None,
+            reply,
+        })
+        .await?
+        .ok_or_else(|| Error::UnknownDoc {
+            space: space.to_string(),
+            doc: doc.to_string(),
+        })
+    }
+
+    /// The id of a space given by name or id.
+    pub async fn space_id(&self, space: &str) -> Result<shoal_protocol::SpaceId> {
+        Ok(self.resolve(space).await?.0)
+    }
+
     pub async fn shutdown(&self) {
+        self.inner.apps.shutdown().await;
         self.inner.folders.shutdown().await;
         let (tx, rx) = oneshot::channel();
         if self

@@ -241,10 +241,20 @@ impl Roster {
     /// Checks the author of every change (as sync or gossip carries it): a
     /// current writer, or a former one whose change is within the frontier
     /// recorded when it lost write access (see the module docs). The first
-    /// refusal wins.
-    pub fn check_changes(&self, doc: &DocId, changes: &[Change]) -> Result<()> {
+    /// refusal wins. `vouchers` names the device vouching for each change
+    /// (see [`crate::sync::vouchers`]); a change it does not name is its
+    /// actor's device's.
+    pub fn check_changes(
+        &self,
+        doc: &DocId,
+        changes: &[Change],
+        vouchers: &std::collections::HashMap<automerge::ChangeHash, DeviceId>,
+    ) -> Result<()> {
         for c in changes {
-            let author = device_of(c.actor_id())?;
+            let author = match vouchers.get(&c.hash()) {
+                Some(d) => d.clone(),
+                None => device_of(c.actor_id())?,
+            };
             let Err(refused) = self.check(doc, &author) else {
                 continue;
             };
@@ -278,11 +288,16 @@ impl Roster {
 /// document, per Automerge actor of the device, the highest `seq`.
 pub type Frontier = BTreeMap<DocId, BTreeMap<ActorId, u64>>;
 
-/// The highest `seq` of each of `device`'s actors in `doc`.
-pub fn frontier_in(doc: &mut AutoCommit, device: &DeviceId) -> BTreeMap<ActorId, u64> {
+/// The highest `seq` of each of `device`'s actors in `doc`, its own and
+/// the app actors it vouched for (`apps`).
+pub fn frontier_in(
+    doc: &mut AutoCommit,
+    device: &DeviceId,
+    apps: &std::collections::BTreeSet<ActorId>,
+) -> BTreeMap<ActorId, u64> {
     let mut out: BTreeMap<ActorId, u64> = BTreeMap::new();
     for c in doc.get_changes_meta(&[]) {
-        if device_of(&c.actor).is_ok_and(|d| d == *device) {
+        if apps.contains(c.actor.as_ref()) || device_of(&c.actor).is_ok_and(|d| d == *device) {
             let seq = out.entry(c.actor.into_owned()).or_default();
             *seq = (*seq).max(c.seq);
         }
@@ -506,7 +521,7 @@ mod tests {
         t.commit();
         let seen = t.get_changes(&[]);
         assert_eq!(seen.len(), 3);
-        let f: Frontier = [(todo.clone(), frontier_in(&mut t, &e))].into();
+        let f: Frontier = [(todo.clone(), frontier_in(&mut t, &e, &Default::default()))].into();
         assert_eq!(f[&todo].len(), 2);
         // e is demoted with that frontier, then writes again under both
         // actors
@@ -522,25 +537,31 @@ mod tests {
         let after1 = t1.get_last_local_change().unwrap();
         let r = Roster::read(a.clone(), &m);
         assert_eq!(r.role_of(&e), Some(Role::Viewer));
-        assert!(r.check_changes(&todo, &seen).is_ok());
-        let err = r.check_changes(&todo, &after).unwrap_err();
+        assert!(r.check_changes(&todo, &seen, &Default::default()).is_ok());
+        let err = r
+            .check_changes(&todo, &after, &Default::default())
+            .unwrap_err();
         assert!(err.to_string().contains("no longer"), "{err}");
-        assert!(r.check_changes(&todo, &[after1]).is_err());
+        assert!(r
+            .check_changes(&todo, &[after1], &Default::default())
+            .is_err());
         // nothing in a document the owner had seen nothing of
         let other: DocId = "other".parse().unwrap();
-        assert!(r.check_changes(&other, &seen).is_err());
+        assert!(r.check_changes(&other, &seen, &Default::default()).is_err());
         // never in members
-        assert!(r.check_changes(&DocId::members(), &seen).is_err());
+        assert!(r
+            .check_changes(&DocId::members(), &seen, &Default::default())
+            .is_err());
         // removal keeps the same rule
         remove_member(&mut m, &e, Some(&f)).unwrap();
         let r = Roster::read(a.clone(), &m);
         assert_eq!(r.role_of(&e), None);
-        assert!(r.check_changes(&todo, &seen).is_ok());
-        assert!(r.check_changes(&todo, &after).is_err());
+        assert!(r.check_changes(&todo, &seen, &Default::default()).is_ok());
+        assert!(r.check_changes(&todo, &after, &Default::default()).is_err());
         // promoted again, it writes like any editor
         set_member(&mut m, &e, Role::Editor, "desk", Some(&a), None).unwrap();
         assert!(Roster::read(a.clone(), &m)
-            .check_changes(&todo, &after)
+            .check_changes(&todo, &after, &Default::default())
             .is_ok());
         // an old tombstone without a frontier stays lenient
         put_json(
@@ -550,7 +571,7 @@ mod tests {
         )
         .unwrap();
         assert!(Roster::read(a.clone(), &m)
-            .check_changes(&todo, &after)
+            .check_changes(&todo, &after, &Default::default())
             .is_ok());
     }
 

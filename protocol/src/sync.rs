@@ -14,25 +14,39 @@ use automerge::{Automerge, Change};
 
 use crate::error::{Error, Result};
 
-/// The changes of `changes` that no signature vouches for.
+/// Who vouches for each change of `changes`, or the first change nothing
+/// vouches for.
 ///
-/// An author signs the last change of each batch it publishes, not every
-/// change: a change's hash covers its dependencies, and an author's earlier
-/// changes are always among its later changes' ancestors. So a change by
-/// device D is vouched for when it is signed by D (`signed_by` says which
-/// hashes carry a verified signature of their own author) or when a change
-/// signed by D reaches it through dependencies inside `changes`. A change
-/// by D reached from a change signed by someone else is not.
-pub fn unvouched(
+/// `signed` maps the hashes that carry a verified signature to the device
+/// that signed them. A device signs the last change of each batch it
+/// publishes, not every change: a change's hash covers its dependencies,
+/// and a device's earlier changes are always among its later changes'
+/// ancestors. So a change under device D's actor is vouched for when it is
+/// signed by D or when a change signed by D, under the same actor, reaches
+/// it through dependencies inside `changes`; a change reached from a
+/// change signed by someone else is not. An app's change (see
+/// [`crate::actor`]) needs a signature of its own, and its signer vouches
+/// for it.
+pub fn vouchers(
     changes: &[Change],
-    signed: &std::collections::HashSet<automerge::ChangeHash>,
-) -> Vec<automerge::ChangeHash> {
+    signed: &std::collections::HashMap<automerge::ChangeHash, crate::DeviceId>,
+) -> std::result::Result<
+    std::collections::HashMap<automerge::ChangeHash, crate::DeviceId>,
+    automerge::ChangeHash,
+> {
     use std::collections::{HashMap, HashSet};
     let by_hash: HashMap<automerge::ChangeHash, &Change> =
         changes.iter().map(|c| (c.hash(), c)).collect();
-    let mut vouched: HashSet<automerge::ChangeHash> = HashSet::new();
-    for tip in changes.iter().filter(|c| signed.contains(&c.hash())) {
+    let mut out: HashMap<automerge::ChangeHash, crate::DeviceId> = HashMap::new();
+    for tip in changes.iter() {
+        let Some(signer) = signed.get(&tip.hash()) else {
+            continue;
+        };
         let author = tip.actor_id();
+        if crate::actor::is_app_actor(author) {
+            out.insert(tip.hash(), signer.clone());
+            continue;
+        }
         let mut seen = HashSet::new();
         let mut stack = vec![tip.hash()];
         while let Some(h) = stack.pop() {
@@ -41,16 +55,15 @@ pub fn unvouched(
             }
             let Some(c) = by_hash.get(&h) else { continue };
             if c.actor_id() == author {
-                vouched.insert(h);
+                out.insert(h, signer.clone());
             }
             stack.extend(c.deps().iter().copied());
         }
     }
-    changes
-        .iter()
-        .map(|c| c.hash())
-        .filter(|h| !vouched.contains(h))
-        .collect()
+    match changes.iter().find(|c| !out.contains_key(&c.hash())) {
+        Some(c) => Err(c.hash()),
+        None => Ok(out),
+    }
 }
 
 /// Most changes one sync message may carry before it is refused.
@@ -529,6 +542,7 @@ mod tests {
     fn a_signed_tip_vouches_for_its_authors_ancestors_only() {
         use crate::actor::actor_for;
         use crate::ids::DeviceId;
+        use std::collections::HashMap;
         let dev = |b: u8| DeviceId::from_bytes(vec![b; 38]).unwrap();
         let mut a = AutoCommit::new().with_actor(actor_for(&dev(1), [0; 8]));
         for i in 0..3 {
@@ -549,13 +563,43 @@ mod tests {
         let mut all = a_changes.clone();
         all.push(b_change.clone());
         all.push(forged.clone());
-        let signed: std::collections::HashSet<_> = [tip].into_iter().collect();
-        let left = unvouched(&all, &signed);
+        let unvouched = |signed: &HashMap<_, _>| {
+            let mut left = all.clone();
+            let mut out = Vec::new();
+            while let Err(h) = vouchers(&left, signed) {
+                out.push(h);
+                left.retain(|c| c.hash() != h);
+            }
+            out
+        };
+        let left = unvouched(&[(tip, dev(1))].into_iter().collect());
         assert_eq!(left.len(), 2, "only b's change and the forgery are left");
         assert!(left.contains(&b_change.hash()) && left.contains(&forged.hash()));
         // b's own signature on its change vouches for it, not for a's chain
-        let signed: std::collections::HashSet<_> = [b_change.hash()].into_iter().collect();
-        assert_eq!(unvouched(&all, &signed).len(), 4);
+        let left = unvouched(&[(b_change.hash(), dev(2))].into_iter().collect());
+        assert_eq!(left.len(), 4);
+    }
+
+    #[test]
+    fn each_app_change_needs_its_own_vouch() {
+        use crate::ids::DeviceId;
+        use std::collections::HashMap;
+        let d = DeviceId::from_bytes(vec![1; 38]).unwrap();
+        let mut app = AutoCommit::new().with_actor(automerge::ActorId::from(vec![5u8; 16]));
+        for i in 0..2 {
+            app.put(ROOT, "k", i).unwrap();
+            app.commit();
+        }
+        let changes = app.get_changes(&[]);
+        let (first, second) = (changes[0].hash(), changes[1].hash());
+        // a vouch on the later change does not cover the earlier one
+        let only_tip: HashMap<_, _> = [(second, d.clone())].into_iter().collect();
+        assert_eq!(vouchers(&changes, &only_tip), Err(first));
+        let both: HashMap<_, _> = [(first, d.clone()), (second, d.clone())]
+            .into_iter()
+            .collect();
+        let v = vouchers(&changes, &both).unwrap();
+        assert_eq!(v[&first], d);
     }
 
     /// A V1 message whose one `have` carries `bloom` as its filter bytes.

@@ -94,6 +94,35 @@ pub fn change_sig_message(space: &SpaceId, doc: &crate::DocId, hash: &[u8; 32]) 
     m
 }
 
+/// Most bytes of a device id inside a vouch.
+pub const MAX_VOUCH_DEVICE_LEN: usize = 48;
+
+/// The signature entry of an app's change (see [`crate::actor`]): the id of
+/// the device that vouches for it (one length byte, then the id), then that
+/// device's signature over [`change_sig_message`]. A device's own changes
+/// carry the bare signature: their actor id names the signer.
+pub fn vouch(device: &crate::DeviceId, sig: &[u8]) -> Vec<u8> {
+    let id = device.as_bytes();
+    let mut v = Vec::with_capacity(1 + id.len() + sig.len());
+    // device ids are libp2p peer ids, far below 256 bytes
+    v.push(id.len().min(usize::from(u8::MAX)) as u8);
+    v.extend_from_slice(id);
+    v.extend_from_slice(sig);
+    v
+}
+
+/// The vouching device and its signature, or `None` if `entry` is not a
+/// well-formed vouch.
+pub fn split_vouch(entry: &[u8]) -> Option<(crate::DeviceId, &[u8])> {
+    let (&n, rest) = entry.split_first()?;
+    let n = usize::from(n);
+    if n == 0 || n > MAX_VOUCH_DEVICE_LEN || rest.len() <= n {
+        return None;
+    }
+    let (id, sig) = rest.split_at(n);
+    Some((crate::DeviceId::from_bytes(id.to_vec()).ok()?, sig))
+}
+
 /// The answer to a [`SyncRequest`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum SyncResponse {

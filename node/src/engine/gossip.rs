@@ -2,7 +2,7 @@
 //! summaries) on the space's topic, checking every gossip message before it
 //! is spread, and applying accepted changes in one batch per document.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use automerge::{Change, ChangeHash};
@@ -14,7 +14,7 @@ use shoal_protocol::{envelope, DocId, SpaceId};
 use tracing::warn;
 
 use super::{
-    device_of_peer, hex_heads, random, verify_change_sig, Applied, Engine, Event, Gap, Origin,
+    device_of_peer, hex_heads, random, verify_sig, Applied, Engine, Event, Gap, Origin,
     MAX_UNKNOWN_GAPS_PER_PEER, MAX_WANTED,
 };
 use crate::net::NetCommand;
@@ -29,24 +29,17 @@ impl Engine {
         heads: &[ChangeHash],
         outbox: &mut Vec<NetCommand>,
     ) {
-        let changes_tip = changes
-            .last()
-            .and_then(|c| Change::try_from(c.as_slice()).ok())
-            .map(|c| c.hash());
         if self.drop_gossip {
-            // The signature still goes with the changes by sync.
-            if let Some(last) = changes_tip {
-                let sig = self.sign_change(&id, doc, &last);
-                self.store_sigs(&[(last.0, sig)]);
-            }
+            // The signatures still go with the changes by sync.
+            self.sign_batch(&id, doc, &changes);
             return;
         }
-        // Pack changes into messages under the inline limit, in order; the
-        // last change of each message is signed.
+        // Pack changes into messages under the inline limit, in order; each
+        // message's changes are signed as a batch (`Engine::sign_batch`).
         let mut groups: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
         let mut size = 0;
         let mut too_big = false;
-        for c in changes {
+        for c in &changes {
             if c.len() > wire::GOSSIP_INLINE_LIMIT {
                 too_big = true;
                 break;
@@ -57,16 +50,13 @@ impl Engine {
             }
             size += c.len() + 8;
             if let Some(g) = groups.last_mut() {
-                g.push(c);
+                g.push(c.clone());
             }
         }
         if too_big || groups.len() > 16 {
-            // Pulled by sync, which carries the signature of the last change:
-            // it vouches for the others (`shoal_protocol::sync::unvouched`).
-            if let Some(last) = changes_tip {
-                let sig = self.sign_change(&id, doc, &last);
-                self.store_sigs(&[(last.0, sig)]);
-            }
+            // Pulled by sync, which carries the kept signatures: the last
+            // change's vouches for the others (`shoal_protocol::sync::vouchers`).
+            self.sign_batch(&id, doc, &changes);
             // Too big to inline: announce the heads; receivers pull.
             let bytes = wire::encode(&GossipBody::Heads {
                 docs: vec![(doc.clone(), heads.iter().map(|h| h.0).collect())],
@@ -75,18 +65,11 @@ impl Engine {
             return;
         }
         for changes in groups.into_iter().filter(|g| !g.is_empty()) {
-            let Some(tip) = changes
-                .last()
-                .and_then(|c| Change::try_from(c.as_slice()).ok())
-            else {
-                continue;
-            };
-            let sig = self.sign_change(&id, doc, &tip.hash());
-            self.store_sigs(&[(tip.hash().0, sig.clone())]);
+            let sigs = self.sign_batch(&id, doc, &changes);
             let bytes = wire::encode(&GossipBody::Changes {
                 doc: doc.clone(),
                 changes,
-                sigs: vec![(tip.hash().0, sig)],
+                sigs,
             });
             self.publish_sealed(id, &bytes, outbox);
         }
@@ -193,16 +176,41 @@ impl Engine {
                 for c in &changes {
                     let c = shoal_protocol::sync::parse_change(c, &mut budget)
                         .map_err(|e| reject(format!("malformed change: {e}")))?;
-                    let by = device_of(c.actor_id()).map_err(|e| reject(e.to_string()))?;
-                    if by != author {
-                        return Err(reject(format!(
-                            "change by {} published by {}",
-                            by.short(),
-                            author.short()
-                        )));
+                    // A device publishes its own changes and the app
+                    // changes it vouches for, nobody else's.
+                    if !shoal_protocol::actor::is_app_actor(c.actor_id()) {
+                        let by = device_of(c.actor_id()).map_err(|e| reject(e.to_string()))?;
+                        if by != author {
+                            return Err(reject(format!(
+                                "change by {} published by {}",
+                                by.short(),
+                                author.short()
+                            )));
+                        }
                     }
                     parsed.push(c);
                 }
+                // The author signs its batch's last change, which vouches
+                // for its earlier ones, and vouches for each app change.
+                let by_hash: HashMap<[u8; 32], &Change> =
+                    parsed.iter().map(|c| (c.hash().0, c)).collect();
+                let mut signed = HashMap::new();
+                for (h, sig) in &sigs {
+                    let Some(c) = by_hash.get(h) else { continue };
+                    match verify_sig(&space, &doc, c, sig) {
+                        Some(signer) if signer == author => {
+                            signed.insert(ChangeHash(*h), signer);
+                        }
+                        _ => return Err(reject("a change's signature does not verify".into())),
+                    }
+                }
+                let vouchers = shoal_protocol::sync::vouchers(&parsed, &signed)
+                    .map_err(|_| reject("changes no signature vouches for".into()))?;
+                self.check_app_actors(&space, &parsed, &vouchers)
+                    .map_err(|e| reject(e.to_string()))?;
+                let Some(s) = self.spaces.get(&space) else {
+                    return Err((MessageAcceptance::Ignore, "unknown space".into()));
+                };
                 match s.roster.role_of(&author) {
                     // Not in our view of members: maybe we lag (a new
                     // member), maybe it was removed. Neither spread nor
@@ -223,26 +231,16 @@ impl Engine {
                     // within the frontier recorded when it lost write access.
                     Some(_) => s
                         .roster
-                        .check_changes(&doc, &parsed)
+                        .check_changes(&doc, &parsed, &vouchers)
                         .map_err(|e| reject(e.to_string()))?,
                 }
-                // The author signs its batch's last change; that signature,
-                // checked once, vouches for the batch.
-                let mut signed = HashSet::new();
-                for (h, sig) in &sigs {
-                    if !verify_change_sig(&space, &doc, &author, h, sig) {
-                        return Err(reject("a change's signature does not verify".into()));
-                    }
-                    signed.insert(ChangeHash(*h));
-                }
-                if !shoal_protocol::sync::unvouched(&parsed, &signed).is_empty() {
-                    return Err(reject("changes no signature vouches for".into()));
-                }
                 self.store_sigs(&sigs);
+                self.bind_app_actors(&space, &parsed, &vouchers);
                 let slot = self.gossip_batch.entry((space, doc)).or_default();
                 slot.0.extend(parsed);
-                slot.1.insert(propagation);
-                slot.1.insert(source);
+                slot.1.extend(vouchers);
+                slot.2.insert(propagation);
+                slot.2.insert(source);
                 Ok(())
             }
             GossipBody::Heads { docs } => {
@@ -328,7 +326,7 @@ impl Engine {
 
     pub(super) fn apply_gossip_batch(&mut self, outbox: &mut Vec<NetCommand>) {
         let batch = std::mem::take(&mut self.gossip_batch);
-        for ((space, doc), (changes, from)) in batch {
+        for ((space, doc), (changes, vouchers, from)) in batch {
             let fresh = self.new_doc();
             let Some(s) = self.spaces.get_mut(&space) else {
                 continue;
@@ -377,7 +375,7 @@ impl Engine {
                     });
                 g.peers.extend(from);
             }
-            let applied = Applied::new(raw, &authored);
+            let applied = Applied::new(raw, &authored, &vouchers);
             self.after_remote_change(space, &doc, None, heads != before, &applied, outbox);
         }
     }

@@ -44,6 +44,7 @@ use crate::store::Store;
 /// Capacity of the command channel into the engine.
 pub const COMMAND_CAPACITY: usize = 1024;
 
+mod apps;
 mod gossip;
 mod index;
 mod pairing;
@@ -159,6 +160,22 @@ pub(crate) enum Command {
         reply: Reply<Vec<String>>,
     },
     Get(String, DocId, Reply<Json>),
+    /// Changes a local app wrote (automerge-repo storage bytes: a saved
+    /// document or changes); answers how many were new.
+    AppChanges {
+        space: SpaceId,
+        doc: DocId,
+        bytes: Vec<u8>,
+        reply: Reply<usize>,
+    },
+    /// A document's saved bytes (`since: None`), or its changes since the
+    /// given heads; `None` if it is not held.
+    DocBytes {
+        space: SpaceId,
+        doc: DocId,
+        since: Option<Vec<ChangeHash>>,
+        reply: Reply<Option<Vec<u8>>>,
+    },
     Heads(String, DocId, Reply<Vec<String>>),
     Docs(String, Reply<Vec<String>>),
     CreateInvite {
@@ -306,11 +323,18 @@ pub(super) struct Applied {
 }
 
 impl Applied {
-    fn new(raw: Vec<Vec<u8>>, changes: &[Change]) -> Self {
+    fn new(
+        raw: Vec<Vec<u8>>,
+        changes: &[Change],
+        vouchers: &std::collections::HashMap<ChangeHash, DeviceId>,
+    ) -> Self {
         let times = changes.iter().map(|c| c.timestamp()).collect();
         let mut authors: Vec<String> = changes
             .iter()
-            .filter_map(|c| shoal_protocol::actor::device_of(c.actor_id()).ok())
+            .filter_map(|c| match vouchers.get(&c.hash()) {
+                Some(d) => Some(d.clone()),
+                None => shoal_protocol::actor::device_of(c.actor_id()).ok(),
+            })
             .map(|d| d.to_string())
             .collect();
         authors.sort();
@@ -322,6 +346,10 @@ impl Applied {
         }
     }
 }
+
+/// Gossiped changes of one document in this turn, who vouched for each, and
+/// the peers they came from.
+type GossipBatch = (Vec<Change>, HashMap<ChangeHash, DeviceId>, HashSet<PeerId>);
 
 /// Raw local changes of one document in this turn, and its heads after them.
 type LocalChanges = (Vec<Vec<u8>>, Vec<ChangeHash>);
@@ -348,7 +376,7 @@ pub(crate) struct Engine {
     hellos: HashMap<u64, (PeerId, [u8; 32])>,
     next_tag: u64,
     acks: Vec<Ack>,
-    gossip_batch: BTreeMap<(SpaceId, DocId), (Vec<Change>, HashSet<PeerId>)>,
+    gossip_batch: BTreeMap<(SpaceId, DocId), GossipBatch>,
     /// Documents with changes waiting for missing dependencies: since when,
     /// and which peers could fill the gap.
     gaps: HashMap<(SpaceId, DocId), Gap>,
@@ -410,6 +438,20 @@ fn verify_change_sig(
     match libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()) {
         Ok(pk) => pk.verify(&wire::change_sig_message(space, doc, hash), sig),
         Err(_) => false,
+    }
+}
+
+/// The device whose signature `entry` is on `change`, if it verifies: the
+/// change's own device for a device's change, the vouching device for an
+/// app's (see `shoal_protocol::actor`).
+fn verify_sig(space: &SpaceId, doc: &DocId, change: &Change, entry: &[u8]) -> Option<DeviceId> {
+    let hash = change.hash().0;
+    if shoal_protocol::actor::is_app_actor(change.actor_id()) {
+        let (signer, sig) = wire::split_vouch(entry)?;
+        verify_change_sig(space, doc, &signer, &hash, sig).then_some(signer)
+    } else {
+        let author = shoal_protocol::actor::device_of(change.actor_id()).ok()?;
+        verify_change_sig(space, doc, &author, &hash, entry).then_some(author)
     }
 }
 
@@ -841,6 +883,23 @@ impl Engine {
                 let r = self.with_doc(&space, &doc, |d| jdoc::to_json(d));
                 let _ = reply.send(r);
             }
+            Command::AppChanges {
+                space,
+                doc,
+                bytes,
+                reply,
+            } => {
+                let r = self.app_changes(space, &doc, &bytes);
+                self.ack_after_flush(reply, r);
+            }
+            Command::DocBytes {
+                space,
+                doc,
+                since,
+                reply,
+            } => {
+                let _ = reply.send(Ok(self.doc_bytes(&space, &doc, since.as_deref())));
+            }
             Command::SyncStates(reply) => {
                 let _ = reply.send(SyncStates {
                     sessions: self.sessions.len(),
@@ -934,6 +993,82 @@ impl Engine {
         {
             warn!(error = %e, "cannot store change signatures");
         }
+    }
+
+    /// Refuses app changes vouched for by a device other than the one their
+    /// actor is bound to (the first that vouched for it).
+    fn check_app_actors(
+        &self,
+        space: &SpaceId,
+        changes: &[Change],
+        vouchers: &std::collections::HashMap<ChangeHash, DeviceId>,
+    ) -> Result<()> {
+        for c in changes
+            .iter()
+            .filter(|c| shoal_protocol::actor::is_app_actor(c.actor_id()))
+        {
+            let Some(by) = vouchers.get(&c.hash()) else {
+                continue;
+            };
+            if let Some(bound) = self.store.app_actor(space, c.actor_id())? {
+                if bound != *by {
+                    return Err(shoal_protocol::Error::Unauthorized(format!(
+                        "app actor {} belongs to {}, but change {} is vouched for by {}",
+                        c.actor_id(),
+                        bound.short(),
+                        c.hash(),
+                        by.short()
+                    ))
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records which device each new app actor belongs to.
+    fn bind_app_actors(
+        &self,
+        space: &SpaceId,
+        changes: &[Change],
+        vouchers: &std::collections::HashMap<ChangeHash, DeviceId>,
+    ) {
+        for c in changes
+            .iter()
+            .filter(|c| shoal_protocol::actor::is_app_actor(c.actor_id()))
+        {
+            if let Some(by) = vouchers.get(&c.hash()) {
+                if let Err(e) = self.store.bind_app_actor(space, c.actor_id(), by) {
+                    warn!(error = %e, "cannot record an app actor's device");
+                }
+            }
+        }
+    }
+
+    /// The signatures a batch of this device's changes travels with: the
+    /// last change under this device's own actor is signed (it vouches for
+    /// the earlier ones), and each app change gets this device's vouch.
+    /// Kept, so sync can relay them.
+    fn sign_batch(&self, space: &SpaceId, doc: &DocId, raw: &[Vec<u8>]) -> Vec<wire::ChangeSig> {
+        let parsed: Vec<Change> = raw
+            .iter()
+            .filter_map(|c| Change::try_from(c.as_slice()).ok())
+            .collect();
+        let mut sigs = Vec::new();
+        let mut tip = None;
+        for c in &parsed {
+            if shoal_protocol::actor::is_app_actor(c.actor_id()) {
+                let sig = self.sign_change(space, doc, &c.hash());
+                sigs.push((c.hash().0, wire::vouch(&self.me, &sig)));
+            } else {
+                tip = Some(c.hash());
+            }
+        }
+        if let Some(t) = tip {
+            sigs.push((t.0, self.sign_change(space, doc, &t)));
+        }
+        self.store_sigs(&sigs);
+        sigs
     }
 
     fn sign_change(&self, space: &SpaceId, doc: &DocId, hash: &ChangeHash) -> Vec<u8> {

@@ -594,9 +594,13 @@ impl Engine {
     /// `shoal_protocol::members`).
     fn frontier_of(&mut self, id: &SpaceId, device: &DeviceId) -> members::Frontier {
         let mut f = members::Frontier::new();
+        let apps = self.store.app_actors_of(id, device).unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the app actors a device vouched for");
+            Default::default()
+        });
         if let Some(s) = self.spaces.get_mut(id) {
             for (doc, d) in s.docs.iter_mut().filter(|(d, _)| !d.is_members()) {
-                let actors = members::frontier_in(&mut d.doc, device);
+                let actors = members::frontier_in(&mut d.doc, device, &apps);
                 if !actors.is_empty() {
                     f.insert(doc.clone(), actors);
                 }

@@ -18,7 +18,7 @@ use shoal_protocol::{hello, DocId, SpaceId, SpaceKey};
 use tracing::{debug, info, warn};
 
 use super::{
-    device_of_peer, random, verify_change_sig, Applied, Engine, Event, Session, SessionKey,
+    device_of_peer, random, verify_sig, Applied, Engine, Event, Session, SessionKey,
     MAX_ASKING_UNKNOWN, MAX_BACKOFF, RETRY_TICK, SESSION_TIMEOUT,
 };
 use crate::error::{Error, Result};
@@ -420,31 +420,37 @@ impl Engine {
         let by_hash: std::collections::HashMap<[u8; 32], &Change> =
             new.iter().map(|c| (c.hash().0, c)).collect();
         let mut verified = Vec::new();
-        let mut signed = std::collections::HashSet::new();
+        let mut signed = std::collections::HashMap::new();
         for (h, sig) in sigs {
             let Some(c) = by_hash.get(h) else { continue };
-            let author = shoal_protocol::actor::device_of(c.actor_id())?;
-            if !verify_change_sig(space, doc, &author, h, sig) {
-                return Err(shoal_protocol::Error::Unauthorized(format!(
-                    "a change claiming {} as author is not signed by it",
-                    author.short()
-                ))
-                .into());
-            }
-            signed.insert(c.hash());
+            let Some(signer) = verify_sig(space, doc, c, sig) else {
+                let claimed = match shoal_protocol::actor::device_of(c.actor_id()) {
+                    Ok(d) => format!(
+                        "a change claiming {} as author is not signed by it",
+                        d.short()
+                    ),
+                    Err(_) => format!("an app's change {} carries no valid vouch", c.hash()),
+                };
+                return Err(shoal_protocol::Error::Unauthorized(claimed).into());
+            };
+            signed.insert(c.hash(), signer);
             verified.push((*h, sig.clone()));
         }
-        if let Some(h) = shoal_protocol::sync::unvouched(&new, &signed).first() {
+        let vouchers = shoal_protocol::sync::vouchers(&new, &signed).map_err(|h| {
             let author = by_hash
                 .get(&h.0)
                 .and_then(|c| shoal_protocol::actor::device_of(c.actor_id()).ok())
-                .map(|d| d.short())
-                .unwrap_or_default();
-            return Err(shoal_protocol::Error::Unauthorized(format!(
-                "an unsigned change by {author}"
-            ))
-            .into());
-        }
+                .map_or_else(|| "an app".to_string(), |d| d.short());
+            shoal_protocol::Error::Unauthorized(format!("an unsigned change by {author}"))
+        })?;
+        self.check_app_actors(space, &new, &vouchers)?;
+        let sp = self
+            .spaces
+            .get_mut(space)
+            .ok_or_else(|| Error::UnknownSpace(space.to_string()))?;
+        let Some(d) = sp.docs.get_mut(doc) else {
+            return Ok((false, Applied::default()));
+        };
         if doc.is_members() {
             let mut trial = d.doc.fork();
             let refused = members::apply_members_changes(&mut trial, &sp.grant.creator, new)?;
@@ -456,7 +462,7 @@ impl Engine {
                 .into());
             }
         } else {
-            sp.roster.check_changes(doc, &new)?;
+            sp.roster.check_changes(doc, &new, &vouchers)?;
         }
         let before = d.doc.get_heads();
         let state = if responder {
@@ -474,7 +480,8 @@ impl Engine {
         shoal_protocol::doc::forget_patches(&mut d.doc);
         let changed = d.doc.get_heads() != before;
         self.store_sigs(&verified);
-        Ok((changed, Applied::new(raw, &authored)))
+        self.bind_app_actors(space, &authored, &vouchers);
+        Ok((changed, Applied::new(raw, &authored, &vouchers)))
     }
 
     /// The signatures of the changes an outgoing sync message carries.

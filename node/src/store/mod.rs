@@ -15,9 +15,10 @@
 
 use std::path::Path;
 
+use automerge::ActorId;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::keys::SpaceGrant;
-use shoal_protocol::{DocId, Role, SpaceId};
+use shoal_protocol::{DeviceId, DocId, Role, SpaceId};
 
 use crate::error::{Error, Result};
 
@@ -37,6 +38,9 @@ pub struct Store {
     peers: sled::Tree,
     invites: sled::Tree,
     sigs: sled::Tree,
+    /// Which device each app actor belongs to: space, then actor id bytes
+    /// -> device id bytes (see `shoal_protocol::actor`).
+    apps: sled::Tree,
 }
 
 /// An invite this node issued.
@@ -80,6 +84,10 @@ fn doc_prefix(space: &SpaceId, doc: &DocId) -> Vec<u8> {
     k
 }
 
+fn app_key(space: &SpaceId, actor: &ActorId) -> Vec<u8> {
+    [&space.0[..], actor.to_bytes()].concat()
+}
+
 fn doc_key(space: &SpaceId, doc: &DocId, kind: u8, seq: u64) -> Vec<u8> {
     let mut k = doc_prefix(space, doc);
     k.push(kind);
@@ -105,6 +113,7 @@ impl Store {
             peers: db.open_tree("peers")?,
             invites: db.open_tree("invites")?,
             sigs: db.open_tree("sigs")?,
+            apps: db.open_tree("apps")?,
             db,
         })
     }
@@ -231,6 +240,51 @@ impl Store {
     /// A change's signature, if we have it.
     pub fn sig(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>> {
         Ok(self.sigs.get(hash)?.map(|v| v.to_vec()))
+    }
+
+    /// The device app actor `actor` of `space` belongs to, if known.
+    pub fn app_actor(&self, space: &SpaceId, actor: &ActorId) -> Result<Option<DeviceId>> {
+        let key = app_key(space, actor);
+        match self.apps.get(key)? {
+            None => Ok(None),
+            Some(v) => DeviceId::from_bytes(v.to_vec())
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    key: format!("app actor {actor} of space {}", space.short()),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Binds app actor `actor` of `space` to `device`, unless it is bound.
+    pub fn bind_app_actor(
+        &self,
+        space: &SpaceId,
+        actor: &ActorId,
+        device: &DeviceId,
+    ) -> Result<()> {
+        let key = app_key(space, actor);
+        // the first binding stays: a later one is refused before this
+        let _ = self
+            .apps
+            .compare_and_swap(key, None as Option<&[u8]>, Some(device.as_bytes()))?;
+        Ok(())
+    }
+
+    /// The app actors of `space` that belong to `device`.
+    pub fn app_actors_of(
+        &self,
+        space: &SpaceId,
+        device: &DeviceId,
+    ) -> Result<std::collections::BTreeSet<ActorId>> {
+        let mut out = std::collections::BTreeSet::new();
+        for kv in self.apps.scan_prefix(space.0) {
+            let (k, v) = kv?;
+            if v.as_ref() == device.as_bytes() {
+                out.insert(ActorId::from(&k[space.0.len()..]));
+            }
+        }
+        Ok(out)
     }
 
     /// Records an invite.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use automerge::sync::{ChunkList, Message, MessageVersion};
 use automerge::AutoCommit;
 use futures::StreamExt;
@@ -1682,5 +1682,162 @@ async fn a_flood_of_stalled_frames_stays_within_the_budgets() -> Result<()> {
     );
     assert!(peak_held <= bound, "held {peak_held} > {bound}");
     assert_eq!(held.refused - before.refused, expected);
+    Ok(())
+}
+
+/// An app's change (under an actor id of its own, see
+/// `shoal_protocol::actor`) is taken only with the vouch of a device that
+/// may write, and an app actor belongs to the first device that vouched for
+/// it: no other member can write under it, vouch with a signature that is
+/// not its own, or pass an app change off without a vouch; and no member
+/// can vouch its way into another device's own actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> {
+    let (n, _, todo) = two_members().await?;
+    let (a, b) = (&n[0].node, &n[1].node);
+    let mut e = admitted(a, Role::Editor, None).await?;
+    let mut f = admitted(a, Role::Editor, None).await?;
+    let mut v = admitted(a, Role::Viewer, None).await?;
+    let vouched = |k: &Keypair, dev: &DeviceId, raw: &[u8]| -> Result<wire::ChangeSig> {
+        let (h, sig) = sign(k, &e.space, &todo, raw)?;
+        Ok((h, wire::vouch(dev, &sig)))
+    };
+    let mut base = AutoCommit::load(&a.doc_bytes("notes", &todo).await?)?;
+    // E's app writes under its own actor; E vouches: taken.
+    let mut app = base.fork().with_actor(automerge::ActorId::from([0xA5; 16]));
+    jdoc::put_json(&mut app, "/app", &json!("by e's app"))?;
+    app.commit();
+    let first = app
+        .get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec();
+    let r =
+        e.h.sync_request(
+            e.a_peer,
+            sync_req(
+                e.space,
+                &todo,
+                carrying(vec![first.clone()]),
+                vec![vouched(&e.key, &e.dev, &first)?],
+            ),
+        )
+        .await?;
+    assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    assert_eq!(a.get("notes", &todo).await?["app"], json!("by e's app"));
+
+    // F continues under E's app actor with its own vouch: refused.
+    jdoc::put_json(&mut app, "/app", &json!("forged by f"))?;
+    app.commit();
+    let second = app
+        .get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec();
+    let r =
+        f.h.sync_request(
+            f.a_peer,
+            sync_req(
+                f.space,
+                &todo,
+                carrying(vec![second.clone()]),
+                vec![vouched(&f.key, &f.dev, &second)?],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut f.h, &mut f.ev, "belongs to").await?;
+    // F claims E vouched, with its own signature: refused.
+    let r =
+        f.h.sync_request(
+            f.a_peer,
+            sync_req(
+                f.space,
+                &todo,
+                carrying(vec![second.clone()]),
+                vec![vouched(&f.key, &e.dev, &second)?],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut f.h, &mut f.ev, "no valid vouch").await?;
+    // An app change with a bare signature, no vouch: refused.
+    let mut other = base.fork().with_actor(automerge::ActorId::from([0x5A; 16]));
+    jdoc::put_json(&mut other, "/bare", &json!(1))?;
+    other.commit();
+    let bare = other
+        .get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec();
+    let r =
+        f.h.sync_request(
+            f.a_peer,
+            sync_req(
+                f.space,
+                &todo,
+                carrying(vec![bare.clone()]),
+                vec![sign(&f.key, &f.space, &todo, &bare)?],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut f.h, &mut f.ev, "no valid vouch").await?;
+    // A viewer vouching for its app: refused by its role.
+    let r =
+        v.h.sync_request(
+            v.a_peer,
+            sync_req(
+                v.space,
+                &todo,
+                carrying(vec![bare.clone()]),
+                vec![vouched(&v.key, &v.dev, &bare)?],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut v.h, &mut v.ev, "may not change").await?;
+    // F vouching for a change under E's own device actor: refused.
+    let mut as_e = base.fork().with_actor(actor_for(&e.dev, [9; 8]));
+    jdoc::put_json(&mut as_e, "/as_e", &json!(1))?;
+    as_e.commit();
+    let as_e = as_e
+        .get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec();
+    let r =
+        f.h.sync_request(
+            f.a_peer,
+            sync_req(
+                f.space,
+                &todo,
+                carrying(vec![as_e.clone()]),
+                vec![vouched(&f.key, &f.dev, &as_e)?],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut f.h, &mut f.ev, "not signed by it").await?;
+
+    // E itself continues its app's chain: taken. Nothing refused landed.
+    let r =
+        e.h.sync_request(
+            e.a_peer,
+            sync_req(
+                e.space,
+                &todo,
+                carrying(vec![second.clone()]),
+                vec![vouched(&e.key, &e.dev, &second)?],
+            ),
+        )
+        .await?;
+    assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
+    let d = a.get("notes", &todo).await?;
+    assert_eq!(d["app"], json!("forged by f"), "E's own second change: {d}");
+    ensure!(d.get("bare").is_none() && d.get("as_e").is_none(), "{d}");
+    // The honest member gets E's app changes, vouched, by sync from A.
+    still_syncs(a, b, &todo).await?;
+    assert_eq!(b.get("notes", &todo).await?["app"], json!("forged by f"));
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! the namespace LAN lab live with the binary they run, in `cli/tests/`.
 
 mod api;
+mod apps;
 mod events;
 mod folders;
 mod history;
