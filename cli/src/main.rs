@@ -160,6 +160,13 @@ enum Cmd {
     /// Reachability (AutoNAT), bootstrap nodes, relay reservations, and for
     /// each peer of each space: connected, direct or relayed, latency.
     Doctor,
+    /// Print a one-time login link for the dashboard the node serves (it
+    /// works once, for 10 minutes).
+    Dashboard {
+        /// Open it in this user's browser (xdg-open).
+        #[arg(long)]
+        open: bool,
+    },
     /// Add a device to a space, or change its role (owners only).
     Member {
         /// Space name or id.
@@ -433,12 +440,15 @@ async fn up(home: Home, args: UpArgs, json_out: bool) -> Result<()> {
     };
     let info = node.net_info().await?;
     let addrs: Vec<String> = info.listen_addrs.iter().map(|a| a.to_string()).collect();
+    let login = format!("http://{api_addr}{}", node.dashboard_login());
     print(
         json_out,
-        json!({"device_id": info.peer_id, "name": node.name(), "listen_addrs": addrs, "api": api_addr.to_string()}),
+        json!({"device_id": info.peer_id, "name": node.name(), "listen_addrs": addrs,
+            "api": api_addr.to_string(), "dashboard": login}),
         || {
             let mut s = format!(
-                "shoal node {} ({}) is up\napi: http://{api_addr}\n",
+                "shoal node {} ({}) is up\napi: http://{api_addr}\n\
+                 dashboard: {login}\n  (a one-time login link; `shoal dashboard` prints a new one)\n",
                 node.name(),
                 info.peer_id
             );
@@ -702,6 +712,17 @@ syncing {f}"
             print(json_out, v, || format!("{space} now syncs {path}"));
         }
         Cmd::Doctor => netcmd::doctor(c, json_out).await?,
+        Cmd::Dashboard { open } => {
+            let v = c.post("/v1/dashboard/login", json!({})).await?;
+            let url = v["url"].as_str().unwrap_or_default().to_string();
+            print(json_out, v.clone(), || url.clone());
+            if open {
+                std::process::Command::new("xdg-open")
+                    .arg(&url)
+                    .status()
+                    .context("cannot run xdg-open; open the link above yourself")?;
+            }
+        }
         Cmd::History { space, path } => history::history(c, json_out, &space, &path).await?,
         Cmd::Trash { space } => history::trash(c, json_out, &space).await?,
         Cmd::Restore(a) => history::restore(c, json_out, a).await?,

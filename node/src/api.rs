@@ -143,6 +143,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(docs))
         .routes(routes!(get_doc, put_doc, delete_doc))
         .routes(routes!(doc_url))
+        .routes(routes!(dashboard_login))
         .routes(routes!(app_endpoint))
         .routes(routes!(status))
         .routes(routes!(metrics))
@@ -179,6 +180,7 @@ pub fn router(node: Node, token: String) -> crate::Result<Router> {
         node,
         token: Arc::new(token),
     };
+    let dashboard = crate::dashboard::routes(state.node.clone());
     let (api, _) = routes()
         .fallback(unknown_endpoint)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -197,6 +199,7 @@ pub fn router(node: Node, token: String) -> crate::Result<Router> {
         )
         .route("/v1/spaces/{space}/repo", axum::routing::get(app_socket))
         .with_state(state)
+        .merge(dashboard)
         .layer(middleware::from_fn(loopback_host)))
 }
 
@@ -282,7 +285,17 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !bool::from(given.as_bytes().ct_eq(st.token.as_bytes())) {
+    let by_token = bool::from(given.as_bytes().ct_eq(st.token.as_bytes()));
+    // The dashboard's session cookie (see `crate::dashboard`); a request
+    // sent with it from a page must come from a loopback origin.
+    let by_session = !by_token
+        && st.node.logins().from_headers(req.headers())
+        && req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .is_none_or(|o| o.strip_prefix("http://").is_some_and(is_loopback_host));
+    if !by_token && !by_session {
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong API token".into(),
@@ -1244,6 +1257,31 @@ async fn app_endpoint(
             "ws://{host}/v1/spaces/{id}/repo?key={}",
             crate::apps::app_key(&st.token, &id)
         ),
+    }))
+}
+
+/// A one-time login link for the dashboard.
+#[derive(Serialize, ToSchema)]
+struct LoginLink {
+    /// `http://HOST/ui/login?code=...`: works once, for 10 minutes.
+    url: String,
+}
+
+#[utoipa::path(post, path = "/v1/dashboard/login", tag = "dashboard",
+    responses(
+        (status = 200, body = LoginLink, description = "A one-time login link for \
+            the dashboard (`shoal dashboard` prints it)"),
+    ))]
+async fn dashboard_login(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<LoginLink> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    Ok(Json(LoginLink {
+        url: format!("http://{host}{}", st.node.dashboard_login()),
     }))
 }
 

@@ -16,6 +16,7 @@
 pub mod api;
 pub mod apps;
 pub mod config;
+pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod events;
@@ -64,6 +65,7 @@ struct Inner {
     lock: std::sync::Mutex<Option<home::HomeLock>>,
     folders: folder::Folders,
     apps: apps::Apps,
+    logins: dashboard::Logins,
     metrics: Arc<metrics::Metrics>,
     supervisor: Supervisor,
 }
@@ -120,6 +122,7 @@ impl Node {
                 lock: std::sync::Mutex::new(Some(lock)),
                 folders,
                 apps,
+                logins: dashboard::Logins::default(),
                 metrics,
                 supervisor,
             }),
@@ -546,6 +549,17 @@ impl Node {
         let (id, _) = self.resolve(space).await?;
         self.inner.apps.serve(id, socket).await;
         Ok(())
+    }
+
+    /// The dashboard's one-time login codes and sessions.
+    pub fn logins(&self) -> &dashboard::Logins {
+        &self.inner.logins
+    }
+
+    /// A one-time login link's path and query for the dashboard
+    /// (`/ui/login?code=...`); prefix the API's `http://HOST:PORT`.
+    pub fn dashboard_login(&self) -> String {
+        format!("/ui/login?code={}", self.inner.logins.code())
     }
 
     /// A document's saved Automerge bytes (what an automerge-repo client

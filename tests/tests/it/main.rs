@@ -4,6 +4,7 @@
 
 mod api;
 mod apps;
+mod dashboard;
 mod events;
 mod folders;
 mod history;
