@@ -454,6 +454,15 @@ impl EventFilter {
                 ("folder_error", "error", Some(space), Some(path), vec![])
             }
             Event::NodeFailed { .. } => ("node_failed", "error", None, None, vec![]),
+            Event::Ephemeral {
+                space, doc, from, ..
+            } => (
+                "ephemeral",
+                "ephemeral",
+                Some(space),
+                Some(doc.as_str()),
+                one(from),
+            ),
         };
         if let Some(t) = &self.types {
             if !t.iter().any(|t| t == kind || t == group) {

@@ -18,6 +18,11 @@
 //! A viewer's apps read, and what they write is ignored (samod's read-only
 //! share policy); the decision follows role changes.
 //!
+//! Ephemeral messages (presence, cursors) an app sends about a document
+//! are passed to the other apps here (samod does that) and gossiped to the
+//! space's other devices, whose bridges hand them to their apps; nothing
+//! stores them.
+//!
 //! Document URLs: a document an app created is named in shoal by its
 //! automerge-repo id (base58check, which is a valid shoal document id). A
 //! document made through shoal's API under another name gets an id derived
@@ -30,10 +35,11 @@ use std::sync::{Arc, Mutex};
 
 use automerge::ChangeHash;
 use futures::Stream;
+use futures::StreamExt;
 use samod::storage::{Storage, StorageKey};
 use samod::{AutomergeUrl, DocumentId, ShareConfig};
 use shoal_protocol::{DocId, Role, SpaceId};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::engine::{self, Command};
@@ -128,10 +134,12 @@ impl Apps {
         }
         let role = self.role(space).await?;
         let (access, decisions) = watch::channel(share_for(role));
+        let (opened_tx, opened) = mpsc::unbounded_channel();
         let storage = EngineStorage {
             space,
             engine: self.engine.clone(),
             open: Arc::default(),
+            opened: opened_tx,
             other: Arc::default(),
         };
         let open = Arc::clone(&storage.open);
@@ -156,7 +164,7 @@ impl Apps {
             open,
             access,
         };
-        tokio::spawn(bridge.run(self.events.subscribe()));
+        tokio::spawn(bridge.run(self.events.subscribe(), opened));
         repos.insert(space, r.clone());
         Ok(r)
     }
@@ -208,9 +216,20 @@ struct Bridge {
 }
 
 impl Bridge {
-    async fn run(self, mut events: broadcast::Receiver<Event>) {
+    async fn run(
+        self,
+        mut events: broadcast::Receiver<Event>,
+        mut opened: mpsc::UnboundedReceiver<DocumentId>,
+    ) {
         loop {
-            let ev = match events.recv().await {
+            let got = tokio::select! {
+                ev = events.recv() => ev,
+                Some(id) = opened.recv() => {
+                    self.forward_ephemera(id);
+                    continue;
+                }
+            };
+            let ev = match got {
                 Ok(ev) => ev,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     // Missed some: bring every open document up to date.
@@ -223,20 +242,58 @@ impl Bridge {
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            if let Event::DocChanged {
-                space, doc, origin, ..
-            } = ev
-            {
-                if space != self.space {
-                    continue;
+            match ev {
+                Event::DocChanged {
+                    space, doc, origin, ..
+                } if space == self.space => {
+                    if doc.is_members() {
+                        self.refresh_role().await;
+                    } else if origin != Origin::App {
+                        self.refresh(&doc).await;
+                    }
                 }
-                if doc.is_members() {
-                    self.refresh_role().await;
-                } else if origin != Origin::App {
-                    self.refresh(&doc).await;
+                Event::Ephemeral {
+                    space, doc, data, ..
+                } if space == self.space => {
+                    if let Some(id) = self.opened().get(&doc).cloned() {
+                        if let Ok(Some(handle)) = self.repo.find(id).await {
+                            handle.broadcast(data);
+                        }
+                    }
                 }
+                _ => {}
             }
         }
+    }
+
+    /// Passes the ephemeral messages this node's apps send about document
+    /// `id` to the engine, which gossips them to the space's other devices.
+    fn forward_ephemera(&self, id: DocumentId) {
+        let (repo, engine, space) = (self.repo.clone(), self.engine.clone(), self.space);
+        let Some(doc) = self
+            .opened()
+            .into_iter()
+            .find(|(_, d)| *d == id)
+            .map(|(doc, _)| doc)
+        else {
+            return;
+        };
+        tokio::spawn(async move {
+            let Ok(Some(handle)) = repo.find(id).await else {
+                return;
+            };
+            let mut messages = handle.ephemera();
+            while let Some(data) = messages.next().await {
+                let msg = Command::Ephemeral {
+                    space,
+                    doc: doc.clone(),
+                    data,
+                };
+                if engine.0.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     fn opened(&self) -> HashMap<DocId, DocumentId> {
@@ -296,6 +353,8 @@ struct EngineStorage {
     space: SpaceId,
     engine: engine::Client,
     open: Open,
+    /// Tells the bridge about each document samod opens.
+    opened: mpsc::UnboundedSender<DocumentId>,
     /// What samod keeps that is not a document (its storage id).
     other: Arc<Mutex<HashMap<StorageKey, Vec<u8>>>>,
 }
@@ -319,6 +378,18 @@ impl EngineStorage {
             .filter_map(|d| d.parse::<DocId>().ok())
             .find(|d| !d.is_members() && document_id(&self.space, d).is_ok_and(|x| x == *id));
         Some(named.unwrap_or(direct))
+    }
+
+    /// Records that samod has `doc` open (as `id`); tells the bridge the
+    /// first time.
+    fn note_open(&self, doc: &DocId, id: &DocumentId) {
+        let first = self
+            .open
+            .lock()
+            .is_ok_and(|mut o| o.insert(doc.clone(), id.clone()).is_none());
+        if first {
+            let _ = self.opened.send(id.clone());
+        }
     }
 
     /// A document key's samod id and part (`snapshot`, `incremental`).
@@ -353,9 +424,7 @@ impl Storage for EngineStorage {
         let Some(doc) = self.shoal_doc(&id).await else {
             return HashMap::new();
         };
-        if let Ok(mut open) = self.open.lock() {
-            open.insert(doc.clone(), id.clone());
-        }
+        self.note_open(&doc, &id);
         let space = self.space;
         let bytes = self
             .engine
@@ -382,9 +451,7 @@ impl Storage for EngineStorage {
         let Some(doc) = self.shoal_doc(&id).await else {
             return;
         };
-        if let Ok(mut open) = self.open.lock() {
-            open.insert(doc.clone(), id);
-        }
+        self.note_open(&doc, &id);
         let space = self.space;
         let d = doc.clone();
         if let Err(e) = self

@@ -96,6 +96,26 @@ pub enum Event {
         /// Why, for humans.
         reason: String,
     },
+    /// An app on another device sent an ephemeral message about a
+    /// document (presence, a cursor): passed to this device's apps, never
+    /// stored.
+    Ephemeral {
+        /// The space id.
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
+        /// The document.
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        doc: DocId,
+        /// The device whose app sent it.
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        from: DeviceId,
+        /// The message, as the app sent it (automerge-repo's CBOR).
+        #[serde(skip)]
+        data: Vec<u8>,
+    },
     /// A file in a synced folder changed: found by the scanner (local) or
     /// placed from a peer's version (remote).
     FileChanged {

@@ -244,7 +244,18 @@ pub enum GossipBody {
         /// (document, heads)
         docs: Vec<(DocId, Vec<[u8; 32]>)>,
     },
+    /// An app's ephemeral message about a document (presence, a cursor),
+    /// passed to the apps of the space's other devices and never stored.
+    Ephemeral {
+        /// The document.
+        doc: DocId,
+        /// The app's message, as automerge-repo gave it (opaque here).
+        data: Vec<u8>,
+    },
 }
+
+/// Most bytes of one ephemeral message.
+pub const MAX_EPHEMERAL_BYTES: usize = 16 * 1024;
 
 /// Encodes a wire message.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {

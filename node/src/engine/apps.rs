@@ -7,8 +7,11 @@ use automerge::{Change, ChangeHash};
 use shoal_protocol::actor::is_app_actor;
 use shoal_protocol::{DocId, SpaceId};
 
+use shoal_protocol::wire::{self, GossipBody};
+
 use super::{hex_heads, Engine, Event, Origin};
 use crate::error::{Error, Result};
+use crate::net::NetCommand;
 
 impl Engine {
     /// Applies changes an app on this device wrote to `doc`: refused unless
@@ -97,6 +100,26 @@ impl Engine {
             });
         }
         Ok(applied.len())
+    }
+
+    /// Gossips a local app's ephemeral message to the space's other
+    /// devices, if it is small enough and this device is a member.
+    pub(super) fn publish_ephemeral(
+        &mut self,
+        id: SpaceId,
+        doc: DocId,
+        data: Vec<u8>,
+        outbox: &mut Vec<NetCommand>,
+    ) {
+        let member = self
+            .spaces
+            .get(&id)
+            .is_some_and(|s| s.roster.role_of(&self.me).is_some());
+        if !member || data.len() > wire::MAX_EPHEMERAL_BYTES || self.drop_gossip {
+            return;
+        }
+        let bytes = wire::encode(&GossipBody::Ephemeral { doc, data });
+        self.publish_sealed(id, &bytes, outbox);
     }
 
     /// A document's saved bytes, or its changes since `since`.

@@ -243,6 +243,26 @@ impl Engine {
                 slot.2.insert(source);
                 Ok(())
             }
+            GossipBody::Ephemeral { doc, data } => {
+                if data.len() > wire::MAX_EPHEMERAL_BYTES {
+                    return Err(reject("ephemeral message too large".into()));
+                }
+                // Any member's apps may say where they are, viewers' too;
+                // nobody else's.
+                if s.roster.role_of(&author).is_none() {
+                    return Err((
+                        MessageAcceptance::Ignore,
+                        format!("ephemeral message from {}, not a member", author.short()),
+                    ));
+                }
+                self.emit(Event::Ephemeral {
+                    space,
+                    doc,
+                    from: author,
+                    data,
+                });
+                Ok(())
+            }
             GossipBody::Heads { docs } => {
                 if docs.len() > wire::MAX_HEADS_DOCS {
                     return Err(reject("heads summary too long".into()));

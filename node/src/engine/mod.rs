@@ -168,6 +168,13 @@ pub(crate) enum Command {
         bytes: Vec<u8>,
         reply: Reply<usize>,
     },
+    /// An ephemeral message from a local app, for the apps of the space's
+    /// other devices (gossiped, never stored).
+    Ephemeral {
+        space: SpaceId,
+        doc: DocId,
+        data: Vec<u8>,
+    },
     /// A document's saved bytes (`since: None`), or its changes since the
     /// given heads; `None` if it is not held.
     DocBytes {
@@ -730,7 +737,7 @@ impl Engine {
         let c = &self.counters;
         let n = match &ev {
             Event::DocChanged {
-                origin: Origin::Local,
+                origin: Origin::Local | Origin::App,
                 ..
             } => Some(&c.doc_updates_local),
             Event::DocChanged { .. } => Some(&c.doc_updates_remote),
@@ -891,6 +898,9 @@ impl Engine {
             } => {
                 let r = self.app_changes(space, &doc, &bytes);
                 self.ack_after_flush(reply, r);
+            }
+            Command::Ephemeral { space, doc, data } => {
+                self.publish_ephemeral(space, doc, data, outbox);
             }
             Command::DocBytes {
                 space,

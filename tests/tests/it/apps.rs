@@ -240,46 +240,62 @@ async fn stock_automerge_repo_clients_share_documents_through_shoal() -> Result<
     Ok(())
 }
 
-/// Ephemeral messages (presence, cursors) pass between apps and are
-/// never stored.
+/// Ephemeral messages (presence, cursors) pass between the apps of one
+/// device and to the apps of the space's other devices, and are never
+/// stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemeral_messages_pass_between_apps_unstored() -> Result<()> {
     if !js_ready()? {
         return Ok(());
     }
-    let n = spawn_nodes(1).await?;
-    let a = n[0].node.clone();
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (n[0].node.clone(), n[1].node.clone());
     a.create_space("notes").await?;
-    let (api, _stop) = serve_api(&a).await?;
-    let ws = app_url(&api, "notes").await?;
-    let mut one = JsClient::start(&ws).await?;
-    let mut two = JsClient::start(&ws).await?;
+    share_space(&a, "notes", &[&b]).await?;
+    connect(&b, &a).await?;
+    let (api_a, _stop_a) = serve_api(&a).await?;
+    let (api_b, _stop_b) = serve_api(&b).await?;
+    let ws_a = app_url(&api_a, "notes").await?;
+    let mut one = JsClient::start(&ws_a).await?;
+    let mut two = JsClient::start(&ws_a).await?;
+    let mut far = JsClient::start(&app_url(&api_b, "notes").await?).await?;
     let url = one.call(json!({"op": "create", "value": {"k": 1}})).await?["url"]
         .as_str()
         .context("no url")?
         .to_string();
     let doc = doc_of(&url)?;
     wait_key(&a, "notes", &doc, "k", json!(1)).await?;
+    wait_key(&b, "notes", &doc, "k", json!(1)).await?;
     two.wait(&url, json!({"k": 1})).await?;
-    // the first message may go before the second app is subscribed: send
-    // until one arrives
-    let mut got = None;
-    for _ in 0..50 {
-        one.call(json!({"op": "broadcast", "url": url, "message": {"cursor": 7}}))
-            .await?;
-        if let Ok(v) = two
-            .call(json!({"op": "ephemeral", "url": url, "ms": 200}))
-            .await
-        {
-            got = Some(v);
-            break;
+    far.wait(&url, json!({"k": 1})).await?;
+    // A message may go out before a listener is subscribed: send until
+    // each has heard one.
+    for (who, listener) in [
+        ("an app on the same device", &mut two),
+        ("an app on another device", &mut far),
+    ] {
+        let mut got = None;
+        for _ in 0..100 {
+            one.call(json!({"op": "broadcast", "url": url, "message": {"cursor": 7}}))
+                .await?;
+            if let Ok(v) = listener
+                .call(json!({"op": "ephemeral", "url": url, "ms": 200}))
+                .await
+            {
+                got = Some(v);
+                break;
+            }
         }
+        let got = got.with_context(|| format!("no ephemeral message reached {who}"))?;
+        assert_eq!(got["message"]["cursor"], 7, "{who}");
     }
-    let got = got.context("no ephemeral message arrived")?;
-    assert_eq!(got["message"]["cursor"], 7);
-    let stored = a.get("notes", &doc).await?;
-    ensure!(stored.get("cursor").is_none(), "stored: {stored}");
+    for node in [&a, &b] {
+        let stored = node.get("notes", &doc).await?;
+        ensure!(stored.get("cursor").is_none(), "stored: {stored}");
+        assert_eq!(stored, json!({"k": 1}));
+    }
     one.stop().await;
     two.stop().await;
+    far.stop().await;
     Ok(())
 }
