@@ -42,6 +42,7 @@ const bytes = (n) =>
 
 const names = new Map(); // device id -> name, from members lists
 const invites = new Map(); // space id -> the last invite issued here (kept across redraws)
+const historyPaths = new Map(); // space id -> the path whose history is shown
 let spaceNames = new Map(); // space id -> name
 
 function activity(text) {
@@ -118,6 +119,82 @@ function inviteView(space) {
   return el("div", { class: "invite" }, role, " ", button, out);
 }
 
+// A file's versions, each with a button that restores it.
+function historyView(space, writer) {
+  const path = el("input", { class: "history-path", placeholder: "path in the folder", size: 28 });
+  const out = el("div", { class: "history-out" });
+  const show = async () => {
+    historyPaths.set(space.id, path.value.trim());
+    out.replaceChildren("…");
+    try {
+      const versions = await api("GET",
+        `/v1/spaces/${space.id}/history?path=${encodeURIComponent(path.value.trim())}`);
+      out.replaceChildren(versions.length
+        ? el("ol", { class: "versions" }, versions.map((v) =>
+          el("li", { "data-version": v.version },
+            `${v.time} · ${names.get(v.device) || short(v.device)} · `,
+            v.deleted ? "deleted" : `${bytes(v.size)} · ${v.content}`,
+            v.current ? " (current)" : " ",
+            writer && !v.current && !v.deleted && v.content !== "gone"
+              ? el("button", {
+                class: "restore-version-btn", type: "button",
+                onclick: async (ev) => {
+                  ev.target.disabled = true;
+                  try {
+                    await api("POST", `/v1/spaces/${space.id}/restore`,
+                      { path: path.value.trim(), version: v.version });
+                    activity(`restored version ${v.version} of ${path.value.trim()}`);
+                    show();
+                  } catch (e) {
+                    activity(`restore failed: ${e.message}`);
+                  }
+                },
+              }, "Restore this version")
+              : null)))
+        : el("p", { class: "muted" }, "no versions"));
+    } catch (e) {
+      out.replaceChildren(el("span", { class: "error" }, e.message));
+    }
+  };
+  const last = historyPaths.get(space.id);
+  if (last) {
+    path.value = last;
+    show();
+  }
+  return el("div", { class: "history" }, path, " ",
+    el("button", { class: "history-btn", type: "button", onclick: show }, "Show history"), out);
+}
+
+// An owner's controls for another member: its role, or revoking it.
+function memberControls(space, m) {
+  const role = el("select", { class: "member-role" },
+    ["owner", "editor", "viewer"].map((r) =>
+      el("option", r === m.role ? { value: r, selected: "" } : { value: r }, r)));
+  role.addEventListener("change", async () => {
+    try {
+      await api("PUT", `/v1/spaces/${space.id}/members/${m.device}`, { role: role.value });
+      activity(`${m.name} is now ${role.value} in ${space.name}`);
+      refreshSoon();
+    } catch (e) {
+      activity(`role change failed: ${e.message}`);
+    }
+  });
+  const revoke = el("button", {
+    class: "revoke-btn", type: "button",
+    onclick: async () => {
+      if (!window.confirm(`Remove ${m.name} from ${space.name}? The space key rotates.`)) return;
+      try {
+        await api("DELETE", `/v1/spaces/${space.id}/members/${m.device}`);
+        activity(`${m.name} removed from ${space.name}`);
+        refreshSoon();
+      } catch (e) {
+        activity(`revocation failed: ${e.message}`);
+      }
+    },
+  }, "Revoke");
+  return [role, " ", revoke];
+}
+
 async function spaceView(space, status) {
   const [members, conflicts, trash] = await Promise.all([
     api("GET", `/v1/spaces/${space.id}/members`),
@@ -136,7 +213,7 @@ async function spaceView(space, status) {
       el("tbody", {}, members.map((m) =>
         el("tr", { "data-device": m.device },
           el("td", {}, m.name, m.this_device ? " (this device)" : ""),
-          el("td", {}, m.role),
+          el("td", {}, owner && !m.this_device ? memberControls(space, m) : m.role),
           el("td", {}, m.this_device ? "" : m.connected ? "connected"
             : m.last_seen ? `last seen ${new Date(m.last_seen * 1000).toLocaleString()}` : "not seen"))))),
     owner ? inviteView(space) : null,
@@ -163,6 +240,8 @@ async function spaceView(space, status) {
             },
           }, "Restore") : null)))
       : el("p", { class: "trash muted" }, "none"),
+    status && status.folder ? el("h4", {}, "File history") : null,
+    status && status.folder ? historyView(space, writer) : null,
     el("h4", {}, "Documents"),
     el("p", { class: "docs muted" }, space.docs.length ? space.docs.join(", ") : "none"));
 }

@@ -331,6 +331,41 @@ async fn the_dashboard_works_in_a_real_browser_from_its_login_link_alone() -> Re
     wait_file(&a, &fa.canonicalize()?.join("photo.jpg"), &content).await?;
     wait_file(&b, &fb.canonicalize()?.join("photo.jpg"), &content).await?;
 
+    // The file's history: written, deleted, restored. (Typed and asked
+    // for in one step: a redraw between the two would lose the text.)
+    browser
+        .until(
+            "the history form",
+            "const s = document.querySelector('section.space[data-name=\"photos\"]'); \
+             const i = s && s.querySelector('.history-path'); if (!i) return false; \
+             i.value = 'photo.jpg'; s.querySelector('.history-btn').click(); return true",
+        )
+        .await?;
+    browser
+        .until(
+            "the file's three versions",
+            "return document.querySelectorAll('section.space[data-name=\"photos\"] ol.versions li').length >= 3",
+        )
+        .await?;
+    browser.screenshot("history").await?;
+
+    // The owner makes the new member a viewer from the page.
+    let demote = format!(
+        "const s = document.querySelector('section.space[data-name=\"photos\"] tr[data-device=\"{}\"] select.member-role'); \
+         if (!s) return false; s.value = 'viewer'; s.dispatchEvent(new Event('change')); return true",
+        b.device_id()
+    );
+    browser.until("the member's role control", &demote).await?;
+    wait_for(&a, TIMEOUT, || async {
+        a.members("photos").await.is_ok_and(|ms| {
+            ms.iter().any(|m| {
+                m.device == b.device_id().to_string() && m.role == shoal_protocol::Role::Viewer
+            })
+        })
+    })
+    .await
+    .context("the page did not make the member a viewer")?;
+
     browser.client.clone().close().await?;
     Ok(())
 }
