@@ -286,15 +286,11 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     let by_token = bool::from(given.as_bytes().ct_eq(st.token.as_bytes()));
-    // The dashboard's session cookie (see `crate::dashboard`); a request
-    // sent with it from a page must come from a loopback origin.
+    // The dashboard's session cookie (see `crate::dashboard`), from the
+    // dashboard's own page only.
     let by_session = !by_token
         && st.node.logins().from_headers(req.headers())
-        && req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|o| o.to_str().ok())
-            .is_none_or(|o| o.strip_prefix("http://").is_some_and(is_loopback_host));
+        && crate::dashboard::same_origin(req.headers());
     if !by_token && !by_session {
         return ApiError(
             StatusCode::UNAUTHORIZED,
@@ -1307,19 +1303,20 @@ async fn app_socket(
     axum::extract::Query(q): axum::extract::Query<AppKey>,
     ws: axum::extract::WebSocketUpgrade,
 ) -> Response {
-    let id = match st.node.space_id(&space).await {
-        Ok(id) => id,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let want = crate::apps::app_key(&st.token, &id);
+    // An unknown space is refused like a wrong key: without the key, the
+    // endpoint tells nothing about which spaces exist.
+    let id = st.node.space_id(&space).await.ok();
+    let want = id.map(|id| crate::apps::app_key(&st.token, &id));
     let given = q.key.unwrap_or_default();
-    if !bool::from(given.as_bytes().ct_eq(want.as_bytes())) {
+    let Some(id) =
+        id.filter(|_| want.is_some_and(|w| bool::from(given.as_bytes().ct_eq(w.as_bytes()))))
+    else {
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong app key (`shoal doc url SPACE` prints the address with it)".into(),
         )
         .into_response();
-    }
+    };
     let node = st.node.clone();
     ws.on_upgrade(move |socket| async move {
         if let Err(e) = node.serve_app(&id.to_string(), socket).await {

@@ -7,8 +7,10 @@
 //!   link, `/ui/login?code=...`. Opening it trades the code (valid 10
 //!   minutes, once) for a session cookie (`HttpOnly`, `SameSite=Strict`,
 //!   12 hours) and redirects to the page, so the code leaves the address
-//!   bar. The API accepts that cookie like the token; a request made with it
-//!   and an `Origin` must come from a loopback origin.
+//!   bar. The API accepts that cookie like the token, but only from the
+//!   dashboard's own page ([`same_origin`]): a browser sends the cookie to
+//!   every port of 127.0.0.1, and a page served on another port must not
+//!   be able to use it.
 //! - **No request elsewhere**: the page, its script and style are embedded
 //!   in the binary and served with a strict Content-Security-Policy (only
 //!   this origin, no inline script); there is no build step.
@@ -119,6 +121,23 @@ impl Logins {
             .filter_map(|c| c.ok())
             .any(|c| c.name() == COOKIE && self.valid(c.value()))
     }
+}
+
+/// Whether a request comes from a page of this very origin (scheme, host
+/// and port): the browser says so in `Sec-Fetch-Site` (every current
+/// browser sends it), and an `Origin`, when sent, must be `http://` and the
+/// request's own `Host`. A page on another port of 127.0.0.1 is
+/// `same-site`, not `same-origin`, and is refused.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok());
+    let fetched_here =
+        headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("same-origin");
+    let origin_ok = match (text(header::ORIGIN), text(header::HOST)) {
+        (None, _) => true,
+        (Some(o), Some(host)) => o.strip_prefix("http://") == Some(host),
+        (Some(_), None) => false,
+    };
+    fetched_here && origin_ok
 }
 
 const INDEX: &str = include_str!("dashboard/index.html");

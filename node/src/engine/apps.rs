@@ -12,6 +12,7 @@ use shoal_protocol::wire::{self, GossipBody};
 use super::{hex_heads, Engine, Event, Origin};
 use crate::error::{Error, Result};
 use crate::net::NetCommand;
+use tracing::warn;
 
 impl Engine {
     /// Applies changes an app on this device wrote to `doc`: refused unless
@@ -69,6 +70,7 @@ impl Engine {
         }
         let fresh = self.new_doc();
         let me = self.me.clone();
+        let mine: std::collections::HashSet<ChangeHash> = new.iter().map(|c| c.hash()).collect();
         let Some(s) = self.spaces.get_mut(&id) else {
             return Err(Error::UnknownSpace(id.to_string()));
         };
@@ -78,9 +80,15 @@ impl Engine {
             .apply_changes(new)
             .map_err(shoal_protocol::Error::from)?;
         shoal_protocol::doc::forget_patches(&mut d.doc);
-        // What is now in the document (changes waiting for a dependency
-        // are not), in order.
-        let applied = d.doc.get_changes(&before);
+        // What is now in the document, in order: the app's changes, and
+        // any a peer sent earlier that were waiting for one of them (kept
+        // when they came). Only the app's are this device's to vouch for.
+        let (applied, _released): (Vec<Change>, Vec<Change>) = d
+            .doc
+            .get_changes(&before)
+            .into_iter()
+            .partition(|c| mine.contains(&c.hash()));
+        let waiting = mine.len() - applied.len();
         let heads = d.doc.get_heads();
         for c in &applied {
             self.store.bind_app_actor(&id, c.actor_id(), &me)?;
@@ -98,6 +106,11 @@ impl Engine {
                 heads: hex_heads(&heads),
                 authors: vec![me.to_string()],
             });
+        }
+        if waiting > 0 {
+            // Never expected from samod (it stores changes in order); said
+            // rather than left to look stored.
+            warn!(space = %id.short(), %doc, waiting, "app changes wait for a change this device lacks");
         }
         Ok(applied.len())
     }

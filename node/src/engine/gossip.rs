@@ -206,8 +206,16 @@ impl Engine {
                 }
                 let vouchers = shoal_protocol::sync::vouchers(&parsed, &signed)
                     .map_err(|_| reject("changes no signature vouches for".into()))?;
+                // An app actor whose first change has not reached us: pulled
+                // by sync (gaps), not held against whoever passed it on.
                 self.check_app_actors(&space, &parsed, &vouchers)
-                    .map_err(|e| reject(e.to_string()))?;
+                    .map_err(|(gap, why)| {
+                        if gap {
+                            (MessageAcceptance::Ignore, why)
+                        } else {
+                            reject(why)
+                        }
+                    })?;
                 let Some(s) = self.spaces.get(&space) else {
                     return Err((MessageAcceptance::Ignore, "unknown space".into()));
                 };
@@ -235,7 +243,6 @@ impl Engine {
                         .map_err(|e| reject(e.to_string()))?,
                 }
                 self.store_sigs(&sigs);
-                self.bind_app_actors(&space, &parsed, &vouchers);
                 let slot = self.gossip_batch.entry((space, doc)).or_default();
                 slot.0.extend(parsed);
                 slot.1.extend(vouchers);
@@ -253,6 +260,21 @@ impl Engine {
                     return Err((
                         MessageAcceptance::Ignore,
                         format!("ephemeral message from {}, not a member", author.short()),
+                    ));
+                }
+                let now = Instant::now();
+                let (since, n) = self
+                    .ephemeral_rate
+                    .entry(author.clone())
+                    .or_insert((now, 0));
+                if now.duration_since(*since) >= std::time::Duration::from_secs(1) {
+                    (*since, *n) = (now, 0);
+                }
+                *n += 1;
+                if *n > super::MAX_EPHEMERAL_PER_SEC {
+                    return Err((
+                        MessageAcceptance::Ignore,
+                        format!("{} sends ephemeral messages too fast", author.short()),
                     ));
                 }
                 self.emit(Event::Ephemeral {
@@ -395,6 +417,7 @@ impl Engine {
                     });
                 g.peers.extend(from);
             }
+            self.bind_app_actors(&space, &doc, &authored, &vouchers);
             let applied = Applied::new(raw, &authored, &vouchers);
             self.after_remote_change(space, &doc, None, heads != before, &applied, outbox);
         }

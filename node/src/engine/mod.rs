@@ -354,6 +354,10 @@ impl Applied {
     }
 }
 
+/// Most ephemeral messages a member's apps may send per second; more are
+/// dropped (not passed on), so a flood cannot crowd out the node's events.
+pub(crate) const MAX_EPHEMERAL_PER_SEC: u32 = 64;
+
 /// Gossiped changes of one document in this turn, who vouched for each, and
 /// the peers they came from.
 type GossipBatch = (Vec<Change>, HashMap<ChangeHash, DeviceId>, HashSet<PeerId>);
@@ -412,6 +416,9 @@ pub(crate) struct Engine {
     anti_entropy: Duration,
     /// Tests only: publish nothing on gossip.
     drop_gossip: bool,
+    /// Ephemeral messages taken per member in the current second (see
+    /// [`MAX_EPHEMERAL_PER_SEC`]).
+    ephemeral_rate: HashMap<DeviceId, (Instant, u32)>,
     redial: Duration,
     counters: std::sync::Arc<crate::metrics::NodeCounters>,
     /// The DHT rendezvous keys last handed to the network.
@@ -516,6 +523,7 @@ impl Engine {
             gaps: HashMap::new(),
             anti_entropy,
             drop_gossip: config.drop_gossip,
+            ephemeral_rate: HashMap::new(),
             redial,
             counters,
             members_generation: Default::default(),
@@ -1005,52 +1013,89 @@ impl Engine {
         }
     }
 
-    /// Refuses app changes vouched for by a device other than the one their
-    /// actor is bound to (the first that vouched for it).
+    /// Checks who vouches for the app changes of one message: one device
+    /// per app actor, the device the actor is bound to if it is, and if it
+    /// is not, the message must hold the actor's first change (seq 1),
+    /// whose voucher then owns it. `Err((gap, why))`: `gap` when the
+    /// actor's first change is simply not here yet (a device that missed
+    /// it), which is no fault of the sender's.
     fn check_app_actors(
         &self,
         space: &SpaceId,
         changes: &[Change],
-        vouchers: &std::collections::HashMap<ChangeHash, DeviceId>,
-    ) -> Result<()> {
+        vouchers: &HashMap<ChangeHash, DeviceId>,
+    ) -> std::result::Result<(), (bool, String)> {
+        let mut owners: HashMap<automerge::ActorId, (DeviceId, bool)> = HashMap::new();
         for c in changes
             .iter()
             .filter(|c| shoal_protocol::actor::is_app_actor(c.actor_id()))
         {
             let Some(by) = vouchers.get(&c.hash()) else {
-                continue;
+                return Err((false, format!("app change {} has no vouch", c.hash())));
             };
-            if let Some(bound) = self.store.app_actor(space, c.actor_id())? {
-                if bound != *by {
-                    return Err(shoal_protocol::Error::Unauthorized(format!(
-                        "app actor {} belongs to {}, but change {} is vouched for by {}",
+            let e = owners
+                .entry(c.actor_id().clone())
+                .or_insert((by.clone(), false));
+            if e.0 != *by {
+                return Err((
+                    false,
+                    format!(
+                        "app actor {} is vouched for by both {} and {} in one message",
                         c.actor_id(),
-                        bound.short(),
-                        c.hash(),
+                        e.0.short(),
                         by.short()
+                    ),
+                ));
+            }
+            e.1 |= c.seq() == 1;
+        }
+        for (actor, (by, has_first)) in owners {
+            match self.store.app_actor(space, &actor) {
+                Ok(Some(bound)) if bound != by => {
+                    return Err((
+                        false,
+                        format!(
+                            "app actor {actor} belongs to {}, not to {}",
+                            bound.short(),
+                            by.short()
+                        ),
                     ))
-                    .into());
                 }
+                Ok(Some(_)) => {}
+                Ok(None) if has_first => {}
+                Ok(None) => {
+                    return Err((
+                        true,
+                        format!("app actor {actor}: its first change is not here yet"),
+                    ))
+                }
+                Err(e) => return Err((true, format!("cannot read app actors: {e}"))),
             }
         }
         Ok(())
     }
 
-    /// Records which device each new app actor belongs to.
+    /// Records which device each app actor of `changes` that is now in
+    /// `doc` belongs to (the first binding stays).
     fn bind_app_actors(
-        &self,
+        &mut self,
         space: &SpaceId,
+        doc: &DocId,
         changes: &[Change],
-        vouchers: &std::collections::HashMap<ChangeHash, DeviceId>,
+        vouchers: &HashMap<ChangeHash, DeviceId>,
     ) {
-        for c in changes
+        let Some(d) = self.spaces.get_mut(space).and_then(|s| s.docs.get_mut(doc)) else {
+            return;
+        };
+        let held: Vec<(automerge::ActorId, DeviceId)> = changes
             .iter()
             .filter(|c| shoal_protocol::actor::is_app_actor(c.actor_id()))
-        {
-            if let Some(by) = vouchers.get(&c.hash()) {
-                if let Err(e) = self.store.bind_app_actor(space, c.actor_id(), by) {
-                    warn!(error = %e, "cannot record an app actor's device");
-                }
+            .filter(|c| d.doc.get_change_by_hash(&c.hash()).is_some())
+            .filter_map(|c| Some((c.actor_id().clone(), vouchers.get(&c.hash())?.clone())))
+            .collect();
+        for (actor, by) in held {
+            if let Err(e) = self.store.bind_app_actor(space, &actor, &by) {
+                warn!(error = %e, "cannot record an app actor's device");
             }
         }
     }

@@ -443,7 +443,8 @@ impl Engine {
                 .map_or_else(|| "an app".to_string(), |d| d.short());
             shoal_protocol::Error::Unauthorized(format!("an unsigned change by {author}"))
         })?;
-        self.check_app_actors(space, &new, &vouchers)?;
+        self.check_app_actors(space, &new, &vouchers)
+            .map_err(|(_, why)| shoal_protocol::Error::Unauthorized(why))?;
         let sp = self
             .spaces
             .get_mut(space)
@@ -480,7 +481,7 @@ impl Engine {
         shoal_protocol::doc::forget_patches(&mut d.doc);
         let changed = d.doc.get_heads() != before;
         self.store_sigs(&verified);
-        self.bind_app_actors(space, &authored, &vouchers);
+        self.bind_app_actors(space, doc, &authored, &vouchers);
         Ok((changed, Applied::new(raw, &authored, &vouchers)))
     }
 

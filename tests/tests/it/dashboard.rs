@@ -221,6 +221,46 @@ async fn the_dashboard_works_in_a_real_browser_from_its_login_link_alone() -> Re
             "return document.getElementById('live').className === 'on'",
         )
         .await?;
+    // The session cookie works from the dashboard's own page only: a page
+    // on another port of 127.0.0.1 gets the cookie from the browser too,
+    // but its requests say where they come from.
+    let session = c.get_named_cookie("shoal_session").await?;
+    let cookie = format!("shoal_session={}", session.value());
+    let host = base.trim_start_matches("http://").to_string();
+    let http = reqwest::Client::new();
+    let with = |site: &str, origin: Option<&str>| {
+        let mut r = http
+            .post(format!("{base}/v1/spaces"))
+            .header("cookie", &cookie)
+            .header("sec-fetch-site", site)
+            .json(&json!({"name": format!("from-{site}")}));
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    let other_port = "http://127.0.0.1:1";
+    assert_eq!(with("same-site", Some(other_port)).await?.status(), 401);
+    assert_eq!(with("same-origin", Some(other_port)).await?.status(), 401);
+    let own = http
+        .get(format!("{base}/v1/spaces"))
+        .header("cookie", &cookie)
+        .header("sec-fetch-site", "same-origin")
+        .header("origin", format!("http://{host}"))
+        .send()
+        .await?;
+    assert_eq!(own.status(), 200, "the dashboard's own request");
+    ensure!(
+        a.spaces().await?.is_empty(),
+        "a refused request created a space"
+    );
+    let no_header = http
+        .get(format!("{base}/v1/spaces"))
+        .header("cookie", &cookie)
+        .send()
+        .await?;
+    assert_eq!(no_header.status(), 401, "a cookie with no fetch metadata");
+
     // The link works once.
     c.goto(&link).await?;
     browser

@@ -1820,6 +1820,61 @@ async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> 
     assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
     rejected(&mut f.h, &mut f.ev, "not signed by it").await?;
 
+    // Two vouchers for one new app actor in one message: refused.
+    let mut twin = base.fork().with_actor(automerge::ActorId::from([0x77; 16]));
+    let mut twins = Vec::new();
+    for i in 0..2 {
+        jdoc::put_json(&mut twin, "/twin", &json!(i))?;
+        twin.commit();
+        twins.push(
+            twin.get_last_local_change()
+                .context("no change")?
+                .raw_bytes()
+                .to_vec(),
+        );
+    }
+    let r =
+        f.h.sync_request(
+            f.a_peer,
+            sync_req(
+                f.space,
+                &todo,
+                carrying(twins.clone()),
+                vec![
+                    vouched(&f.key, &f.dev, &twins[0])?,
+                    vouched(&e.key, &e.dev, &twins[1])?,
+                ],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut f.h, &mut f.ev, "in one message").await?;
+    // A later change of an app actor this device has never seen, without
+    // its first change: nobody can be told its owner from it. Refused.
+    let mut later = base.fork().with_actor(automerge::ActorId::from([0x99; 16]));
+    jdoc::put_json(&mut later, "/unseen", &json!(1))?;
+    later.commit();
+    jdoc::put_json(&mut later, "/unseen", &json!(2))?;
+    later.commit();
+    let second_only = later
+        .get_last_local_change()
+        .context("no change")?
+        .raw_bytes()
+        .to_vec();
+    let r =
+        f.h.sync_request(
+            f.a_peer,
+            sync_req(
+                f.space,
+                &todo,
+                carrying(vec![second_only.clone()]),
+                vec![vouched(&f.key, &f.dev, &second_only)?],
+            ),
+        )
+        .await?;
+    assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
+    rejected(&mut f.h, &mut f.ev, "first change is not here").await?;
+
     // E itself continues its app's chain: taken. Nothing refused landed.
     let r =
         e.h.sync_request(
@@ -1835,7 +1890,9 @@ async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> 
     assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
     let d = a.get("notes", &todo).await?;
     assert_eq!(d["app"], json!("forged by f"), "E's own second change: {d}");
-    ensure!(d.get("bare").is_none() && d.get("as_e").is_none(), "{d}");
+    for refused_key in ["bare", "as_e", "twin", "unseen"] {
+        ensure!(d.get(refused_key).is_none(), "{refused_key} landed: {d}");
+    }
     // The honest member gets E's app changes, vouched, by sync from A.
     still_syncs(a, b, &todo).await?;
     assert_eq!(b.get("notes", &todo).await?["app"], json!("forged by f"));
