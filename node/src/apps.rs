@@ -141,6 +141,7 @@ impl Apps {
             open: Arc::default(),
             opened: opened_tx,
             other: Arc::default(),
+            read_only: false,
         };
         let open = Arc::clone(&storage.open);
         let repo = samod::Repo::build_tokio()
@@ -155,12 +156,13 @@ impl Apps {
             .map_err(|_| Error::Network("the app repo stopped".into()))?;
         let r = SpaceRepo {
             repo: repo.clone(),
-            acceptor,
+            acceptor: acceptor.clone(),
         };
         let bridge = Bridge {
             space,
             engine: self.engine.clone(),
             repo,
+            acceptor,
             open,
             access,
         };
@@ -201,6 +203,9 @@ fn follow(mut rx: watch::Receiver<ShareConfig>) -> impl Stream<Item = ShareConfi
     })
 }
 
+/// How long handing samod a document it gave up on may take.
+const FEED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Documents of one space that samod has loaded: shoal id -> samod id.
 type Open = Arc<Mutex<HashMap<DocId, DocumentId>>>;
 
@@ -211,6 +216,7 @@ struct Bridge {
     space: SpaceId,
     engine: engine::Client,
     repo: samod::Repo,
+    acceptor: samod::AcceptorHandle,
     open: Open,
     access: watch::Sender<ShareConfig>,
 }
@@ -266,6 +272,49 @@ impl Bridge {
         }
     }
 
+    /// Hands samod a document it gave up looking for. samod looks for a
+    /// document in storage once, then asks its peers; so a short-lived
+    /// second repo, reading the same engine, connects to it as a peer that
+    /// has the document, syncs it over, and goes.
+    fn feed(&self, id: DocumentId) {
+        let (space, engine, repo) = (self.space, self.engine.clone(), self.repo.clone());
+        let acceptor = self.acceptor.clone();
+        tokio::spawn(async move {
+            let feeder = samod::Repo::build_tokio()
+                .with_storage(EngineStorage {
+                    space,
+                    engine,
+                    open: Arc::default(),
+                    opened: mpsc::unbounded_channel().0,
+                    other: Arc::default(),
+                    read_only: true,
+                })
+                .load()
+                .await;
+            let dialer = samod::transport::channel::ChannelDialer::new(acceptor);
+            let fed = async {
+                let link = feeder
+                    .dial(samod::BackoffConfig::default(), Arc::new(dialer))
+                    .ok()?;
+                link.established().await.ok()?;
+                feeder.find(id.clone()).await.ok()??;
+                // until the app repo holds it
+                let (now, mut later) = repo.search(id.clone()).ok()?;
+                let mut state = now;
+                loop {
+                    if let samod::SearchState::Found(_) = state {
+                        return Some(());
+                    }
+                    state = later.next().await?;
+                }
+            };
+            if tokio::time::timeout(FEED_TIMEOUT, fed).await.is_err() {
+                warn!(space = %space.short(), "could not hand a document to its apps");
+            }
+            feeder.stop().await;
+        });
+    }
+
     /// Passes the ephemeral messages this node's apps send about document
     /// `id` to the engine, which gossips them to the space's other devices.
     fn forward_ephemera(&self, id: DocumentId) {
@@ -318,11 +367,31 @@ impl Bridge {
 
     /// Applies the engine's changes to `doc` that samod's copy lacks.
     async fn refresh(&self, doc: &DocId) {
-        let Some(id) = self.opened().get(doc).cloned() else {
-            return;
+        let open = self.opened();
+        let id = match open.get(doc) {
+            Some(id) => id.clone(),
+            None => {
+                // Asked for by its URL before it reached this device under
+                // its name: from now on it is known by that name.
+                let Some(id) = document_id(&self.space, doc)
+                    .ok()
+                    .filter(|id| open.values().any(|o| o == id))
+                else {
+                    return;
+                };
+                if let Ok(mut o) = self.open.lock() {
+                    o.retain(|_, v| *v != id);
+                    o.insert(doc.clone(), id.clone());
+                }
+                id
+            }
         };
-        let Ok(Some(handle)) = self.repo.find(id).await else {
-            return;
+        let handle = match self.repo.find(id.clone()).await {
+            Ok(Some(h)) => h,
+            // An app asked for it before it reached this device, and samod
+            // told it the document is unavailable; it now is.
+            Ok(None) => return self.feed(id),
+            Err(_) => return,
         };
         let heads: Vec<ChangeHash> = handle.with_document(|d| d.get_heads());
         let (space, doc2) = (self.space, doc.clone());
@@ -357,6 +426,8 @@ struct EngineStorage {
     opened: mpsc::UnboundedSender<DocumentId>,
     /// What samod keeps that is not a document (its storage id).
     other: Arc<Mutex<HashMap<StorageKey, Vec<u8>>>>,
+    /// Writes nothing to the engine (the feeder, see `Bridge::feed`).
+    read_only: bool,
 }
 
 impl EngineStorage {
@@ -442,6 +513,9 @@ impl Storage for EngineStorage {
     }
 
     async fn put(&self, key: StorageKey, data: Vec<u8>) {
+        if self.read_only {
+            return;
+        }
         let Some((id, _)) = Self::doc_key(&key) else {
             if let Ok(mut other) = self.other.lock() {
                 other.insert(key, data);

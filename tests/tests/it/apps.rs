@@ -302,3 +302,43 @@ async fn ephemeral_messages_pass_between_apps_unstored() -> Result<()> {
     far.stop().await;
     Ok(())
 }
+
+/// An app that asks for a document before it has reached this device
+/// finds it once it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_asked_for_before_it_arrives_is_found_once_it_has() -> Result<()> {
+    if !js_ready()? {
+        return Ok(());
+    }
+    let n = spawn_nodes(2).await?;
+    let (a, b) = (n[0].node.clone(), n[1].node.clone());
+    a.create_space("notes").await?;
+    share_space(&a, "notes", &[&b]).await?;
+    let (api_a, _stop_a) = serve_api(&a).await?;
+    let (api_b, _stop_b) = serve_api(&b).await?;
+    let mut on_a = JsClient::start(&app_url(&api_a, "notes").await?).await?;
+    let url = on_a
+        .call(json!({"op": "create", "value": {"early": true}}))
+        .await?["url"]
+        .as_str()
+        .context("no url")?
+        .to_string();
+    let doc = doc_of(&url)?;
+    wait_key(&a, "notes", &doc, "early", json!(true)).await?;
+    // B is not connected yet: its app does not find the document.
+    let mut on_b = JsClient::start(&app_url(&api_b, "notes").await?).await?;
+    let r = on_b.call(json!({"op": "find", "url": url})).await;
+    ensure!(
+        r.is_err(),
+        "found a document this device does not have: {r:?}"
+    );
+    // Once it has reached B, an app there finds it.
+    connect(&b, &a).await?;
+    wait_key(&b, "notes", &doc, "early", json!(true)).await?;
+    let mut again = JsClient::start(&app_url(&api_b, "notes").await?).await?;
+    again.wait(&url, json!({"early": true})).await?;
+    again.stop().await;
+    on_a.stop().await;
+    on_b.stop().await;
+    Ok(())
+}
