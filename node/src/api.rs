@@ -450,6 +450,13 @@ impl EventFilter {
                 ("folder_error", "error", Some(space), Some(path), vec![])
             }
             Event::NodeFailed { .. } => ("node_failed", "error", None, None, vec![]),
+            Event::AppRefused { space, doc, .. } => (
+                "app_refused",
+                "rejected",
+                Some(space),
+                Some(doc.as_str()),
+                vec![],
+            ),
             Event::Ephemeral {
                 space, doc, from, ..
             } => (

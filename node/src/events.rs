@@ -96,6 +96,21 @@ pub enum Event {
         /// Why, for humans.
         reason: String,
     },
+    /// Changes an app on this device wrote were refused (this device may
+    /// not write there, or they are not the app's to write): they stay in
+    /// that app's copy and reach no other device.
+    AppRefused {
+        /// The space id.
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        space: SpaceId,
+        /// The document.
+        #[serde(serialize_with = "shown")]
+        #[schema(value_type = String)]
+        doc: DocId,
+        /// Why, for humans.
+        reason: String,
+    },
     /// An app on another device sent an ephemeral message about a
     /// document (presence, a cursor): passed to this device's apps, never
     /// stored.

@@ -311,6 +311,9 @@ function onEvent(ev) {
     case "doc_changed":
       if (ev.doc === "members") refreshSoon();
       return;
+    case "app_refused":
+      activity(`${space}: an app's change to ${ev.doc} was refused: ${ev.reason}`);
+      return;
     case "folder_error":
       activity(`${space}: ${ev.path || ""} ${ev.error || ""}`);
       return;

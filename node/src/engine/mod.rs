@@ -905,6 +905,13 @@ impl Engine {
                 reply,
             } => {
                 let r = self.app_changes(space, &doc, &bytes);
+                if let Err(e) = &r {
+                    self.emit(Event::AppRefused {
+                        space,
+                        doc: doc.clone(),
+                        reason: e.to_string(),
+                    });
+                }
                 self.ack_after_flush(reply, r);
             }
             Command::Ephemeral { space, doc, data } => {
