@@ -164,6 +164,33 @@ fn cli_end_to_end_init_up_space_doc_lock_kill9_restart() -> Result<()> {
     let doc = ok_json(h, &["doc", "get", "notes", "todo"])?;
     assert_eq!(doc["items"].as_array().map(Vec::len), Some(20));
     assert_eq!(ok_json(h, &["doc", "list", "notes"])?, json!(["todo"]));
+    // web apps: a document's automerge-repo URL, the space's endpoint
+    let url = ok_json(h, &["doc", "url", "notes", "todo"])?;
+    let url = url["url"].as_str().unwrap_or("");
+    assert!(url.starts_with("automerge:"), "{url}");
+    assert_eq!(
+        ok_json(h, &["doc", "url", "notes", "todo"])?["url"],
+        url,
+        "stable"
+    );
+    let ws = ok_json(h, &["doc", "url", "notes"])?;
+    let ws = ws["url"].as_str().unwrap_or("");
+    assert!(
+        ws.starts_with("ws://127.0.0.1:") && ws.contains("/repo?key="),
+        "{ws}"
+    );
+    // the dashboard: `shoal up` printed a login link, and each
+    // `shoal dashboard` a new one
+    let first = up.info["dashboard"].as_str().unwrap_or("").to_string();
+    let link = ok_json(h, &["dashboard"])?;
+    let link = link["url"].as_str().unwrap_or("");
+    for l in [first.as_str(), link] {
+        assert!(
+            l.starts_with("http://127.0.0.1:") && l.contains("/ui/login?code="),
+            "{l}"
+        );
+    }
+    assert_ne!(first, link);
     // the space is also addressable by id
     let by_id = ok_json(h, &["doc", "get", s["id"].as_str().unwrap_or(""), "todo"])?;
     assert_eq!(by_id, doc);
