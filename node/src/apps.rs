@@ -101,6 +101,8 @@ impl std::fmt::Debug for Apps {
 struct SpaceRepo {
     repo: samod::Repo,
     acceptor: samod::AcceptorHandle,
+    /// Ends the space's bridge task.
+    stop: Arc<tokio::sync::Notify>,
 }
 
 impl Apps {
@@ -157,6 +159,7 @@ impl Apps {
         let r = SpaceRepo {
             repo: repo.clone(),
             acceptor: acceptor.clone(),
+            stop: Arc::default(),
         };
         let bridge = Bridge {
             space,
@@ -166,7 +169,7 @@ impl Apps {
             open,
             access,
         };
-        tokio::spawn(bridge.run(self.events.subscribe(), opened));
+        tokio::spawn(bridge.run(self.events.subscribe(), opened, Arc::clone(&r.stop)));
         repos.insert(space, r.clone());
         Ok(r)
     }
@@ -186,6 +189,7 @@ impl Apps {
         for r in repos {
             r.acceptor.close();
             r.repo.stop().await;
+            r.stop.notify_one();
         }
     }
 }
@@ -226,9 +230,11 @@ impl Bridge {
         self,
         mut events: broadcast::Receiver<Event>,
         mut opened: mpsc::UnboundedReceiver<DocumentId>,
+        stop: Arc<tokio::sync::Notify>,
     ) {
         loop {
             let got = tokio::select! {
+                _ = stop.notified() => return,
                 ev = events.recv() => ev,
                 Some(id) = opened.recv() => {
                     self.forward_ephemera(id);
