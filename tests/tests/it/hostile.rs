@@ -1685,6 +1685,19 @@ async fn a_flood_of_stalled_frames_stays_within_the_budgets() -> Result<()> {
     Ok(())
 }
 
+/// Offers `changes` with `sigs` to the node by sync, as a member (its
+/// swarm, the node's peer id, the space).
+async fn offer(
+    m: (&mut Hostile, libp2p::PeerId, shoal_protocol::SpaceId),
+    doc: &DocId,
+    changes: Vec<Vec<u8>>,
+    sigs: Vec<wire::ChangeSig>,
+) -> Result<std::result::Result<SyncResponse, String>> {
+    let (h, peer, space) = m;
+    h.sync_request(peer, sync_req(space, doc, carrying(changes), sigs))
+        .await
+}
+
 /// An app's change (under an actor id of its own, see
 /// `shoal_protocol::actor`) is taken only with the vouch of a device that
 /// may write, and an app actor belongs to the first device that vouched for
@@ -1698,8 +1711,9 @@ async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> 
     let mut e = admitted(a, Role::Editor, None).await?;
     let mut f = admitted(a, Role::Editor, None).await?;
     let mut v = admitted(a, Role::Viewer, None).await?;
+    let space = e.space;
     let vouched = |k: &Keypair, dev: &DeviceId, raw: &[u8]| -> Result<wire::ChangeSig> {
-        let (h, sig) = sign(k, &e.space, &todo, raw)?;
+        let (h, sig) = sign(k, &space, &todo, raw)?;
         Ok((h, wire::vouch(dev, &sig)))
     };
     let mut base = AutoCommit::load(&a.doc_bytes("notes", &todo).await?)?;
@@ -1712,17 +1726,13 @@ async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> 
         .context("no change")?
         .raw_bytes()
         .to_vec();
-    let r =
-        e.h.sync_request(
-            e.a_peer,
-            sync_req(
-                e.space,
-                &todo,
-                carrying(vec![first.clone()]),
-                vec![vouched(&e.key, &e.dev, &first)?],
-            ),
-        )
-        .await?;
+    let r = offer(
+        (&mut e.h, e.a_peer, e.space),
+        &todo,
+        vec![first.clone()],
+        vec![vouched(&e.key, &e.dev, &first)?],
+    )
+    .await?;
     assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
     assert_eq!(a.get("notes", &todo).await?["app"], json!("by e's app"));
 
@@ -1734,31 +1744,23 @@ async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> 
         .context("no change")?
         .raw_bytes()
         .to_vec();
-    let r =
-        f.h.sync_request(
-            f.a_peer,
-            sync_req(
-                f.space,
-                &todo,
-                carrying(vec![second.clone()]),
-                vec![vouched(&f.key, &f.dev, &second)?],
-            ),
-        )
-        .await?;
+    let r = offer(
+        (&mut f.h, f.a_peer, f.space),
+        &todo,
+        vec![second.clone()],
+        vec![vouched(&f.key, &f.dev, &second)?],
+    )
+    .await?;
     assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
     rejected(&mut f.h, &mut f.ev, "belongs to").await?;
     // F claims E vouched, with its own signature: refused.
-    let r =
-        f.h.sync_request(
-            f.a_peer,
-            sync_req(
-                f.space,
-                &todo,
-                carrying(vec![second.clone()]),
-                vec![vouched(&f.key, &e.dev, &second)?],
-            ),
-        )
-        .await?;
+    let r = offer(
+        (&mut f.h, f.a_peer, f.space),
+        &todo,
+        vec![second.clone()],
+        vec![vouched(&f.key, &e.dev, &second)?],
+    )
+    .await?;
     assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
     rejected(&mut f.h, &mut f.ev, "no valid vouch").await?;
     // An app change with a bare signature, no vouch: refused.
@@ -1770,31 +1772,23 @@ async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> 
         .context("no change")?
         .raw_bytes()
         .to_vec();
-    let r =
-        f.h.sync_request(
-            f.a_peer,
-            sync_req(
-                f.space,
-                &todo,
-                carrying(vec![bare.clone()]),
-                vec![sign(&f.key, &f.space, &todo, &bare)?],
-            ),
-        )
-        .await?;
+    let r = offer(
+        (&mut f.h, f.a_peer, f.space),
+        &todo,
+        vec![bare.clone()],
+        vec![sign(&f.key, &f.space, &todo, &bare)?],
+    )
+    .await?;
     assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
     rejected(&mut f.h, &mut f.ev, "no valid vouch").await?;
     // A viewer vouching for its app: refused by its role.
-    let r =
-        v.h.sync_request(
-            v.a_peer,
-            sync_req(
-                v.space,
-                &todo,
-                carrying(vec![bare.clone()]),
-                vec![vouched(&v.key, &v.dev, &bare)?],
-            ),
-        )
-        .await?;
+    let r = offer(
+        (&mut v.h, v.a_peer, v.space),
+        &todo,
+        vec![bare.clone()],
+        vec![vouched(&v.key, &v.dev, &bare)?],
+    )
+    .await?;
     assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
     rejected(&mut v.h, &mut v.ev, "may not change").await?;
     // F vouching for a change under E's own device actor: refused.
@@ -1806,17 +1800,13 @@ async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> 
         .context("no change")?
         .raw_bytes()
         .to_vec();
-    let r =
-        f.h.sync_request(
-            f.a_peer,
-            sync_req(
-                f.space,
-                &todo,
-                carrying(vec![as_e.clone()]),
-                vec![vouched(&f.key, &f.dev, &as_e)?],
-            ),
-        )
-        .await?;
+    let r = offer(
+        (&mut f.h, f.a_peer, f.space),
+        &todo,
+        vec![as_e.clone()],
+        vec![vouched(&f.key, &f.dev, &as_e)?],
+    )
+    .await?;
     assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
     rejected(&mut f.h, &mut f.ev, "not signed by it").await?;
 
@@ -1833,20 +1823,16 @@ async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> 
                 .to_vec(),
         );
     }
-    let r =
-        f.h.sync_request(
-            f.a_peer,
-            sync_req(
-                f.space,
-                &todo,
-                carrying(twins.clone()),
-                vec![
-                    vouched(&f.key, &f.dev, &twins[0])?,
-                    vouched(&e.key, &e.dev, &twins[1])?,
-                ],
-            ),
-        )
-        .await?;
+    let r = offer(
+        (&mut f.h, f.a_peer, f.space),
+        &todo,
+        twins.clone(),
+        vec![
+            vouched(&f.key, &f.dev, &twins[0])?,
+            vouched(&e.key, &e.dev, &twins[1])?,
+        ],
+    )
+    .await?;
     assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
     rejected(&mut f.h, &mut f.ev, "in one message").await?;
     // A later change of an app actor this device has never seen, without
@@ -1861,32 +1847,24 @@ async fn an_app_actor_belongs_to_the_device_that_vouched_for_it() -> Result<()> 
         .context("no change")?
         .raw_bytes()
         .to_vec();
-    let r =
-        f.h.sync_request(
-            f.a_peer,
-            sync_req(
-                f.space,
-                &todo,
-                carrying(vec![second_only.clone()]),
-                vec![vouched(&f.key, &f.dev, &second_only)?],
-            ),
-        )
-        .await?;
+    let r = offer(
+        (&mut f.h, f.a_peer, f.space),
+        &todo,
+        vec![second_only.clone()],
+        vec![vouched(&f.key, &f.dev, &second_only)?],
+    )
+    .await?;
     assert!(refused(&r, wire::RefuseReason::BadMessage), "{r:?}");
     rejected(&mut f.h, &mut f.ev, "first change is not here").await?;
 
     // E itself continues its app's chain: taken. Nothing refused landed.
-    let r =
-        e.h.sync_request(
-            e.a_peer,
-            sync_req(
-                e.space,
-                &todo,
-                carrying(vec![second.clone()]),
-                vec![vouched(&e.key, &e.dev, &second)?],
-            ),
-        )
-        .await?;
+    let r = offer(
+        (&mut e.h, e.a_peer, e.space),
+        &todo,
+        vec![second.clone()],
+        vec![vouched(&e.key, &e.dev, &second)?],
+    )
+    .await?;
     assert!(matches!(r, Ok(SyncResponse::V1 { .. })), "{r:?}");
     let d = a.get("notes", &todo).await?;
     assert_eq!(d["app"], json!("forged by f"), "E's own second change: {d}");
